@@ -1,0 +1,160 @@
+"""Lambda-shaped attention (LM-Infinite), the fast path that runs everywhere.
+
+For a query at real position i and a key at real position j <= i (keys that are padding
+never count):
+
+    local   i - j <  n_local                 normal rotary logit at distance i - j
+    global  i - j >= n_local, j <  n_global   rotary logit at distance n_local (the cap)
+    middle  i - j >= n_local, j >= n_global   masked, unless it is one of the query
+                                              head's `top_k` best middle keys, scored
+                                              at distance n_local
+    All kept logits share one softmax. A query with no visible key outputs zeros.
+
+    keys ->    g g g . . . . . l l l l q        (n_global = 3, n_local = 5)
+    query q    ^^^^^ capped    ^^^^^^^^^ local (q itself included)
+
+The cap is realised with two rotations: the query is rotated from i to n_local and the
+key from j to 0, so their dot product is the logit at distance exactly n_local.
+
+Queries go in blocks. Each block makes up to three passes, each returning its output and
+log-sum-exp, merged exactly as one softmax: the local window (a flash kernel where torch
+has one), the capped global keys (at most n_global + padding of them), and the top-k
+middle keys. Prefill is O(n * (n_global + n_local)) in time and O(block * n_local) in
+extra memory. Top-k scoring reads every middle key (O(n) per query), in chunks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lminf.layout import Layout
+from lminf.rope import rotate
+
+_KEY_CHUNK = 4096  # middle keys scored at once when picking top-k
+# torch's fused CPU attention that also returns the log-sum-exp (an aten op, not public API).
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+KERNELS = ("auto", "flash_cpu", "torch")
+
+
+def lambda_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: Layout,
+    *,
+    n_global: int,
+    n_local: int,
+    top_k: int,
+    inv_freq: torch.Tensor,
+    scaling: float,
+    block_size: int | None = None,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """q (B, Hq, Q, D), k and v (B, Hkv, K, D), rotated at their own positions -> (B, Hq, Q, D).
+
+    Keys are in physical order and the queries are the last Q keys (see lminf.layout).
+    Grouped-query attention: Hq must be a multiple of Hkv; top-k is chosen per query head.
+    kernel: "torch" (plain matmuls), "flash_cpu" (torch's fused CPU kernel), or "auto".
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
+    use_flash = kernel == "flash_cpu" or (kernel == "auto" and q.device.type == "cpu" and _FLASH_CPU is not None)
+    B, Hq, Q, D = q.shape
+    Hkv, K = k.shape[1], k.shape[2]
+    rep = Hq // Hkv
+    offset = K - Q  # key index of query 0
+    block = block_size or min(512, max(16, n_local))
+
+    q_pos, k_pos, k_valid = layout.q_pos, layout.k_pos, layout.k_valid
+    # Grouped heads become extra query rows: (B, Hkv, rep, Q, D), keys are never repeated.
+    q_grouped = q.view(B, Hkv, rep, Q, D)
+    q_capped = rotate(q, n_local - q_pos, inv_freq).view(B, Hkv, rep, Q, D)  # queries moved to position n_local
+    # Keys that can be global for some row all sit at the front: [0, n_head).
+    maybe_global = (k_valid & (k_pos < n_global)).any(0)
+    n_head = int(maybe_global.nonzero().max()) + 1 if bool(maybe_global.any()) else 0
+    k_zero = rotate(k[:, :, :n_head], -k_pos[:, :n_head], inv_freq)  # head keys moved to position 0
+    k_zero_all = rotate(k, -k_pos, inv_freq) if top_k else None
+
+    out = torch.empty(B, Hkv, rep, Q, D, dtype=q.dtype, device=q.device)
+    for a in range(0, Q, block):
+        b = min(a + block, Q)
+        i = q_pos[:, a:b, None]  # (B, n, 1)
+        qb, qb_capped = _rows(q_grouped[:, :, :, a:b]), _rows(q_capped[:, :, :, a:b])
+        parts = []
+
+        lo, hi = max(0, offset + a - n_local + 1), offset + b  # the block's window
+        j, valid = k_pos[:, None, lo:hi], k_valid[:, None, lo:hi]
+        local = valid & (i - j >= 0) & (i - j < n_local)
+        parts.append(_attend(qb, k[:, :, lo:hi], v[:, :, lo:hi], _rows_mask(local, rep), scaling, use_flash))
+
+        if n_head:
+            j, valid = k_pos[:, None, :n_head], k_valid[:, None, :n_head]
+            capped = valid & (i - j >= n_local) & (j < n_global)
+            parts.append(_attend(qb_capped, k_zero, v[:, :, :n_head], _rows_mask(capped, rep), scaling, False))
+
+        mid_hi = offset + b - n_local  # no middle key of this block lies at or past here
+        if top_k and mid_hi > 0:
+            # From key 0: with padding, a head key can be a middle key of another row.
+            parts.append(_top_middle(qb_capped, k_zero_all, v, k_pos, k_valid, i, mid_hi, n_global, n_local, top_k, rep, scaling))
+
+        o = _merge(parts)
+        out[:, :, :, a:b] = o.view(B, Hkv, rep, b - a, D).to(q.dtype)
+    return out.view(B, Hq, Q, D)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, Hkv, rep, n, X) -> (B, Hkv, rep*n, X)"""
+    return x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])
+
+
+def _rows_mask(mask: torch.Tensor, rep: int) -> torch.Tensor:
+    """(B, n, L) -> (B, 1, rep*n, L), the same mask for every grouped head"""
+    B, n, L = mask.shape
+    return mask[:, None, None].expand(B, 1, rep, n, L).reshape(B, 1, rep * n, L)
+
+
+def _attend(q, k, v, mask, scaling, use_flash):
+    """Softmax attention of q (B, H, M, D) over k, v (B, H, L, D) under a boolean mask
+    (B, 1, M, L) -> (output (B, H, M, D) float32, log-sum-exp (B, H, M) float32)."""
+    if use_flash:
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, -torch.inf)
+        o, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=scaling)
+        return o.float(), lse.float()
+    s = (q @ k.transpose(-1, -2)).float() * scaling
+    s = s.masked_fill(~mask, -torch.inf)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+    return (p.to(v.dtype) @ v).float(), lse
+
+
+def _merge(parts):
+    """One softmax over the union of the parts' keys, from each part's (output, lse)."""
+    lse = torch.stack([p[1] for p in parts]).logsumexp(dim=0)
+    total = torch.where(torch.isfinite(lse), lse, 0.0)
+    out = 0.0
+    for o, part_lse in parts:
+        weight = torch.exp(part_lse - total)  # 0 where the part saw no key
+        out = out + torch.where(weight[..., None] > 0, o, 0.0) * weight[..., None]  # flash gives NaN on empty rows
+    return out
+
+
+def _top_middle(qb_capped, k_zero_all, v, k_pos, k_valid, i, hi, n_global, n_local, top_k, rep, scaling):
+    """Attention over each query head's best `top_k` middle keys among keys [0, hi),
+    scored at distance n_local. Keys are scored in chunks so memory stays bounded."""
+    B, Hkv, M, D = qb_capped.shape
+    best_s = best_idx = None
+    for c in range(0, hi, _KEY_CHUNK):
+        d = min(c + _KEY_CHUNK, hi)
+        j, valid = k_pos[:, None, c:d], k_valid[:, None, c:d]
+        middle = _rows_mask(valid & (i - j >= n_local) & (j >= n_global), rep)  # (B, 1, M, L)
+        s = (qb_capped @ k_zero_all[:, :, c:d].transpose(-1, -2)).float() * scaling
+        s = s.masked_fill(~middle, -torch.inf)
+        idx = torch.arange(c, d, device=s.device).expand_as(s)
+        if best_s is not None:
+            s, idx = torch.cat((best_s, s), -1), torch.cat((best_idx, idx), -1)
+        best_s, pick = s.topk(min(top_k, s.shape[-1]), dim=-1)
+        best_idx = idx.gather(-1, pick)
+    lse = torch.logsumexp(best_s, dim=-1)
+    p = torch.exp(best_s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])  # (B, Hkv, M, k)
+    v_mid = v.gather(2, best_idx.reshape(B, Hkv, -1, 1).expand(-1, -1, -1, D)).view(B, Hkv, M, -1, D)
+    return torch.einsum("bhmk,bhmkd->bhmd", p, v_mid.float()), lse

@@ -1,0 +1,135 @@
+"""Command line: `lminf generate` (more subcommands come with the other issues)."""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import DynamicCache, TextStreamer
+
+import lminf
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lminf", description="LM-Infinite for Hugging Face rotary models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate text after a long input, streamed to stdout")
+    gen.add_argument("input", nargs="?", default="-", help="text file to read, or - for stdin (default)")
+    gen.add_argument("-i", "--instruction", default="", help="instruction placed after the input")
+    _add_model_args(gen)
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=0.7)
+    gen.add_argument("--top-p", type=float, default=0.9)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--chunk-size", type=int, default=2048, help="prompt tokens per prefill step")
+    args = parser.parse_args(argv)
+    try:
+        return generate(args)
+    except (ValueError, RuntimeError, OSError) as error:
+        print(f"lminf: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="local HF model folder or cached hub id (default: SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="auto: bfloat16 on GPU, float32 on CPU"
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--n-global", type=int, default=10, help="first tokens every query sees (default 10)")
+    parser.add_argument("--n-local", type=int, default=None, help="window of recent tokens (default: training length)")
+    parser.add_argument("--top-k", type=int, default=0, help="middle tokens each head also sees (default 0: off)")
+    parser.add_argument("--top-k-from-layer", type=int, default=4)
+    parser.add_argument("--vanilla", action="store_true", help="run the unpatched model, for comparison")
+
+
+def generate(args: argparse.Namespace) -> int:
+    text = _read_input(args.input)
+    if not text.strip() and not args.instruction.strip():
+        raise ValueError("the input is empty: give a file, pipe text on stdin, or pass --instruction.")
+    if args.max_new_tokens < 1 or args.chunk_size < 1:
+        raise ValueError("--max-new-tokens and --chunk-size must be >= 1.")
+    model, tokenizer = lminf.load_model(args.model, _dtype(args.dtype, args.device))
+    model.to(args.device)
+    if not args.vanilla:
+        lminf.patch(model, args.n_global, args.n_local, args.top_k, args.top_k_from_layer)
+    ids = _prompt_ids(tokenizer, text, args.instruction).to(args.device)
+
+    cache = DynamicCache() if args.vanilla else lminf.make_cache(model)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        # All but the last prompt token go through the cache in chunks; generate() does the rest.
+        bar = tqdm(total=ids.shape[1] - 1, unit="tok", desc="prefill", file=sys.stderr, disable=ids.shape[1] < 4096)
+        for a in range(0, ids.shape[1] - 1, args.chunk_size):
+            b = min(a + args.chunk_size, ids.shape[1] - 1)
+            model(ids[:, a:b], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            bar.update(b - a)
+        bar.close()
+        prefill_s = time.perf_counter() - start
+        torch.manual_seed(args.seed)
+        start = time.perf_counter()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            past_key_values=cache,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.sample,
+            temperature=args.temperature if args.sample else None,
+            top_p=args.top_p if args.sample else None,
+            top_k=None,
+            streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+        decode_s = time.perf_counter() - start
+    new = out.shape[1] - ids.shape[1]
+    print(
+        f"[lminf] prompt {ids.shape[1]} tokens, generated {new} tokens, "
+        f"prefill {prefill_s:.1f} s ({(ids.shape[1] - 1) / max(prefill_s, 1e-9):.0f} tok/s), "
+        f"decode {new / max(decode_s, 1e-9):.1f} tok/s, peak memory {_peak_memory_gib(args.device):.2f} GiB",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":  # CPUs without bfloat16 units run it several times slower than float32
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return DTYPES[name]
+
+
+def _read_input(source: str) -> str:
+    if source == "-":
+        if sys.stdin.isatty():
+            raise ValueError("no input: give a text file, or pipe text on stdin (lminf generate - < file.txt).")
+        return sys.stdin.read()
+    return Path(source).read_text(encoding="utf-8", errors="replace")
+
+
+def _prompt_ids(tokenizer, text: str, instruction: str) -> torch.Tensor:
+    # The instruction goes last: with Lambda attention the end of the input is what the
+    # model reads at full resolution.
+    content = "\n\n".join(part for part in (text.strip(), instruction.strip()) if part)
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": content}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+            "input_ids"
+        ]
+    return tokenizer(content, return_tensors="pt")["input_ids"]
+
+
+def _peak_memory_gib(device: str) -> float:
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+if __name__ == "__main__":
+    sys.exit(main())

