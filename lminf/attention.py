@@ -75,6 +75,11 @@ def lambda_attention(
     k_zero = rotate(k[:, :, :n_head], -k_pos[:, :n_head], inv_freq)  # head keys moved to position 0
     k_zero_all = rotate(k, -k_pos, inv_freq) if top_k else None
 
+    # No padding and consecutive positions over every window: the common case, with a faster split.
+    first = max(0, offset - n_local + 1)
+    steps = torch.arange(K - first, device=k_pos.device)
+    consecutive = bool(k_valid.all()) and bool((k_pos[:, first:] == k_pos[:, first : first + 1] + steps).all())
+
     out = torch.empty(B, Hkv, rep, Q, D, dtype=q.dtype, device=q.device)
     for a in range(0, Q, block):
         b = min(a + block, Q)
@@ -82,10 +87,22 @@ def lambda_attention(
         qb, qb_capped = _rows(q_grouped[:, :, :, a:b]), _rows(q_capped[:, :, :, a:b])
         parts = []
 
-        lo, hi = max(0, offset + a - n_local + 1), offset + b  # the block's window
-        j, valid = k_pos[:, None, lo:hi], k_valid[:, None, lo:hi]
-        local = valid & (i - j >= 0) & (i - j < n_local)
-        parts.append(_attend(qb, k[:, :, lo:hi], v[:, :, lo:hi], _rows_mask(local, rep), scaling, use_flash))
+        s, n = offset + a, b - a  # key index of the block's first query, block length
+        lo, hi = max(0, s - n_local + 1), s + n  # the block's window
+        if consecutive and n <= n_local:
+            # Key index arithmetic is the mask here: most of the window needs none.
+            full_lo = max(0, s + n - n_local)
+            if s > full_lo:  # keys that every query of the block sees
+                parts.append(_attend(qb, k[:, :, full_lo:s], v[:, :, full_lo:s], None, scaling, use_flash))
+            parts.append(_attend_diagonal(q_grouped[:, :, :, a:b], k[:, :, s:hi], v[:, :, s:hi], scaling, use_flash))
+            if full_lo > lo:  # the trailing edge: query t sees key j iff j >= s + t - n_local + 1
+                j = torch.arange(lo, full_lo, device=q.device)
+                edge = (j[None, :] - (s - n_local + 1) >= torch.arange(n, device=q.device)[:, None]).expand(B, -1, -1)
+                parts.append(_attend(qb, k[:, :, lo:full_lo], v[:, :, lo:full_lo], _rows_mask(edge, rep), scaling, use_flash))
+        else:  # padding: decide each pair from real positions
+            j, valid = k_pos[:, None, lo:hi], k_valid[:, None, lo:hi]
+            local = valid & (i - j >= 0) & (i - j < n_local)
+            parts.append(_attend(qb, k[:, :, lo:hi], v[:, :, lo:hi], _rows_mask(local, rep), scaling, use_flash))
 
         if n_head:
             j, valid = k_pos[:, None, :n_head], k_valid[:, None, :n_head]
@@ -113,18 +130,37 @@ def _rows_mask(mask: torch.Tensor, rep: int) -> torch.Tensor:
     return mask[:, None, None].expand(B, 1, rep, n, L).reshape(B, 1, rep * n, L)
 
 
-def _attend(q, k, v, mask, scaling, use_flash):
+def _attend(q, k, v, mask, scaling, use_flash, causal=False):
     """Softmax attention of q (B, H, M, D) over k, v (B, H, L, D) under a boolean mask
-    (B, 1, M, L) -> (output (B, H, M, D) float32, log-sum-exp (B, H, M) float32)."""
+    (B, 1, M, L) or none -> (output (B, H, M, D) float32, log-sum-exp (B, H, M) float32).
+    causal: query m sees keys 0..m (M == L)."""
+    if causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()[None, None]
     if use_flash:
-        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, -torch.inf)
-        o, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=scaling)
+        bias = None
+        if mask is not None and not causal:
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, -torch.inf)
+        o, lse = _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=bias, scale=scaling)
+        if bias is not None:  # the kernel reports lse 0, not -inf, for a row with no visible key
+            lse = torch.where(mask.any(-1), lse, -torch.inf)
         return o.float(), lse.float()
     s = (q @ k.transpose(-1, -2)).float() * scaling
-    s = s.masked_fill(~mask, -torch.inf)
+    if mask is not None:
+        s = s.masked_fill(~mask, -torch.inf)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
     return (p.to(v.dtype) @ v).float(), lse
+
+
+def _attend_diagonal(q, k, v, scaling, use_flash):
+    """The block's own keys, causally: q (B, Hkv, rep, n, D), k and v (B, Hkv, n, D)
+    -> (output, lse) as rows (B, Hkv, rep*n, ...)."""
+    B, Hkv, rep, n, D = q.shape
+    # A causal mask is per head, so the grouped heads cannot be folded into rows here.
+    o, lse = _attend(
+        q.reshape(B, Hkv * rep, n, D), k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), None, scaling, use_flash, True
+    )
+    return o.reshape(B, Hkv, rep * n, D), lse.reshape(B, Hkv, rep * n)
 
 
 def _merge(parts):

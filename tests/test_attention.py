@@ -23,7 +23,7 @@ def random_case(data):
     batch = data.draw(st.integers(1, 3))
     total = data.draw(st.integers(1, 70))
     n_new = data.draw(st.integers(1, total))  # queries: the last n_new tokens
-    pads = [data.draw(st.integers(0, min(4, total - 1))) for _ in range(batch)]
+    pads = [data.draw(st.sampled_from([0, 0, 1, 4])) if total > 4 else 0 for _ in range(batch)]  # often none
 
     kept = torch.arange(total)
     n_sink = n_global + max(pads)
@@ -44,7 +44,7 @@ def random_case(data):
     return q, k, v, layout, kwargs, block, real_mask[:, total - n_new :]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(st.data())
 def test_fast_path_matches_reference(data):
     q, k, v, layout, kwargs, block, real_queries = random_case(data)
