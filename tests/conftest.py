@@ -18,7 +18,7 @@ FAMILIES = {
 
 def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> transformers.PreTrainedModel:
     config_class, extra = FAMILIES[family]
-    config = config_class(
+    settings = dict(
         vocab_size=128,
         hidden_size=64,
         intermediate_size=96,
@@ -29,8 +29,8 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> transformer
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
-        **{**extra, **overrides},
     )
+    config = config_class(**{**settings, **extra, **overrides})
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 

@@ -116,3 +116,38 @@ def test_unpatch_restores_vanilla():
     lminf.unpatch(model)
     torch.testing.assert_close(model(ids).logits, vanilla, **FP32)
     assert "generate" not in vars(model)
+
+
+ROPES = {
+    "default": {"rope_type": "default", "rope_theta": 10000.0},
+    "linear": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+        "rope_theta": 10000.0,
+    },
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0},
+}
+
+
+@pytest.mark.parametrize(
+    "family, rope", [("llama", r) for r in ROPES] + [("phi3", "default"), ("gemma", "default"), ("qwen3", "yarn")]
+)
+def test_distance_cap_equals_vanilla_with_global_tokens_moved(family, rope):
+    """Independent of lminf's rotation code: in a one-layer model, the last query's Lambda output
+    equals the vanilla model's on a shortened input where the global tokens sit exactly n_local back."""
+    rope_parameters = dict(ROPES[rope])
+    if family == "phi3":
+        rope_parameters["partial_rotary_factor"] = 0.5
+    model = tiny_model(family, num_hidden_layers=1, rope_parameters=rope_parameters)
+    n_global, n_local, n = 3, 8, 30
+    ids = tokens(n)
+    last = n - 1
+    short = torch.cat((ids[:, :n_global], ids[:, n - n_local :]), dim=1)
+    positions = torch.tensor([[last - n_local] * n_global + list(range(n - n_local, n))])
+    want = model(short, position_ids=positions).logits[0, -1]
+    lminf.patch(model, n_global=n_global, n_local=n_local)
+    torch.testing.assert_close(model(ids).logits[0, -1], want, **FP32)
