@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 from tqdm import tqdm
 from transformers import DynamicCache, TextStreamer
 
@@ -29,8 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--temperature", type=float, default=0.7)
     gen.add_argument("--top-p", type=float, default=0.9)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 discourages loops (default 1: off)")
     gen.add_argument("--chunk-size", type=int, default=2048, help="prompt tokens per prefill step")
     args = parser.parse_args(argv)
+    # transformers warns when a generation passes max_position_embeddings: that is the point here.
+    transformers.logging.set_verbosity_error()
     try:
         return generate(args)
     except (ValueError, RuntimeError, OSError) as error:
@@ -85,6 +89,7 @@ def generate(args: argparse.Namespace) -> int:
             temperature=args.temperature if args.sample else None,
             top_p=args.top_p if args.sample else None,
             top_k=None,
+            repetition_penalty=args.repetition_penalty,
             streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         )
