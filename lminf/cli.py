@@ -32,11 +32,26 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 discourages loops (default 1: off)")
     gen.add_argument("--chunk-size", type=int, default=2048, help="prompt tokens per prefill step")
+    chat = commands.add_parser("chat", help="a terminal chat that never runs out of context")
+    chat.add_argument("--system", default=None, help="system prompt, kept in force for the whole chat")
+    _add_model_args(chat)
+    chat.add_argument("--max-new-tokens", type=int, default=512)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    chat.add_argument("--top-p", type=float, default=1.0)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require this bearer key (or set LMINF_API_KEY)")
+    serve.add_argument("--max-sessions", type=int, default=8, help="idle conversations kept for prefix reuse")
+    serve.add_argument("--max-body-bytes", type=int, default=8 * 2**20)
+    _add_model_args(serve)
+
     args = parser.parse_args(argv)
     # transformers warns when a generation passes max_position_embeddings: that is the point here.
     transformers.logging.set_verbosity_error()
     try:
-        return generate(args)
+        return {"generate": generate, "chat": chat_loop, "serve": serve_http}[args.command](args)
     except (ValueError, RuntimeError, OSError) as error:
         print(f"lminf: error: {error}", file=sys.stderr)
         return 2
@@ -101,6 +116,85 @@ def generate(args: argparse.Namespace) -> int:
         f"decode {new / max(decode_s, 1e-9):.1f} tok/s, peak memory {_peak_memory_gib(args.device):.2f} GiB",
         file=sys.stderr,
     )
+    return 0
+
+
+def _load_patched(args: argparse.Namespace):
+    model, tokenizer = lminf.load_model(args.model, _dtype(args.dtype, args.device))
+    model.to(args.device)
+    lminf.patch(model, args.n_global, args.n_local, args.top_k, args.top_k_from_layer)
+    return model, tokenizer
+
+
+def chat_loop(args: argparse.Namespace) -> int:
+    from lminf.engine import Sampling, Session, pinned_prefix_length, stream_tokens
+
+    if args.vanilla:
+        raise ValueError("chat needs the patched model; --vanilla is for `lminf generate`.")
+    model, tokenizer = _load_patched(args)
+    if not tokenizer.chat_template:
+        raise ValueError("this model has no chat template; use `lminf generate` instead.")
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    n_global = max(args.n_global, pinned_prefix_length(tokenizer, system))
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, seed=0)
+    stop = {tokenizer.eos_token_id}
+    messages, session, speed = list(system), Session(model, n_global), 0.0
+    print("lminf chat: /reset starts over, /stats shows the cache, /quit leaves.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            return 0
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            messages, session = list(system), Session(model, n_global)
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        if line == "/stats":
+            print(
+                f"(tokens so far {len(session.tokens)}, pinned {n_global}, cache {session.memory_bytes() / 2**20:.1f} MiB, "
+                f"last reply {speed:.1f} tok/s, peak memory {_peak_memory_gib(args.device):.2f} GiB)",
+                file=sys.stderr,
+            )
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if not prompt.startswith(session.text):  # the template rewrote the history: start afresh
+            session = Session(model, n_global)
+        new_tokens = tokenizer(prompt[len(session.text) :], add_special_tokens=False)["input_ids"]
+        session.text = prompt
+        generated: list[int] = []
+        shown, start = "", time.perf_counter()
+        for token in stream_tokens(model, session, new_tokens, sampling, stop):
+            if token is None:  # a prefill chunk done
+                continue
+            generated.append(token)
+            text = tokenizer.decode(generated, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # hold back half a character
+                print(text[len(shown) :], end="", flush=True)
+                shown = text
+        print()
+        speed = len(generated) / max(time.perf_counter() - start, 1e-9)
+        session.text += tokenizer.decode(generated)  # special tokens too: the template writes them
+        messages.append({"role": "assistant", "content": tokenizer.decode(generated, skip_special_tokens=True)})
+
+
+def serve_http(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from lminf.server import Engine, api_key_from_env, create_app
+
+    if args.vanilla:
+        raise ValueError("serve runs the patched model; --vanilla is for `lminf generate`.")
+    model, tokenizer = _load_patched(args)
+    name = args.model.rstrip("/").split("/")[-1] if args.model else lminf.default_model.DEFAULT_NAME
+    engine = Engine(model, tokenizer, name, max_sessions=args.max_sessions)
+    app = create_app(engine, api_key_from_env(args.api_key), args.max_body_bytes)
+    print(f"lminf: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 

@@ -67,12 +67,14 @@ def lminf_attention_forward(
             f"{type(attention_mask).__name__}; pass a 2D attention_mask (batch, tokens), not a 4D one."
         )
     s = state.settings
+    # A forward call may pin a longer prefix as global (e.g. a chat's system prompt).
+    n_global = kwargs.get("lminf_n_global")
     out = state.backend(
         query,
         key,
         value,
         attention_mask,
-        n_global=s.n_global,
+        n_global=s.n_global if n_global is None else n_global,
         n_local=s.n_local,
         top_k=s.top_k if module.layer_idx >= s.top_k_from_layer else 0,
         inv_freq=state.rotary.inv_freq,
@@ -151,17 +153,19 @@ def settings_of(model: PreTrainedModel) -> LambdaSettings:
     return state.settings
 
 
-def make_cache(model: PreTrainedModel, attention_mask: torch.Tensor | None = None) -> LambdaCache:
+def make_cache(model: PreTrainedModel, attention_mask: torch.Tensor | None = None, n_global: int | None = None) -> LambdaCache:
     """A bounded cache for a patched model. Pass the prompt's 2D attention_mask when the
     batch is left-padded: the sink region grows by the padding so every row keeps its
-    own first n_global tokens."""
+    own first n_global tokens. `n_global` overrides the model's setting; pass the same
+    value as `lminf_n_global=` to every forward call that uses this cache."""
     s = settings_of(model)
+    n_global = s.n_global if n_global is None else n_global
     left_pad = 0
     if attention_mask is not None:
         left_pad = int((attention_mask.cumsum(-1) == 0).sum(-1).max())
     return LambdaCache(
         model.config.num_hidden_layers,
-        n_sink=s.n_global + left_pad,
+        n_sink=n_global + left_pad,
         n_local=None if s.top_k else s.n_local,
     )
 

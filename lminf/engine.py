@@ -1,0 +1,140 @@
+"""Generation that keeps its cache between calls: chats append tokens, never re-encode.
+
+A `Session` is a token history and the bounded `LambdaCache` that has seen it. Its first
+`n_global` tokens (a chat's system prompt and template prefix) stay attended for ever.
+`stream_tokens` is a generator doing one bounded piece of work per `next()` (a prefill
+chunk or one decoded token), so a scheduler can interleave many sessions fairly.
+`SessionStore` keeps a few sessions, least recently used evicted, and hands back the one
+whose history is the longest prefix of a new prompt.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, TopPLogitsWarper
+
+from lminf.integration import make_cache, settings_of
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+class Session:
+    """Tokens given to the model so far and the text they spell; the last sampled token
+    is fed at the next call. Sessions are matched by text, not tokens: a reply re-tokenized
+    by a chat template rarely gives back the exact tokens the model sampled."""
+
+    def __init__(self, model: PreTrainedModel, n_global: int):
+        self.n_global = n_global
+        self.cache = make_cache(model, n_global=n_global)
+        self.tokens: list[int] = []
+        self.text = ""
+        self.fed = 0  # tokens[:fed] are in the cache
+
+    def memory_bytes(self) -> int:
+        return self.cache.memory_bytes()
+
+
+@torch.inference_mode()
+def stream_tokens(
+    model: PreTrainedModel,
+    session: Session,
+    new_tokens: list[int],
+    sampling: Sampling,
+    stop_ids: set[int],
+    chunk_size: int = 512,
+) -> Iterator[int | None]:
+    """Append `new_tokens`, then sample. Yields None after each prefill chunk and each
+    sampled token id after that; stops after a stop token or max_new_tokens."""
+    session.tokens.extend(new_tokens)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device="cpu")
+    if sampling.seed is not None:
+        generator.manual_seed(sampling.seed)
+    top_p = TopPLogitsWarper(sampling.top_p) if sampling.top_p < 1.0 else None
+    for _ in range(sampling.max_new_tokens):
+        while session.fed < len(session.tokens):
+            a, b = session.fed, min(session.fed + chunk_size, len(session.tokens))
+            ids = torch.tensor([session.tokens[a:b]], device=device)
+            logits = model(ids, past_key_values=session.cache, lminf_n_global=session.n_global, logits_to_keep=1).logits
+            session.fed = b
+            if b < len(session.tokens):
+                yield None
+        scores = logits[:, -1].float()
+        if sampling.temperature > 0:
+            scores = scores / sampling.temperature
+            if top_p is not None:
+                scores = top_p(None, scores)
+            token = int(torch.multinomial(scores.softmax(-1).cpu(), 1, generator=generator))
+        else:
+            token = int(scores.argmax(-1))
+        session.tokens.append(token)
+        yield token
+        if token in stop_ids:
+            return
+
+
+def pinned_prefix_length(tokenizer, messages: list[dict]) -> int:
+    """Tokens of the chat template before the first non-system message's content: the
+    system prompt and the template's own prefix, which a chat pins as global tokens."""
+    k = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    head = messages[:k]
+    a = tokenizer.apply_chat_template([*head, {"role": "user", "content": "a"}], tokenize=True)
+    b = tokenizer.apply_chat_template([*head, {"role": "user", "content": "b"}], tokenize=True)
+    a, b = token_ids(a), token_ids(b)
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def token_ids(encoded) -> list[int]:
+    """Ids from apply_chat_template(tokenize=True), which returns a BatchEncoding in transformers 5."""
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+class SessionStore:
+    """At most `capacity` idle sessions; memory is bounded by capacity x one bounded cache."""
+
+    def __init__(self, model: PreTrainedModel, capacity: int = 8):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}.")
+        settings_of(model)  # the model must be patched
+        self.model, self.capacity = model, capacity
+        self._idle: OrderedDict[int, Session] = OrderedDict()
+
+    def checkout(self, text: str, n_global: int) -> tuple[Session, str]:
+        """The idle session whose text is the longest prefix of `text` (removed from the
+        store while in use), or a new one; and the part of `text` it has not seen."""
+        best_key, best_len = None, 0
+        for key, session in self._idle.items():
+            n = len(session.text)
+            if session.n_global == n_global and n > best_len and text.startswith(session.text):
+                best_key, best_len = key, n
+        if best_key is None:
+            return Session(self.model, n_global), text
+        return self._idle.pop(best_key), text[best_len:]
+
+    def checkin(self, session: Session) -> None:
+        self._idle[id(session)] = session
+        self._idle.move_to_end(id(session))
+        while len(self._idle) > self.capacity:
+            self._idle.popitem(last=False)
+
+    def clear(self) -> None:
+        self._idle.clear()
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+    def memory_bytes(self) -> int:
+        return sum(s.memory_bytes() for s in self._idle.values())

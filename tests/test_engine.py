@@ -1,0 +1,77 @@
+"""Sessions that keep their cache between turns, and the pinned (global) prefix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+import lminf
+from lminf.engine import Sampling, Session, SessionStore, stream_tokens
+from tests.conftest import tiny_model
+
+torch.set_grad_enabled(False)
+
+
+def test_per_call_n_global_equals_patching_with_it():
+    ids = torch.randint(3, 128, (1, 60), generator=torch.Generator().manual_seed(0))
+    wide = lminf.patch(tiny_model(), n_global=9, n_local=8)(ids).logits
+    model = lminf.patch(tiny_model(), n_global=2, n_local=8)
+    torch.testing.assert_close(model(ids, lminf_n_global=9).logits, wide, rtol=1e-4, atol=1e-4)
+
+
+def test_session_turns_equal_one_pass_and_keep_the_pinned_prefix():
+    model = lminf.patch(tiny_model(), n_global=2, n_local=8)
+    session = Session(model, n_global=6)  # e.g. a 6-token system prompt
+    turns = [list(range(10, 25)), list(range(30, 37)), list(range(40, 52))]
+    replies = []
+    for turn in turns:
+        replies.append(
+            [t for t in stream_tokens(model, session, turn, Sampling(max_new_tokens=5), stop_ids=set()) if t is not None]
+        )
+    # The same tokens in one pass give the same greedy choices.
+    history = torch.tensor([session.tokens[:-1]])
+    greedy = model(history, lminf_n_global=6, use_cache=False).logits[0].argmax(-1)
+    position = 0
+    for turn, reply in zip(turns, replies, strict=True):
+        position += len(turn)
+        assert reply == greedy[position - 1 : position - 1 + len(reply)].tolist()
+        position += len(reply)
+    layer = session.cache.layers[0]
+    assert layer.keys.shape[-2] <= 6 + 8  # pinned prefix + window, after 54 tokens
+    fresh = Session(model, n_global=6)
+    list(stream_tokens(model, fresh, turns[0][:6], Sampling(max_new_tokens=1), stop_ids=set()))
+    torch.testing.assert_close(layer.keys[:, :, :6], fresh.cache.layers[0].keys[:, :, :6])  # still the first 6 tokens
+
+
+def test_store_reuses_longest_text_prefix_and_evicts_least_recent():
+    model = lminf.patch(tiny_model(), n_local=8)
+    store = SessionStore(model, capacity=2)
+    sessions = []
+    for text in ["abc", "abcdef", "xyz"]:
+        session, unseen = store.checkout(text, n_global=10)
+        assert unseen == text  # nothing to reuse yet: each starts afresh
+        session.text = text
+        sessions.append(session)
+    for s in sessions:
+        store.checkin(s)
+    assert len(store) == 2  # "abc" evicted
+    reused, unseen = store.checkout("abcdefgh", n_global=10)
+    assert reused is sessions[1] and unseen == "gh"
+    fresh, unseen = store.checkout("abc!", n_global=10)
+    assert fresh not in sessions and unseen == "abc!"
+
+
+def test_chat_cli_turns_reset_and_stats():
+    script = "Hello!\nWhat did I just say?\n/stats\n/reset\nHi again.\n/quit\n"
+    run = subprocess.run(
+        [sys.executable, "-m", "lminf.cli", "chat", "--system", "Be brief.", "--max-new-tokens", "8", "--n-local", "64"],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("\n") >= 3  # three replies
+    assert "tokens so far" in run.stderr and "conversation reset" in run.stderr
