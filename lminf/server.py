@@ -44,6 +44,8 @@ class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")  # unknown fields are ignored, known ones are typed
     model: str
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)  # the newer name
+    stop: str | list[str] | None = Field(None, max_length=4)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stream: bool = False
@@ -138,14 +140,14 @@ class Engine:
             return text, max(self.settings.n_global, pinned_prefix_length(self.tokenizer, dicts))
         return "\n".join(f"{m['role']}: {m['content']}" for m in dicts) + "\nassistant:", self.settings.n_global
 
-    def start(self, prompt: str, n_global: int, sampling: Sampling, on_event, chat: bool) -> Job:
+    def start(self, prompt: str, n_global: int, sampling: Sampling, on_event, chat: bool, stops: list[str]) -> Job:
         """Queue a generation; `on_event` gets ("delta", text), then ("done", info) or ("error", message)."""
         job = Job(steps=None, on_event=on_event)
-        job.steps = self._run(prompt, n_global, sampling, job, chat)
+        job.steps = self._run(prompt, n_global, sampling, job, chat, stops)
         self.worker.submit(job)
         return job
 
-    def _run(self, prompt, n_global, sampling, job, chat):
+    def _run(self, prompt, n_global, sampling, job, chat, stops):
         with self.store_lock:
             session, unseen = self.store.checkout(prompt, n_global)
         reused = len(session.tokens)
@@ -165,11 +167,19 @@ class Engine:
                     if token in self.stop_ids:
                         finish = "stop"
                     text = self.tokenizer.decode(generated, skip_special_tokens=True)
-                    if not text.endswith("\ufffd") and len(text) > len(sent):  # hold back half a character
-                        job.on_event(("delta", text[len(sent) :]))
-                        sent = text
+                    cut = min((text.find(x) for x in stops if x in text), default=-1)
+                    if cut >= 0:  # a stop string: the reply ends before it
+                        finish = "stop"
+                        break
+                    # Hold back half a character, and what could be the start of a stop string.
+                    ready = len(text) - max((len(x) - 1 for x in stops), default=0)
+                    if not text.endswith("\ufffd") and ready > len(sent):
+                        job.on_event(("delta", text[len(sent) : ready]))
+                        sent = text[:ready]
                 yield
             text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            cut = min((text.find(x) for x in stops if x in text), default=-1)
+            text = text[:cut] if cut >= 0 else text
             if len(text) > len(sent):
                 job.on_event(("delta", text[len(sent) :]))
             usage = {
@@ -248,10 +258,12 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
                 param="model",
                 code="model_not_found",
             )
-        sampling = Sampling(body.max_tokens or engine.default_max_tokens, body.temperature, body.top_p, body.seed)
+        max_tokens = body.max_completion_tokens or body.max_tokens or engine.default_max_tokens
+        sampling = Sampling(max_tokens, body.temperature, body.top_p, body.seed)
+        stops = [body.stop] if isinstance(body.stop, str) else [x for x in body.stop or [] if x]
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job = engine.start(prompt, n_global, sampling, lambda e: loop.call_soon_threadsafe(events.put_nowait, e), chat)
+        job = engine.start(prompt, n_global, sampling, lambda e: loop.call_soon_threadsafe(events.put_nowait, e), chat, stops)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"

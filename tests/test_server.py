@@ -50,7 +50,7 @@ def client(server):
 
 
 def stats(server) -> dict:
-    return httpx.get(f"{server}/stats", headers={"Authorization": f"Bearer {KEY}"}).json()
+    return httpx.get(f"{server}/stats", headers={"Authorization": f"Bearer {KEY}"}, timeout=60).json()
 
 
 def ask(text: str) -> list[dict]:
@@ -76,6 +76,16 @@ def test_text_completion_and_stream(client):
     assert done.choices[0].text and done.usage.completion_tokens <= 6
     stream = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, stream=True)
     assert "".join(c.choices[0].text for c in stream if c.choices) == done.choices[0].text
+
+
+def test_stop_strings_end_the_reply(client):
+    full = client.completions.create(model=MODEL, prompt="Count: 1, 2, 3,", max_tokens=12).choices[0].text
+    stop = full.strip()[2:4]  # a piece from inside the full reply
+    assert stop and stop in full
+    cut = client.completions.create(model=MODEL, prompt="Count: 1, 2, 3,", max_tokens=12, stop=[stop])
+    assert cut.choices[0].text == full[: full.find(stop)] and cut.choices[0].finish_reason == "stop"
+    stream = client.completions.create(model=MODEL, prompt="Count: 1, 2, 3,", max_tokens=12, stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == cut.choices[0].text
 
 
 def test_follow_up_turn_reuses_the_cache(client):
@@ -126,7 +136,7 @@ def test_input_far_past_the_window_is_bounded(client, server):
     ],
 )
 def test_bad_requests_get_openai_style_errors(server, body, status, param):
-    r = httpx.post(f"{server}/v1/chat/completions", content=body, headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(f"{server}/v1/chat/completions", content=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     assert r.status_code == status
     error = r.json()["error"]
     assert error["message"] and error["type"] and error["param"] == param
@@ -134,7 +144,7 @@ def test_bad_requests_get_openai_style_errors(server, body, status, param):
 
 def test_oversized_body_and_api_key(server):
     big = b'{"model": "x", "prompt": "' + b"a" * (9 * 2**20) + b'"}'
-    r = httpx.post(f"{server}/v1/completions", content=big, headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(f"{server}/v1/completions", content=big, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     assert r.status_code == 413 and "error" in r.json()
     assert httpx.get(f"{server}/v1/models").status_code == 401
     wrong = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
@@ -168,12 +178,13 @@ def test_eight_concurrent_streaming_clients(client, server):
 
 def test_client_disconnect_stops_generation(server):
     body = {"model": MODEL, "messages": ask("Write a very long story."), "max_tokens": 3000, "stream": True}
-    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, headers=auth, timeout=120) as r:
         for n, _ in enumerate(r.iter_lines()):
             if n >= 6:
                 break  # leaving the block closes the connection mid-stream
     before = stats(server)["generated_tokens"]
-    for _ in range(40):
+    for _ in range(120):
         if stats(server)["active_jobs"] == 0:
             break
         time.sleep(0.25)
