@@ -18,7 +18,15 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 
 class LambdaLayer(DynamicLayer):
-    """Keys and values of one layer: [first n_sink tokens | last n_local tokens]."""
+    """Keys and values of one layer: [first n_sink tokens | last n_local tokens].
+
+    Once full, decoding one token at a time costs O(1) copies: the stored keys are laid
+    out as [sinks | ring of n_local - 1 | newest], and a step moves the newest key into the
+    ring slot of the oldest and writes the new key last. The ring is out of order, which is
+    harmless: all of it lies inside the new query's window (local, whatever the order), no
+    padding is ever in it (left padding sits in the sinks), and the query's own key is last.
+    A multi-token update restores chronological order first.
+    """
 
     is_croppable = False
 
@@ -26,24 +34,48 @@ class LambdaLayer(DynamicLayer):
         super().__init__()
         self.n_sink, self.n_local = n_sink, n_local
         self.cumulative_length = 0  # tokens seen, including dropped ones
+        self.ring_start = 0  # oldest ring slot, when full
+
+    def _full(self) -> bool:
+        return self.n_local is not None and self.is_initialized and self.keys.shape[-2] == self.n_sink + self.n_local
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        keys = torch.cat((self.keys, key_states), dim=-2)
-        values = torch.cat((self.values, value_states), dim=-2)
+        if key_states.shape[-2] == 1 and self._full():
+            self.cumulative_length += 1
+            ring = self.n_local - 1
+            if ring:
+                slot = self.n_sink + self.ring_start
+                self.keys[..., slot, :] = self.keys[..., -1, :]
+                self.values[..., slot, :] = self.values[..., -1, :]
+                self.ring_start = (self.ring_start + 1) % ring
+            self.keys[..., -1:, :] = key_states
+            self.values[..., -1:, :] = value_states
+            return self.keys, self.values
+        keys = torch.cat((*self._chronological(self.keys), key_states), dim=-2)
+        values = torch.cat((*self._chronological(self.values), value_states), dim=-2)
+        self.ring_start = 0
         self.cumulative_length += key_states.shape[-2]
         if self.n_local is not None and keys.shape[-2] > self.n_sink + self.n_local:
-            # Keep n_local, not n_local - 1: the next query's window needs n_local - 1 old keys;
-            # one spare key is masked by position and keeps the bookkeeping simple.
+            # Keep n_local, not n_local - 1: the next query's window needs n_local - 1 old keys,
+            # and the spare slot is where a decoding step writes its key.
             self.keys = torch.cat((keys[..., : self.n_sink, :], keys[..., -self.n_local :, :]), dim=-2)
             self.values = torch.cat((values[..., : self.n_sink, :], values[..., -self.n_local :, :]), dim=-2)
         else:
             self.keys, self.values = keys, values
         return keys, values  # this step's queries may need keys that are now dropped
 
+    def _chronological(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.ring_start == 0:
+            return (x,)
+        ring_at = self.n_sink + self.ring_start
+        return x[..., : self.n_sink, :], x[..., ring_at:-1, :], x[..., self.n_sink : ring_at, :], x[..., -1:, :]
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """(number of keys the next update returns, physical index where its tail starts)"""
+        if query_length == 1 and self._full():  # a ring step: the oldest key is dropped first
+            return self.n_sink + self.n_local, self.cumulative_length + 1 - self.n_local
         stored = self.keys.shape[-2] if self.is_initialized else 0
         n_sinks = min(self.n_sink, self.cumulative_length)
         return stored + query_length, self.cumulative_length - (stored - n_sinks)
@@ -57,6 +89,7 @@ class LambdaLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.cumulative_length = 0
+        self.ring_start = 0
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("lminf.LambdaCache cannot be cropped (assisted decoding is not supported).")
