@@ -1,0 +1,97 @@
+"""`lminf eval ppl`: methods against the vanilla model, bucketing, resuming, determinism, plots."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import matplotlib.image
+import pytest
+import torch
+
+from lminf.evaluate import Lminf, Vanilla, Window, bucket_means, plot_ppl, run_ppl, token_nll
+from tests.conftest import tiny_model
+
+torch.set_grad_enabled(False)
+
+
+def tokens(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_token_nll_is_cross_entropy_of_one_forward():
+    model, ids = tiny_model(), tokens(50)
+    logits = model(ids, use_cache=False).logits[0, :-1]
+    want = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+    from transformers import DynamicCache
+
+    torch.testing.assert_close(token_nll(model, ids, DynamicCache(), chunk_size=7, progress=False), want, rtol=1e-4, atol=1e-4)
+
+
+def test_methods_equal_vanilla_inside_the_window():
+    model, ids = tiny_model(), tokens(60)  # max_position_embeddings = 64
+    vanilla = Vanilla().nll(model, ids, progress=False)
+    for method in (Lminf(n_global=3), Window(stride=5)):
+        torch.testing.assert_close(method.nll(model, ids, progress=False), vanilla, rtol=1e-4, atol=1e-4)
+    assert "lminf" not in model.config._attn_implementation  # Lminf unpatches after itself
+
+
+def test_window_scores_each_token_from_its_recent_tokens_only():
+    model, ids = tiny_model(), tokens(40)
+    got = Window(n_local=8, stride=3).nll(model, ids, progress=False)
+    for t in (5, 17, 39):  # target t, its block of 3 starting at a: context is ids[max(0, b - 8) : t]
+        a = 1 + (t - 1) // 3 * 3
+        b = min(a + 3, 40)
+        start = max(0, b - 8)
+        logits = model(ids[:, start:t], use_cache=False).logits[0, -1]
+        want = torch.nn.functional.cross_entropy(logits[None], ids[0, t : t + 1])
+        torch.testing.assert_close(got[t - 1], want, rtol=1e-4, atol=1e-4)
+
+
+def test_bucketing():
+    nll = torch.arange(10, dtype=torch.float32)
+    assert bucket_means(nll, 4) == [1.5, 5.5, 8.5]
+
+
+class Counting(Vanilla):
+    name = "counting"
+    calls = 0
+
+    def nll(self, model, ids, progress=True):
+        Counting.calls += 1
+        return super().nll(model, ids, progress)
+
+
+def test_run_resumes_is_deterministic_and_plots(tmp_path):
+    model = tiny_model()
+    docs = {"a.txt": tokens(70, 1), "b.txt": tokens(70, 2)}
+    out = tmp_path / "ppl.json"
+    first = run_ppl(model, docs, [Counting(), Lminf(n_global=2, n_local=16)], bucket=16, out_json=out, progress=False)
+    assert Counting.calls == 2
+    again = run_ppl(model, docs, [Counting(), Lminf(n_global=2, n_local=16)], bucket=16, out_json=out, progress=False)
+    assert Counting.calls == 2  # nothing recomputed
+    assert again["results"] == first["results"]
+    fresh = run_ppl(model, docs, [Lminf(n_global=2, n_local=16)], bucket=16, out_json=tmp_path / "x.json", progress=False)
+    for key, cell in fresh["results"].items():
+        assert cell["bucket_nll"] == first["results"][key]["bucket_nll"]  # deterministic
+    assert len(first["results"]["a.txt/lminf"]["bucket_nll"]) == 5  # 69 predicted tokens in buckets of 16
+    with pytest.raises(ValueError, match="bucket"):
+        run_ppl(model, docs, [Counting()], bucket=8, out_json=out, progress=False)
+    png = tmp_path / "ppl.png"
+    plot_ppl(json.loads(out.read_text()), png)
+    assert matplotlib.image.imread(png).shape[0] > 100
+
+
+def test_cli_eval_ppl_and_short_document(tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("It was a bright cold day in April, and the clocks were striking thirteen. " * 30)
+    out = tmp_path / "run.json"
+    cli = [sys.executable, "-m", "lminf.cli", "eval", "ppl", str(doc), "--bucket", "100", "--n-local", "64", "--out", str(out)]
+    run = subprocess.run([*cli, "--tokens", "300"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"doc.txt/vanilla", "doc.txt/lminf", "doc.txt/window"}
+    assert out.with_suffix(".png").exists() and "| positions |" in run.stdout
+    short = subprocess.run([*cli, "--tokens", "100000"], capture_output=True, text=True, timeout=600)
+    assert short.returncode == 2 and "fewer than --tokens" in short.stderr
