@@ -85,10 +85,7 @@ def generate(args: argparse.Namespace) -> int:
         raise ValueError("the input is empty: give a file, pipe text on stdin, or pass --instruction.")
     if args.max_new_tokens < 1 or args.chunk_size < 1:
         raise ValueError("--max-new-tokens and --chunk-size must be >= 1.")
-    model, tokenizer = lminf.load_model(args.model, _dtype(args.dtype, args.device))
-    model.to(args.device)
-    if not args.vanilla:
-        lminf.patch(model, args.n_global, args.n_local, args.top_k, args.top_k_from_layer)
+    model, tokenizer = _load(args, patched=not args.vanilla)
     ids = _prompt_ids(tokenizer, text, args.instruction).to(args.device)
 
     cache = DynamicCache() if args.vanilla else lminf.make_cache(model)
@@ -128,10 +125,11 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_patched(args: argparse.Namespace):
+def _load(args: argparse.Namespace, patched: bool = True):
     model, tokenizer = lminf.load_model(args.model, _dtype(args.dtype, args.device))
     model.to(args.device)
-    lminf.patch(model, args.n_global, args.n_local, args.top_k, args.top_k_from_layer)
+    if patched:
+        lminf.patch(model, args.n_global, args.n_local, args.top_k, args.top_k_from_layer)
     return model, tokenizer
 
 
@@ -140,7 +138,7 @@ def chat_loop(args: argparse.Namespace) -> int:
 
     if args.vanilla:
         raise ValueError("chat needs the patched model; --vanilla is for `lminf generate`.")
-    model, tokenizer = _load_patched(args)
+    model, tokenizer = _load(args)
     if not tokenizer.chat_template:
         raise ValueError("this model has no chat template; use `lminf generate` instead.")
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -198,7 +196,7 @@ def serve_http(args: argparse.Namespace) -> int:
 
     if args.vanilla:
         raise ValueError("serve runs the patched model; --vanilla is for `lminf generate`.")
-    model, tokenizer = _load_patched(args)
+    model, tokenizer = _load(args)
     name = args.model.rstrip("/").split("/")[-1] if args.model else lminf.default_model.DEFAULT_NAME
     engine = Engine(model, tokenizer, name, max_sessions=args.max_sessions)
     app = create_app(engine, api_key_from_env(args.api_key), args.max_body_bytes)
@@ -212,7 +210,7 @@ def eval_ppl(args: argparse.Namespace) -> int:
 
     known = {
         "vanilla": Vanilla(),
-        "lminf": Lminf(args.n_global, args.n_local, args.top_k),
+        "lminf": Lminf(args.n_global, args.n_local, args.top_k, args.top_k_from_layer),
         "window": Window(args.n_local),
     }
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -221,8 +219,7 @@ def eval_ppl(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(known)}.")
     if args.tokens < 2 or args.bucket < 1:
         raise ValueError("--tokens must be >= 2 and --bucket >= 1.")
-    model, tokenizer = lminf.load_model(args.model, _dtype(args.dtype, args.device))
-    model.to(args.device)
+    model, tokenizer = _load(args, patched=False)  # the lminf method patches and unpatches itself
     documents = {}
     for path in args.files:
         ids = tokenizer(path.read_text(encoding="utf-8", errors="replace"), return_tensors="pt")["input_ids"]

@@ -57,13 +57,14 @@ class Lminf:
     n_global: int = 10
     n_local: int | None = None
     top_k: int = 0
+    top_k_from_layer: int = 4
 
     @property
     def name(self) -> str:
         return "lminf" if not self.top_k else f"lminf-top{self.top_k}"
 
     def nll(self, model: PreTrainedModel, ids: torch.Tensor, progress: bool = True) -> torch.Tensor:
-        patch(model, self.n_global, self.n_local, self.top_k)
+        patch(model, self.n_global, self.n_local, self.top_k, self.top_k_from_layer)
         try:
             return token_nll(model, ids, make_cache(model), progress=progress)
         finally:
