@@ -29,12 +29,6 @@ class Layout:
     k_valid: torch.Tensor  # (B, K) bool: False for padding
 
 
-def contiguous_layout(batch_size: int, q_length: int, device: torch.device | str = "cpu") -> Layout:
-    """Layout of a plain forward with no cache and no padding: positions 0 .. Q-1."""
-    pos = torch.arange(q_length, device=device).expand(batch_size, -1)
-    return Layout(q_pos=pos, k_pos=pos, k_valid=torch.ones_like(pos, dtype=torch.bool))
-
-
 def build_layout(
     batch_size: int,
     q_length: int,
