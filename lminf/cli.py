@@ -171,8 +171,7 @@ def chat_loop(args: argparse.Namespace) -> int:
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         if not prompt.startswith(session.text):  # the template rewrote the history: start afresh
             session = Session(model, n_global)
-        new_tokens = tokenizer(prompt[len(session.text) :], add_special_tokens=False)["input_ids"]
-        session.text = prompt
+        new_tokens = session.take_text(prompt, tokenizer)
         generated: list[int] = []
         shown, start = "", time.perf_counter()
         for token in stream_tokens(model, session, new_tokens, sampling, stop):
@@ -185,7 +184,7 @@ def chat_loop(args: argparse.Namespace) -> int:
                 shown = text
         print()
         speed = len(generated) / max(time.perf_counter() - start, 1e-9)
-        session.text += tokenizer.decode(generated)  # special tokens too: the template writes them
+        session.take_reply(tokenizer, generated)
         messages.append({"role": "assistant", "content": tokenizer.decode(generated, skip_special_tokens=True)})
 
 

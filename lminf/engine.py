@@ -40,6 +40,17 @@ class Session:
         self.text = ""
         self.fed = 0  # tokens[:fed] are in the cache
 
+    def take_text(self, text: str, tokenizer, add_special_tokens: bool = False) -> list[int]:
+        """Tokens for the part of `text` past `self.text` (which `text` must extend); records it."""
+        if not text.startswith(self.text):
+            raise ValueError("the new text does not extend this session's text.")
+        unseen, self.text = text[len(self.text) :], text
+        return tokenizer(unseen, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def take_reply(self, tokenizer, generated: list[int]) -> None:
+        """Record sampled tokens as text, special tokens too: a chat template writes them back."""
+        self.text += tokenizer.decode(generated)
+
     def memory_bytes(self) -> int:
         return self.cache.memory_bytes()
 
@@ -112,17 +123,15 @@ class SessionStore:
         self.model, self.capacity = model, capacity
         self._idle: OrderedDict[int, Session] = OrderedDict()
 
-    def checkout(self, text: str, n_global: int) -> tuple[Session, str]:
+    def checkout(self, text: str, n_global: int) -> Session:
         """The idle session whose text is the longest prefix of `text` (removed from the
-        store while in use), or a new one; and the part of `text` it has not seen."""
+        store while in use), or a new one."""
         best_key, best_len = None, 0
         for key, session in self._idle.items():
             n = len(session.text)
             if session.n_global == n_global and n > best_len and text.startswith(session.text):
                 best_key, best_len = key, n
-        if best_key is None:
-            return Session(self.model, n_global), text
-        return self._idle.pop(best_key), text[best_len:]
+        return Session(self.model, n_global) if best_key is None else self._idle.pop(best_key)
 
     def checkin(self, session: Session) -> None:
         self._idle[id(session)] = session

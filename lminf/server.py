@@ -149,11 +149,10 @@ class Engine:
 
     def _run(self, prompt, n_global, sampling, job, chat, stops):
         with self.store_lock:
-            session, unseen = self.store.checkout(prompt, n_global)
+            session = self.store.checkout(prompt, n_global)
         reused = len(session.tokens)
         # A chat template writes its own special tokens; a raw prompt gets the tokenizer's (BOS) once.
-        new_tokens = self.tokenizer(unseen, add_special_tokens=not chat and not session.tokens)["input_ids"]
-        session.text += unseen
+        new_tokens = session.take_text(prompt, self.tokenizer, add_special_tokens=not chat and not session.tokens)
         prompt_tokens = reused + len(new_tokens)
         generated: list[int] = []
         sent = ""
@@ -194,7 +193,7 @@ class Engine:
             consistent = True
             raise
         finally:
-            session.text += self.tokenizer.decode(generated)  # special tokens too: the template writes them
+            session.take_reply(self.tokenizer, generated)
             if consistent:
                 with self.store_lock:
                     self.store.checkin(session)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import lminf
@@ -50,17 +51,19 @@ def test_store_reuses_longest_text_prefix_and_evicts_least_recent():
     store = SessionStore(model, capacity=2)
     sessions = []
     for text in ["abc", "abcdef", "xyz"]:
-        session, unseen = store.checkout(text, n_global=10)
-        assert unseen == text  # nothing to reuse yet: each starts afresh
+        session = store.checkout(text, n_global=10)
+        assert session.text == ""  # nothing to reuse yet: each starts afresh
         session.text = text
         sessions.append(session)
     for s in sessions:
         store.checkin(s)
     assert len(store) == 2  # "abc" evicted
-    reused, unseen = store.checkout("abcdefgh", n_global=10)
-    assert reused is sessions[1] and unseen == "gh"
-    fresh, unseen = store.checkout("abc!", n_global=10)
-    assert fresh not in sessions and unseen == "abc!"
+    reused = store.checkout("abcdefgh", n_global=10)
+    assert reused is sessions[1] and "abcdefgh"[len(reused.text) :] == "gh"
+    with pytest.raises(ValueError, match="does not extend"):
+        reused.take_text("abX", tokenizer=None)
+    fresh = store.checkout("abc!", n_global=10)
+    assert fresh not in sessions and fresh.text == ""
 
 
 def test_chat_cli_turns_reset_and_stats():
