@@ -11,6 +11,9 @@ order they were fed, and the queries are the last `Q` keys of the tail:
     physical index:  0 .. S-1   kv_offset ........................ total-1
     keys:            [ sinks  ][ tail ......................[ queries ]]
 
+(Exception: once LambdaCache is full, a one-token decoding step returns its window out of
+order; every key there is local to the query whatever its position, see lminf.cache.)
+
 Real positions count only non-padding tokens of a row (left or right padding), so a
 padded row sees the same positions as the row alone.
 """
