@@ -16,6 +16,10 @@ never count):
 The cap is realised with two rotations: the query is rotated from i to n_local and the
 key from j to 0, so their dot product is the logit at distance exactly n_local.
 
+global_distance="reindexed" gives the StreamingLLM baseline instead (no cap): a global
+key sits where it would inside a [n_global | n_local] cache whose positions are
+re-indexed, at distance min(i, n_global + n_local - 1) - j; there is no top-k then.
+
 Queries go in blocks. Each block makes up to three passes, each returning its output and
 log-sum-exp, merged exactly as one softmax: the local window (a flash kernel where torch
 has one), the capped global keys (at most n_global + padding of them), and the top-k
@@ -34,6 +38,7 @@ _KEY_CHUNK = 4096  # middle keys scored at once when picking top-k
 # torch's fused CPU attention that also returns the log-sum-exp (an aten op, not public API).
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 KERNELS = ("auto", "flash_cpu", "torch")
+GLOBAL_DISTANCES = ("capped", "reindexed")
 
 
 def lambda_attention(
@@ -49,6 +54,7 @@ def lambda_attention(
     scaling: float,
     block_size: int | None = None,
     kernel: str = "auto",
+    global_distance: str = "capped",
 ) -> torch.Tensor:
     """q (B, Hq, Q, D), k and v (B, Hkv, K, D), rotated at their own positions -> (B, Hq, Q, D).
 
@@ -58,6 +64,8 @@ def lambda_attention(
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
+    if global_distance not in GLOBAL_DISTANCES or (global_distance == "reindexed" and top_k):
+        raise ValueError(f"global_distance must be one of {GLOBAL_DISTANCES} (reindexed without top_k), got {global_distance!r}.")
     use_flash = kernel == "flash_cpu" or (kernel == "auto" and q.device.type == "cpu" and _FLASH_CPU is not None)
     B, Hq, Q, D = q.shape
     Hkv, K = k.shape[1], k.shape[2]
@@ -68,11 +76,15 @@ def lambda_attention(
     q_pos, k_pos, k_valid = layout.q_pos, layout.k_pos, layout.k_valid
     # Grouped heads become extra query rows: (B, Hkv, rep, Q, D), keys are never repeated.
     q_grouped = q.view(B, Hkv, rep, Q, D)
-    q_capped = rotate(q, n_local - q_pos, inv_freq).view(B, Hkv, rep, Q, D)  # queries moved to position n_local
     # Keys that can be global for some row all sit at the front: [0, n_head).
     maybe_global = (k_valid & (k_pos < n_global)).any(0)
     n_head = int(maybe_global.nonzero().max()) + 1 if bool(maybe_global.any()) else 0
-    k_zero = rotate(k[:, :, :n_head], -k_pos[:, :n_head], inv_freq)  # head keys moved to position 0
+    if global_distance == "capped":
+        q_global = rotate(q, n_local - q_pos, inv_freq).view(B, Hkv, rep, Q, D)  # queries moved to position n_local
+        k_global = rotate(k[:, :, :n_head], -k_pos[:, :n_head], inv_freq)  # head keys moved to position 0
+    else:  # queries moved to their position in a full re-indexed cache; head keys stay where they are
+        q_global = rotate(q, q_pos.clamp(max=n_global + n_local - 1) - q_pos, inv_freq).view(B, Hkv, rep, Q, D)
+        k_global = k[:, :, :n_head]
     k_zero_all = rotate(k, -k_pos, inv_freq) if top_k else None
 
     # No padding and consecutive positions over every window: the common case, with a faster split.
@@ -84,7 +96,7 @@ def lambda_attention(
     for a in range(0, Q, block):
         b = min(a + block, Q)
         i = q_pos[:, a:b, None]  # (B, n, 1)
-        qb, qb_capped = _rows(q_grouped[:, :, :, a:b]), _rows(q_capped[:, :, :, a:b])
+        qb, qb_global = _rows(q_grouped[:, :, :, a:b]), _rows(q_global[:, :, :, a:b])
         parts = []
 
         s, n = offset + a, b - a  # key index of the block's first query, block length
@@ -107,12 +119,12 @@ def lambda_attention(
         if n_head:
             j, valid = k_pos[:, None, :n_head], k_valid[:, None, :n_head]
             capped = valid & (i - j >= n_local) & (j < n_global)
-            parts.append(_attend(qb_capped, k_zero, v[:, :, :n_head], _rows_mask(capped, rep), scaling, False))
+            parts.append(_attend(qb_global, k_global, v[:, :, :n_head], _rows_mask(capped, rep), scaling, False))
 
         mid_hi = offset + b - n_local  # no middle key of this block lies at or past here
         if top_k and mid_hi > 0:
             # From key 0: with padding, a head key can be a middle key of another row.
-            parts.append(_top_middle(qb_capped, k_zero_all, v, k_pos, k_valid, i, mid_hi, n_global, n_local, top_k, rep, scaling))
+            parts.append(_top_middle(qb_global, k_zero_all, v, k_pos, k_valid, i, mid_hi, n_global, n_local, top_k, rep, scaling))
 
         o = _merge(parts)
         out[:, :, :, a:b] = o.view(B, Hkv, rep, b - a, D).to(q.dtype)

@@ -1,4 +1,4 @@
-"""Command line: `lminf generate` (more subcommands come with the other issues)."""
+"""Command line: `lminf generate`, `chat`, `serve`; `lminf data` and `lminf eval` live in lminf.eval_cli."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from tqdm import tqdm
 from transformers import DynamicCache, TextStreamer
 
 import lminf
+from lminf import eval_cli
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -47,36 +48,36 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-body-bytes", type=int, default=8 * 2**20)
     _add_model_args(serve)
 
-    evaluate = commands.add_parser("eval", help="evaluations").add_subparsers(dest="evaluation", required=True)
-    ppl = evaluate.add_parser("ppl", help="NLL by position over long texts, vanilla vs lminf vs a plain window")
-    ppl.add_argument("files", nargs="+", type=Path, help="long text files")
-    ppl.add_argument("--tokens", type=int, default=32768, help="tokens of each file to score (default 32768)")
-    ppl.add_argument("--bucket", type=int, default=2048, help="positions per bucket (default 2048)")
-    ppl.add_argument("--methods", default="vanilla,lminf,window", help="comma list of vanilla, lminf, window")
-    ppl.add_argument("--out", type=Path, default=Path("runs/ppl.json"), help="JSON (resumed if present); PNG beside it")
-    _add_model_args(ppl)
+    eval_cli.add_commands(commands, _add_model_args)
 
     args = parser.parse_args(argv)
     # transformers warns when a generation passes max_position_embeddings: that is the point here.
     transformers.logging.set_verbosity_error()
     try:
-        return {"generate": generate, "chat": chat_loop, "serve": serve_http, "eval": eval_ppl}[args.command](args)
+        if args.command in ("eval", "data"):
+            return eval_cli.run(args, _load)
+        return {"generate": generate, "chat": chat_loop, "serve": serve_http}[args.command](args)
     except (ValueError, RuntimeError, OSError) as error:
         print(f"lminf: error: {error}", file=sys.stderr)
         return 2
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
+def _add_model_args(parser: argparse.ArgumentParser, n_local: int | None = None, top_k: int = 0, vanilla: bool = True) -> None:
     parser.add_argument("--model", default=None, help="local HF model folder or cached hub id (default: SmolLM2-135M-Instruct)")
     parser.add_argument(
         "--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="auto: bfloat16 on GPU, float32 on CPU"
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--n-global", type=int, default=10, help="first tokens every query sees (default 10)")
-    parser.add_argument("--n-local", type=int, default=None, help="window of recent tokens (default: training length)")
-    parser.add_argument("--top-k", type=int, default=0, help="middle tokens each head also sees (default 0: off)")
+    parser.add_argument(
+        "--n-local", type=int, default=n_local, help=f"window of recent tokens (default: {n_local or 'the training length'})"
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=top_k, help=f"middle tokens each head also sees (default {top_k or '0: off'})"
+    )
     parser.add_argument("--top-k-from-layer", type=int, default=4)
-    parser.add_argument("--vanilla", action="store_true", help="run the unpatched model, for comparison")
+    if vanilla:
+        parser.add_argument("--vanilla", action="store_true", help="run the unpatched model, for comparison")
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -202,53 +203,6 @@ def serve_http(args: argparse.Namespace) -> int:
     print(f"lminf: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
-
-
-def eval_ppl(args: argparse.Namespace) -> int:
-    from lminf.evaluate import Lminf, Vanilla, Window, plot_ppl, run_ppl
-
-    known = {
-        "vanilla": Vanilla(),
-        "lminf": Lminf(args.n_global, args.n_local, args.top_k, args.top_k_from_layer),
-        "window": Window(args.n_local),
-    }
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in names if m not in known]
-    if unknown or not names:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(known)}.")
-    if args.tokens < 2 or args.bucket < 1:
-        raise ValueError("--tokens must be >= 2 and --bucket >= 1.")
-    model, tokenizer = _load(args, patched=False)  # the lminf method patches and unpatches itself
-    documents = {}
-    for path in args.files:
-        ids = tokenizer(path.read_text(encoding="utf-8", errors="replace"), return_tensors="pt")["input_ids"]
-        if ids.shape[1] < args.tokens:
-            raise ValueError(f"{path} has {ids.shape[1]} tokens, fewer than --tokens {args.tokens}.")
-        documents[path.name] = ids[:, : args.tokens].to(args.device)
-    meta = {"model": args.model or lminf.default_model.DEFAULT_NAME, "dtype": str(model.dtype), "machine": _machine()}
-    report = run_ppl(model, documents, [known[m] for m in names], args.bucket, args.out, meta)
-    png = args.out.with_suffix(".png")
-    plot_ppl(report, png)
-    _print_ppl_table(report)
-    print(f"wrote {args.out} and {png}", file=sys.stderr)
-    return 0
-
-
-def _print_ppl_table(report: dict) -> None:
-    bucket = report["bucket"]
-    for doc in sorted({c["document"] for c in report["results"].values()}):
-        cells = [c for c in report["results"].values() if c["document"] == doc]
-        print(f"\n{doc}\n| positions | {' | '.join(c['method'] for c in cells)} |\n|---|{'---|' * len(cells)}")
-        for k in range(max(len(c["bucket_nll"]) for c in cells)):
-            row = " | ".join(f"{c['bucket_nll'][k]:.2f}" if k < len(c["bucket_nll"]) else "" for c in cells)
-            print(f"| {k * bucket}-{(k + 1) * bucket} | {row} |")
-
-
-def _machine() -> str:
-    import platform
-
-    versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
-    return f"{platform.machine()}, {torch.get_num_threads()} threads, {versions}"
 
 
 def _dtype(name: str, device: str) -> torch.dtype:

@@ -18,7 +18,7 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
-from lminf.attention import lambda_attention
+from lminf.attention import GLOBAL_DISTANCES, lambda_attention
 from lminf.cache import LambdaCache
 from lminf.layout import Layout, lambda_mask
 
@@ -37,6 +37,7 @@ class LambdaSettings:
     n_local: int
     top_k: int
     top_k_from_layer: int
+    global_distance: str = "capped"
 
 
 @dataclass
@@ -79,6 +80,7 @@ def lminf_attention_forward(
         top_k=s.top_k if module.layer_idx >= s.top_k_from_layer else 0,
         inv_freq=state.rotary.inv_freq,
         scaling=module.head_dim**-0.5 if scaling is None else scaling,
+        global_distance=s.global_distance,
     )
     return out.transpose(1, 2).contiguous(), None
 
@@ -94,6 +96,7 @@ def patch(
     top_k: int = 0,
     top_k_from_layer: int = 4,
     backend: Backend | None = None,
+    global_distance: str = "capped",
 ) -> PreTrainedModel:
     """Switch `model` to LM-Infinite's Lambda attention, in place; returns the model.
 
@@ -102,6 +105,8 @@ def patch(
     top_k: middle tokens each query head also attends to, in layers >= top_k_from_layer
         (0 disables; with top_k > 0 the generation cache keeps every token).
     backend: the attention function; default lminf.attention.lambda_attention.
+    global_distance: "capped" (LM-Infinite) or "reindexed" (the StreamingLLM baseline: global
+        tokens at their distance inside a re-indexed [n_global | n_local] cache; no top_k).
     """
     if getattr(model, "_lminf", None) is not None:
         raise RuntimeError("this model is already patched by lminf; call lminf.unpatch(model) first.")
@@ -115,12 +120,14 @@ def patch(
         raise ValueError(f"n_global must be >= 0, got {n_global}.")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}.")
+    if global_distance not in GLOBAL_DISTANCES or (global_distance == "reindexed" and top_k):
+        raise ValueError(f"global_distance must be one of {GLOBAL_DISTANCES} (reindexed needs top_k=0), got {global_distance!r}.")
     if top_k and not 0 <= top_k_from_layer < num_layers:
         raise ValueError(
             f"top_k={top_k} has no room: top_k_from_layer={top_k_from_layer} but the model's layers are 0..{num_layers - 1}."
         )
     state = _PatchState(
-        settings=LambdaSettings(n_global, n_local, top_k, top_k_from_layer),
+        settings=LambdaSettings(n_global, n_local, top_k, top_k_from_layer, global_distance),
         rotary=_rotary_embedding(model),
         backend=backend or lambda_attention,
         previous_implementation=config._attn_implementation,

@@ -2,7 +2,7 @@
 
 It builds the full (query, key) matrix: for every pair it decides local / global /
 middle from the real positions, picks the effective distance (true distance if local,
-n_local otherwise), and computes the rotary logit at that distance from the un-rotated
+n_local otherwise, or the StreamingLLM re-indexed distance), and computes the rotary logit at that distance from the un-rotated
 vectors written as complex numbers. No blocks, no shortcuts, float64 throughout.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 
-def reference_attention(q, k, v, layout, *, n_global, n_local, top_k, inv_freq, scaling):
+def reference_attention(q, k, v, layout, *, n_global, n_local, top_k, inv_freq, scaling, global_distance="capped"):
     dtype = q.dtype
     Hq = q.shape[1]
     rep = Hq // k.shape[1]
@@ -30,7 +30,11 @@ def reference_attention(q, k, v, layout, *, n_global, n_local, top_k, inv_freq, 
     local = valid & (d < n_local)
     glob = valid & ~local & (layout.k_pos[:, None, :] < n_global)
     middle = valid & ~local & ~glob
-    d_eff = torch.where(local, d, torch.full_like(d, n_local)).double()
+    if global_distance == "capped":
+        far = torch.full_like(d, n_local)
+    else:  # StreamingLLM: positions inside a [n_global | n_local] cache, re-indexed once it is full
+        far = layout.q_pos.clamp(max=n_global + n_local - 1)[:, :, None] - layout.k_pos[:, None, :]
+    d_eff = torch.where(local, d, far).double()
 
     phase = torch.exp(1j * d_eff[:, None, :, :, None] * w)  # (B, 1, Q, K, F)
     logits = (zq[:, :, :, None, :] * zk.conj()[:, :, None, :, :] * phase).real.sum(-1)

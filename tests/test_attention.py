@@ -41,6 +41,8 @@ def random_case(data):
     kwargs = dict(n_global=n_global, n_local=n_local, top_k=top_k, inv_freq=inv_freq, scaling=head_dim**-0.5)
     block = data.draw(st.sampled_from([None, 1, 5, 16]))
     kwargs["kernel"] = data.draw(st.sampled_from(["torch", "flash_cpu"]))
+    if not top_k:
+        kwargs["global_distance"] = data.draw(st.sampled_from(["capped", "reindexed"]))
     return q, k, v, layout, kwargs, block, real_mask[:, total - n_new :]
 
 

@@ -10,7 +10,7 @@ import matplotlib.image
 import pytest
 import torch
 
-from lminf.evaluate import Lminf, Vanilla, Window, bucket_means, plot_ppl, run_ppl, token_nll
+from lminf.evaluate import Lminf, Sinks, Vanilla, Window, bucket_means, plot_ppl, plot_stream, run_ppl, run_stream, token_nll
 from tests.conftest import tiny_model
 
 torch.set_grad_enabled(False)
@@ -91,7 +91,64 @@ def test_cli_eval_ppl_and_short_document(tmp_path):
     run = subprocess.run([*cli, "--tokens", "300"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     report = json.loads(out.read_text())
-    assert set(report["results"]) == {"doc.txt/vanilla", "doc.txt/lminf", "doc.txt/window"}
+    assert set(report["results"]) == {"doc/vanilla", "doc/lminf", "doc/sinks", "doc/window"}
     assert out.with_suffix(".png").exists() and "| positions |" in run.stdout
     short = subprocess.run([*cli, "--tokens", "100000"], capture_output=True, text=True, timeout=600)
     assert short.returncode == 2 and "fewer than --tokens" in short.stderr
+
+
+def test_sinks_differs_from_lminf_only_past_the_window():
+    model, ids = tiny_model(), tokens(120)
+    lminf_nll = Lminf(n_global=3, n_local=16).nll(model, ids, progress=False)
+    sinks_nll = Sinks(n_global=3, n_local=16).nll(model, ids, progress=False)
+    torch.testing.assert_close(sinks_nll[:16], lminf_nll[:16])  # every key still local
+    assert not torch.allclose(sinks_nll[40:], lminf_nll[40:])  # global keys at other distances
+
+
+def test_stream_equals_one_pass_and_resumes_after_an_interruption(tmp_path, monkeypatch):
+    model, ids = tiny_model(), tokens(150)
+    method = Lminf(n_global=2, n_local=16)
+    want = bucket_means(method.nll(model, ids, progress=False), 32)
+
+    import lminf.evaluate as evaluate
+
+    real_nll, calls = evaluate._nll, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 12:  # partway through the third bucket (5 chunks a bucket)
+            raise KeyboardInterrupt
+        return real_nll(*args)
+
+    out = tmp_path / "stream.json"
+    monkeypatch.setattr(evaluate, "_nll", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_stream(model, ids, method, bucket=32, out_json=out, chunk_size=7, progress=False)
+    monkeypatch.setattr(evaluate, "_nll", real_nll)
+    assert len(json.loads(out.read_text())["results"]["lminf"]["buckets"]) == 2
+    report = run_stream(model, ids, method, bucket=32, out_json=out, chunk_size=7, progress=False)
+    buckets = report["results"]["lminf"]["buckets"]
+    assert [b["end"] for b in buckets] == [32, 64, 96, 128, 149]
+    torch.testing.assert_close(torch.tensor([b["nll"] for b in buckets]), torch.tensor(want), rtol=1e-5, atol=1e-5)
+    assert len({b["cache_mib"] for b in buckets}) == 1  # the window was full from the first bucket on
+    plot_stream(report, tmp_path / "stream.png")
+    assert matplotlib.image.imread(tmp_path / "stream.png").shape[0] > 100
+
+
+def test_cli_eval_stream_and_report(tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("It was a bright cold day in April, and the clocks were striking thirteen. " * 30)
+    runs = tmp_path / "runs"
+    cli = [sys.executable, "-m", "lminf.cli", "eval"]
+    stream = [*cli, "stream", str(doc), str(doc), "--tokens", "700", "--bucket", "256", "--n-local", "64"]
+    run = subprocess.run([*stream, "--out", str(runs / "stream.json")], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    cells = json.loads((runs / "stream.json").read_text())["results"]
+    assert set(cells) == {"lminf", "sinks"} and cells["sinks"]["tokens"] == 700
+    ppl = [*cli, "ppl", str(doc), "--tokens", "300", "--bucket", "100", "--n-local", "64", "--methods", "lminf,window"]
+    assert subprocess.run([*ppl, "--out", str(runs / "ppl.json")], capture_output=True, timeout=600).returncode == 0
+    report = subprocess.run([*cli, "report", "--runs", str(runs), "--out", str(tmp_path / "docs" / "results.md")], timeout=600)
+    assert report.returncode == 0
+    text = (tmp_path / "docs" / "results.md").read_text()
+    assert "## Perplexity, one pass" in text and "## Streaming" in text and "| lminf | 700 |" in text
+    assert (tmp_path / "docs" / "results" / "stream.png").exists() and (tmp_path / "docs" / "results" / "ppl.json").exists()

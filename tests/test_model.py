@@ -25,18 +25,21 @@ def test_patched_equals_vanilla_within_window(family):
     torch.testing.assert_close(model(ids).logits, vanilla, **FP32)
 
 
-@pytest.mark.parametrize("top_k", [0, 2])
-def test_fast_path_equals_reference_in_model(family, top_k):
+VARIANTS = {"lminf": {}, "lminf-top2": {"top_k": 2}, "sinks": {"global_distance": "reindexed"}}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_fast_path_equals_reference_in_model(family, variant):
     ids = tokens(45, batch=2)  # several windows past n_local
-    settings = dict(n_global=3, n_local=8, top_k=top_k, top_k_from_layer=1)
+    settings = dict(n_global=3, n_local=8, top_k_from_layer=1, **VARIANTS[variant])
     fast = lminf.patch(tiny_model(family), **settings)(ids).logits
     ref = lminf.patch(tiny_model(family), backend=reference_attention, **settings)(ids).logits
     torch.testing.assert_close(fast, ref, **FP32)
 
 
-@pytest.mark.parametrize("top_k", [0, 2])
-def test_cached_decoding_equals_one_full_forward(family, top_k):
-    model = lminf.patch(tiny_model(family), n_global=3, n_local=8, top_k=top_k, top_k_from_layer=1)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_cached_decoding_equals_one_full_forward(family, variant):
+    model = lminf.patch(tiny_model(family), n_global=3, n_local=8, top_k_from_layer=1, **VARIANTS[variant])
     ids = tokens(50)
     full = model(ids, use_cache=False).logits
 

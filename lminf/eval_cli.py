@@ -1,0 +1,263 @@
+"""`lminf data` and `lminf eval ...`: the evaluation commands (see lminf.cli for the rest).
+
+Every evaluation writes a JSON file (resumed when it exists) and a PNG beside it, and
+prints a table; `lminf eval report` turns the JSON files into docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+
+METHODS = ("vanilla", "lminf", "lminf-topk", "sinks", "window")
+
+
+def add_commands(commands: argparse._SubParsersAction, add_model_args) -> None:
+    data = commands.add_parser("data", help="extract the long public-domain texts the evaluations use")
+    data.add_argument("names", nargs="*", help="sources to extract (default: all); see `lminf data --list`")
+    data.add_argument("--search", type=Path, action="append", default=[], help="folder with downloaded .deb or archives")
+    data.add_argument("--out", type=Path, default=None, help="data folder (default: <lminf cache>/data)")
+    data.add_argument("--list", action="store_true", help="list the sources and what each needs")
+
+    evaluate = commands.add_parser("eval", help="evaluations").add_subparsers(dest="evaluation", required=True)
+    ppl = evaluate.add_parser("ppl", help="NLL by position over long texts, one pass, all methods side by side")
+    ppl.add_argument("documents", nargs="*", help="text files or names from `lminf data` (default: emma paradise-lost)")
+    ppl.add_argument("--tokens", type=int, default=32768, help="tokens of each document to score (default 32768)")
+    ppl.add_argument("--bucket", type=int, default=2048, help="positions per bucket (default 2048)")
+    ppl.add_argument("--methods", default="vanilla,lminf,sinks,window", help=f"comma list of {', '.join(METHODS)}")
+    ppl.add_argument("--out", type=Path, default=Path("runs/ppl.json"), help="JSON (resumed if present); PNG beside it")
+
+    stream = evaluate.add_parser("stream", help="NLL, speed and memory over millions of tokens through the bounded cache")
+    stream.add_argument("documents", nargs="*", help="texts streamed one after another (default: kjv shakespeare)")
+    stream.add_argument("--tokens", type=int, default=1_000_000, help="tokens to stream (default 1,000,000)")
+    stream.add_argument("--bucket", type=int, default=32768, help="tokens per reported bucket and checkpoint (default 32768)")
+    stream.add_argument("--methods", default="lminf,sinks", help="comma list of lminf, sinks")
+    stream.add_argument("--out", type=Path, default=Path("runs/stream.json"), help="JSON (resumed if present); PNG beside it")
+
+    for task in ("passkey", "needle"):
+        grid = evaluate.add_parser(task, help=f"{task} retrieval accuracy over a grid of lengths and depths")
+        if task == "needle":
+            grid.add_argument("--document", default=None, help="the haystack text (default: emma, else paradise-lost)")
+        grid.add_argument("--lengths", default="1024,2048,4096", help="prompt lengths in tokens (default 1024,2048,4096)")
+        grid.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="where the secret sits, 0 = start, 1 = end")
+        grid.add_argument("--samples", type=int, default=2, help="prompts per cell, each with its own secret (default 2)")
+        grid.add_argument("--seed", type=int, default=0)
+        grid.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+        grid.add_argument("--out", type=Path, default=Path(f"runs/{task}.json"), help="JSON (resumed if present); PNG beside it")
+
+    report = evaluate.add_parser("report", help="write docs/results.md from the evaluations' JSON files")
+    report.add_argument("--runs", type=Path, default=Path("runs"), help="folder with ppl.json, stream.json, passkey.json, ...")
+    report.add_argument("--out", type=Path, default=Path("docs/results.md"))
+
+    # One pass uses the training length; streaming and retrieval default to a 1k window so that
+    # millions of tokens and 4x the window stay affordable on a laptop CPU.
+    windows = {"ppl": None, "stream": 1024, "passkey": 1024, "needle": 1024}
+    for name, window in windows.items():
+        parser = evaluate.choices[name]
+        # top_k is the paper's k = 5, for the lminf-topk method; the other methods ignore it.
+        add_model_args(parser, n_local=window, top_k=5, vanilla=False)
+        parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+
+
+def run(args: argparse.Namespace, load) -> int:
+    """Dispatch `lminf data` / `lminf eval X`; `load(args, patched)` loads the model."""
+    if args.command == "data":
+        return data_command(args)
+    if args.evaluation == "report":
+        from lminf.report import write_report
+
+        print(f"wrote {write_report(args.runs, args.out)}", file=sys.stderr)
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return {"ppl": eval_ppl, "stream": eval_stream, "passkey": eval_grid, "needle": eval_grid}[args.evaluation](args, load)
+
+
+def data_command(args: argparse.Namespace) -> int:
+    from lminf.data import data_dir, extract, sources
+
+    if args.list:
+        for source in sources().values():
+            print(f"{source.name:22} {source.title}\n{'':22} from {source.origin}; {source.license}")
+            print(f"{'':22} needs: {source.install}")
+        return 0
+    status = extract(args.names or None, args.out, args.search)
+    for name, state in status.items():
+        print(f"{name:22} {state}")
+    print(f"texts in {args.out or data_dir()}", file=sys.stderr)
+    ok = [s == "ok" for s in status.values()]
+    return 0 if (all(ok) if args.names else any(ok)) else 1
+
+
+def methods_from(args: argparse.Namespace, allowed: tuple[str, ...] = METHODS) -> list:
+    from lminf.evaluate import Lminf, Sinks, Vanilla, Window
+
+    known = {
+        "vanilla": lambda: Vanilla(),
+        "lminf": lambda: Lminf(args.n_global, args.n_local),
+        "lminf-topk": lambda: Lminf(args.n_global, args.n_local, args.top_k, args.top_k_from_layer),
+        "sinks": lambda: Sinks(args.n_global, args.n_local),
+        "window": lambda: Window(args.n_local),
+    }
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in allowed]
+    if unknown or not names:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(allowed)}.")
+    if "lminf-topk" in names and args.top_k < 1:
+        raise ValueError("the lminf-topk method needs --top-k >= 1.")
+    return [known[m]() for m in names]
+
+
+def eval_ppl(args: argparse.Namespace, load) -> int:
+    from lminf.evaluate import plot_ppl, run_ppl
+
+    methods = methods_from(args)
+    if args.tokens < 2 or args.bucket < 1:
+        raise ValueError("--tokens must be >= 2 and --bucket >= 1.")
+    model, tokenizer = load(args, patched=False)  # each method patches and unpatches the model itself
+    documents = {}
+    for name in args.documents or ["emma", "paradise-lost"]:
+        path, ids = _tokenized(tokenizer, name)
+        if ids.shape[1] < args.tokens:
+            raise ValueError(f"{path} has {ids.shape[1]} tokens, fewer than --tokens {args.tokens}.")
+        documents[path.stem] = ids[:, : args.tokens].to(args.device)
+    report = run_ppl(model, documents, methods, args.bucket, args.out, _meta(args, model))
+    png = args.out.with_suffix(".png")
+    plot_ppl(report, png)
+    print(ppl_table(report))
+    print(f"wrote {args.out} and {png}", file=sys.stderr)
+    return 0
+
+
+def eval_stream(args: argparse.Namespace, load) -> int:
+    from lminf.evaluate import plot_stream, run_stream
+
+    methods = methods_from(args, allowed=("lminf", "sinks"))
+    if args.tokens < 2 or args.bucket < 1:
+        raise ValueError("--tokens must be >= 2 and --bucket >= 1.")
+    model, tokenizer = load(args, patched=False)
+    names = args.documents or ["kjv", "shakespeare"]
+    parts, have = [], 0
+    for name in names:  # stop reading as soon as there are enough tokens
+        if have >= args.tokens:
+            break
+        ids = _tokenized(tokenizer, name)[1]
+        parts.append(ids)
+        have += ids.shape[1]
+    if have < args.tokens:
+        raise ValueError(f"{' + '.join(names)} hold {have} tokens, fewer than --tokens {args.tokens}; add documents.")
+    ids = torch.cat(parts, dim=1)[:, : args.tokens].to(args.device)
+    meta = {**_meta(args, model), "document": " + ".join(names[: len(parts)])}
+    for method in methods:
+        report = run_stream(model, ids, method, args.bucket, args.out, meta=meta)
+    png = args.out.with_suffix(".png")
+    plot_stream(report, png)
+    print(stream_table(report))
+    print(f"wrote {args.out} and {png}", file=sys.stderr)
+    return 0
+
+
+def eval_grid(args: argparse.Namespace, load) -> int:
+    from lminf.retrieval import Needle, Passkey, plot_grid, run_grid
+
+    methods = methods_from(args)
+    lengths = _numbers(args.lengths, int, "--lengths")
+    depths = _numbers(args.depths, float, "--depths")
+    if args.samples < 1 or min(lengths) < 1 or not all(0 <= d <= 1 for d in depths):
+        raise ValueError("--samples and --lengths must be >= 1 and --depths in [0, 1].")
+    model, tokenizer = load(args, patched=False)
+    if args.evaluation == "passkey":
+        task = Passkey()
+    else:
+        from lminf.data import available
+
+        document = args.document or next((d for d in ("emma", "paradise-lost") if d in available()), "emma")
+        path, ids = _tokenized(tokenizer, document)
+        task = Needle(ids[0].tolist(), path.stem)
+    report = run_grid(model, tokenizer, task, methods, lengths, depths, args.samples, args.seed, args.out, _meta(args, model))
+    png = args.out.with_suffix(".png")
+    plot_grid(report, png)
+    print(grid_table(report))
+    print(f"wrote {args.out} and {png}", file=sys.stderr)
+    return 0
+
+
+# -- tables (also used by lminf.report) ------------------------------------------------------
+
+
+def ppl_table(report: dict) -> str:
+    bucket, lines = report["bucket"], []
+    for doc in sorted({c["document"] for c in report["results"].values()}):
+        cells = [c for c in report["results"].values() if c["document"] == doc]
+        lines += [f"\n{doc}\n", f"| positions | {' | '.join(c['method'] for c in cells)} |", f"|---|{'---|' * len(cells)}"]
+        for k in range(max(len(c["bucket_nll"]) for c in cells)):
+            row = " | ".join(f"{c['bucket_nll'][k]:.2f}" if k < len(c["bucket_nll"]) else "" for c in cells)
+            lines.append(f"| {k * bucket}-{(k + 1) * bucket} | {row} |")
+    return "\n".join(lines)
+
+
+def stream_table(report: dict) -> str:
+    lines = ["| method | tokens | mean NLL first bucket | mean NLL last bucket | tokens/s | KV cache MiB | RSS MiB (min-max) |"]
+    lines.append("|---|---|---|---|---|---|---|")
+    for cell in report["results"].values():
+        b = cell["buckets"]
+        rss = [x["rss_mib"] for x in b]
+        lines.append(
+            f"| {cell['method']} | {cell['tokens']:,} | {b[0]['nll']:.2f} | {b[-1]['nll']:.2f} | "
+            f"{sum(x['tokens'] for x in b) / sum(x['tokens'] / x['tokens_per_s'] for x in b):.0f} | "
+            f"{max(x['cache_mib'] for x in b):.1f} | {min(rss):.0f}-{max(rss):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def grid_table(report: dict) -> str:
+    from lminf.retrieval import accuracy
+
+    table = accuracy(report)
+    lengths = sorted({n for cells in table.values() for n, _ in cells})
+    lines = [f"| method | {' | '.join(str(n) for n in lengths)} | all |", f"|---|{'---|' * (len(lengths) + 1)}"]
+    for method, cells in table.items():
+        by_length = [[v for (n, _), v in cells.items() if n == length] for length in lengths]
+        row = " | ".join(f"{sum(v) / len(v):.2f}" if v else "" for v in by_length)
+        lines.append(f"| {method} | {row} | {sum(cells.values()) / len(cells):.2f} |")
+    return "\n".join(lines)
+
+
+def _tokenized(tokenizer, name: str) -> tuple[Path, torch.Tensor]:
+    from lminf.data import find_document
+
+    path = find_document(name)
+    return path, tokenizer(path.read_text(encoding="utf-8", errors="replace"), return_tensors="pt")["input_ids"]
+
+
+def _numbers(text: str, kind, flag: str) -> list:
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError as error:
+        raise ValueError(f"{flag} must be a comma list of numbers, got {text!r}.") from error
+    if not values:
+        raise ValueError(f"{flag} is empty.")
+    return values
+
+
+def _meta(args: argparse.Namespace, model) -> dict:
+    from lminf.default_model import DEFAULT_NAME
+
+    return {"model": args.model or DEFAULT_NAME, "dtype": str(model.dtype), "machine": machine()}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cpu = f"{names[0]} ({len(names)} cores)" if names else cpu
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        cpu += f", {torch.cuda.get_device_name()}"
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}"

@@ -1,0 +1,134 @@
+"""`lminf eval passkey` / `needle`: prompt building, scoring, resuming, determinism, heatmaps."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import subprocess
+import sys
+
+import matplotlib.image
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from lminf.default_model import converted_folder
+from lminf.retrieval import Needle, Passkey, build_prompt, plot_grid, run_grid
+from tests.conftest import tiny_model
+
+HAYSTACK = "".join(f"Line {i}: the river ran quietly past the mill, and nobody in the village spoke of it.\n" for i in range(400))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(converted_folder())
+
+
+@pytest.fixture(scope="module")
+def needle(tokenizer):
+    return Needle(tokenizer(HAYSTACK)["input_ids"], "river")
+
+
+def test_prompts_have_the_exact_length_and_the_secret_at_its_depth(tokenizer, needle):
+    for task in (Passkey(), needle):
+        starts = []
+        for depth in (0.0, 0.25, 0.5, 0.75, 1.0):
+            ids, answer = build_prompt(task, tokenizer, 700, depth, random.Random(f"7/{depth}"))
+            assert ids.shape == (1, 700)
+            text = tokenizer.decode(ids[0])
+            assert text.count(answer) >= 1 and text.rstrip().endswith(("The pass key is", 'is "'))
+            starts.append(text.index(answer) / len(text))
+        assert starts == sorted(starts) and starts[0] < 0.15 and starts[-1] > 0.85
+
+
+def test_prompts_are_deterministic_and_vary_with_the_seed(tokenizer, needle):
+    for task in (Passkey(), needle):
+        a = build_prompt(task, tokenizer, 300, 0.5, random.Random("0/300/0.5/0"))
+        b = build_prompt(task, tokenizer, 300, 0.5, random.Random("0/300/0.5/0"))
+        c = build_prompt(task, tokenizer, 300, 0.5, random.Random("1/300/0.5/0"))
+        assert torch.equal(a[0], b[0]) and a[1] == b[1]
+        assert not torch.equal(a[0], c[0])
+
+
+def test_bad_grid_values_are_clear_errors(tokenizer, needle):
+    with pytest.raises(ValueError, match="too short"):
+        build_prompt(Passkey(), tokenizer, 20, 0.5, random.Random(0))
+    with pytest.raises(ValueError, match="depth"):
+        build_prompt(Passkey(), tokenizer, 300, 1.5, random.Random(0))
+    with pytest.raises(ValueError, match="fewer than"):
+        build_prompt(needle, tokenizer, 100_000, 0.5, random.Random(0))
+
+
+def test_scoring_is_exact_match():
+    assert Passkey().correct(" 12345. The pass key", "12345")
+    assert not Passkey().correct(" 123456", "12345") and not Passkey().correct(" the pass key", "12345")
+    assert Needle([], "x").correct('Lantern".\n', "lantern")
+    assert not Needle([], "x").correct("lantern and more", "lantern")
+
+
+class Oracle:
+    """Reads the secret out of the prompt, as a method that retrieves perfectly would."""
+
+    name = "oracle"
+
+    def __init__(self, tokenizer, pattern):
+        self.tokenizer, self.pattern, self.calls = tokenizer, pattern, 0
+
+    def complete(self, model, ids, max_new_tokens):
+        self.calls += 1
+        found = re.findall(self.pattern, self.tokenizer.decode(ids[0]))[0]
+        return self.tokenizer(found, add_special_tokens=False)["input_ids"][:max_new_tokens]
+
+
+class Silent:
+    name = "silent"
+
+    def complete(self, model, ids, max_new_tokens):
+        return []
+
+
+def test_grid_scores_resumes_and_plots(tmp_path, tokenizer, needle):
+    model = tiny_model()  # only its config is read: the fake methods answer without it
+    grid = dict(lengths=[200, 300], depths=[0.0, 1.0], samples=2, seed=3, progress=False)
+    for task, pattern in ((Passkey(), r"pass key is (\d+)"), (needle, r'is "(\w+)"\.')):
+        out = tmp_path / f"{task.name}.json"
+        oracle = Oracle(tokenizer, pattern)
+        report = run_grid(model, tokenizer, task, [oracle, Silent()], out_json=out, **grid)
+        assert len(report["results"]) == 2 * 2 * 2 * 2 and oracle.calls == 8
+        assert all(c["correct"] == (c["method"] == "oracle") for c in report["results"].values())
+        again = run_grid(model, tokenizer, task, [oracle, Silent()], out_json=out, **grid)
+        assert oracle.calls == 8 and again["results"] == report["results"]  # nothing redone
+        fresh = run_grid(model, tokenizer, task, [Silent()], out_json=tmp_path / "fresh.json", **grid)
+        answers = {k: c["answer"] for k, c in report["results"].items() if c["method"] == "silent"}
+        assert answers == {k: c["answer"] for k, c in fresh["results"].items()}  # deterministic prompts
+        (tmp_path / "fresh.json").unlink()
+        with pytest.raises(ValueError, match="another run"):
+            run_grid(model, tokenizer, task, [Silent()], out_json=out, **{**grid, "seed": 4})
+        plot_grid(json.loads(out.read_text()), tmp_path / f"{task.name}.png")
+        assert matplotlib.image.imread(tmp_path / f"{task.name}.png").shape[0] > 100
+
+
+def test_cli_passkey_and_needle_on_the_default_model(tmp_path):
+    doc = tmp_path / "hay.txt"
+    doc.write_text(HAYSTACK)
+    common = ["--lengths", "160", "--depths", "0,1", "--samples", "1", "--n-local", "64", "--methods", "vanilla,lminf,window"]
+    for task, extra in (("passkey", []), ("needle", ["--document", str(doc)])):
+        out = tmp_path / f"{task}.json"
+        run = subprocess.run(
+            [sys.executable, "-m", "lminf.cli", "eval", task, *common, *extra, "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert run.returncode == 0, run.stderr
+        report = json.loads(out.read_text())
+        assert {c["method"] for c in report["results"].values()} == {"vanilla", "lminf", "window"}
+        assert out.with_suffix(".png").exists() and "| method |" in run.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "lminf.cli", "eval", "passkey", "--depths", "0,2", "--out", str(tmp_path / "x.json")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert bad.returncode == 2 and "--depths" in bad.stderr
