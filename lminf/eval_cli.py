@@ -127,11 +127,7 @@ def eval_ppl(args: argparse.Namespace, load) -> int:
             raise ValueError(f"{path} has {ids.shape[1]} tokens, fewer than --tokens {args.tokens}.")
         documents[path.stem] = ids[:, : args.tokens].to(args.device)
     report = run_ppl(model, documents, methods, args.bucket, args.out, _meta(args, model))
-    png = args.out.with_suffix(".png")
-    plot_ppl(report, png)
-    print(ppl_table(report))
-    print(f"wrote {args.out} and {png}", file=sys.stderr)
-    return 0
+    return _finish(args.out, report, plot_ppl, ppl_table)
 
 
 def eval_stream(args: argparse.Namespace, load) -> int:
@@ -155,19 +151,15 @@ def eval_stream(args: argparse.Namespace, load) -> int:
     meta = {**_meta(args, model), "document": " + ".join(names[: len(parts)])}
     for method in methods:
         report = run_stream(model, ids, method, args.bucket, args.out, meta=meta)
-    png = args.out.with_suffix(".png")
-    plot_stream(report, png)
-    print(stream_table(report))
-    print(f"wrote {args.out} and {png}", file=sys.stderr)
-    return 0
+    return _finish(args.out, report, plot_stream, stream_table)
 
 
 def eval_grid(args: argparse.Namespace, load) -> int:
     from lminf.retrieval import Needle, Passkey, plot_grid, run_grid
 
     methods = methods_from(args)
-    lengths = _numbers(args.lengths, int, "--lengths")
-    depths = _numbers(args.depths, float, "--depths")
+    lengths = numbers(args.lengths, int, "--lengths")
+    depths = numbers(args.depths, float, "--depths")
     if args.samples < 1 or min(lengths) < 1 or not all(0 <= d <= 1 for d in depths):
         raise ValueError("--samples and --lengths must be >= 1 and --depths in [0, 1].")
     model, tokenizer = load(args, patched=False)
@@ -180,10 +172,14 @@ def eval_grid(args: argparse.Namespace, load) -> int:
         path, ids = _tokenized(tokenizer, document)
         task = Needle(ids[0].tolist(), path.stem)
     report = run_grid(model, tokenizer, task, methods, lengths, depths, args.samples, args.seed, args.out, _meta(args, model))
-    png = args.out.with_suffix(".png")
-    plot_grid(report, png)
-    print(grid_table(report))
-    print(f"wrote {args.out} and {png}", file=sys.stderr)
+    return _finish(args.out, report, plot_grid, grid_table)
+
+
+def _finish(out: Path, report: dict, plot, table) -> int:
+    """The PNG beside the JSON, and the table on stdout."""
+    plot(report, out.with_suffix(".png"))
+    print(table(report))
+    print(f"wrote {out} and {out.with_suffix('.png')}", file=sys.stderr)
     return 0
 
 
@@ -235,7 +231,7 @@ def _tokenized(tokenizer, name: str) -> tuple[Path, torch.Tensor]:
     return path, tokenizer(path.read_text(encoding="utf-8", errors="replace"), return_tensors="pt")["input_ids"]
 
 
-def _numbers(text: str, kind, flag: str) -> list:
+def numbers(text: str, kind, flag: str) -> list:
     try:
         values = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError as error:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -38,3 +39,18 @@ def test_bad_setting_is_a_clear_error(tmp_path):
     doc.write_text("text")
     run = lminf_cli("generate", str(doc), "--n-local", "0")
     assert run.returncode == 2 and "n_local must be >= 1" in run.stderr
+
+
+def test_bench_writes_table_json_plot_and_page(tmp_path):
+    out, doc = tmp_path / "bench.json", tmp_path / "docs" / "benchmarks.md"
+    args = ["--lengths", "64,128", "--decode-tokens", "3", "--vanilla-up-to", "64", "--n-local", "32", "--threads", "1"]
+    run = lminf_cli("bench", *args, "--out", str(out), "--doc", str(doc))
+    assert run.returncode == 0, run.stderr
+    cells = json.loads(out.read_text())["results"]
+    assert set(cells) == {"vanilla/64", "lminf/64", "vanilla/128", "lminf/128"}
+    assert "above --vanilla-up-to 64" in cells["vanilla/128"]["skipped"]  # reported, not dropped
+    for key in ("vanilla/64", "lminf/64", "lminf/128"):
+        assert cells[key]["prefill_s"] > 0 and cells[key]["decode_ms"] > 0 and cells[key]["peak_mib"] > 0
+    assert cells["lminf/128"]["cache_mib"] < cells["vanilla/64"]["cache_mib"]  # bounded: 10 + 32 tokens vs 64 + 3
+    assert "| 128 |" in run.stdout and "not run" in run.stdout
+    assert doc.exists() and doc.with_suffix(".png").exists() and "benchmarks.png" in doc.read_text()
