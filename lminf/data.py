@@ -16,6 +16,7 @@ import struct
 import subprocess
 import tarfile
 import tempfile
+import warnings
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -165,11 +166,13 @@ def _read_austen(roots: list[Path], r_name: str) -> str:
         raise Missing("pip install rdata (to read R's data files)") from error
     # An R lazy-load database: the .rdx index (gzip, R serialization) gives each variable's
     # (offset, length) in the .rdb, whose entries are a 4-byte length and a zlib stream.
-    index = rdata.conversion.convert(rdata.parser.parse_data(gzip.decompress(rdb.with_suffix(".rdx").read_bytes())))
-    offset, length = (int(x) for x in index["variables"][r_name])
-    blob = rdb.read_bytes()[offset : offset + length]
-    (size,) = struct.unpack(">I", blob[:4])
-    lines = rdata.conversion.convert(rdata.parser.parse_data(zlib.decompress(blob[4:])[:size]))
+    with warnings.catch_warnings():  # rdata warns that it "assumed RDS": these are bare serializations
+        warnings.simplefilter("ignore", UserWarning)
+        index = rdata.conversion.convert(rdata.parser.parse_data(gzip.decompress(rdb.with_suffix(".rdx").read_bytes())))
+        offset, length = (int(x) for x in index["variables"][r_name])
+        blob = rdb.read_bytes()[offset : offset + length]
+        (size,) = struct.unpack(">I", blob[:4])
+        lines = rdata.conversion.convert(rdata.parser.parse_data(zlib.decompress(blob[4:])[:size]))
     return "\n".join(str(line) for line in lines) + "\n"
 
 
@@ -184,7 +187,7 @@ def _read_kjv(roots: list[Path]) -> str:
                 check=True,
             ).stdout
             # One verse a line ("  1 In the beginning...") under "Genesis 1"-style headings: drop the verse numbers.
-            return re.sub(r"(?m)^ *\d+ ", "", dump).strip() + "\n"
+            return re.sub(r"(?m)^ +\d+ ", "", dump).strip() + "\n"
     raise Missing(_KJV_INSTALL)
 
 
