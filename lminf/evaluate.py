@@ -169,6 +169,7 @@ def run_ppl(
                 "settings": vars(method) if hasattr(method, "__dataclass_fields__") else {},
                 "tokens": ids.shape[1],
                 "bucket_nll": bucket_means(nll, bucket),
+                "bucket_tokens": [len(nll[a : a + bucket]) for a in range(0, len(nll), bucket)],
                 "seconds": time.perf_counter() - start,
             }
             out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -204,6 +205,8 @@ def run_stream(
         else:
             state = {"position": 0, "buckets": [], "cache": make_cache(model)}
         pos, cache, buckets = state["position"], state["cache"], state["buckets"]
+        if pos > n - 1:
+            raise ValueError(f"{checkpoint} is {pos} tokens into a longer stream; use another --out or more --tokens.")
         bar = tqdm(total=n - 1, initial=pos, desc=f"stream {method.name}", unit="tok", disable=not progress)
         total, count, start = 0.0, 0, time.perf_counter()
         while pos < n - 1:

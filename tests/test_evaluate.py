@@ -75,7 +75,7 @@ def test_run_resumes_is_deterministic_and_plots(tmp_path):
     fresh = run_ppl(model, docs, [Lminf(n_global=2, n_local=16)], bucket=16, out_json=tmp_path / "x.json", progress=False)
     for key, cell in fresh["results"].items():
         assert cell["bucket_nll"] == first["results"][key]["bucket_nll"]  # deterministic
-    assert len(first["results"]["a.txt/lminf"]["bucket_nll"]) == 5  # 69 predicted tokens in buckets of 16
+    assert first["results"]["a.txt/lminf"]["bucket_tokens"] == [16, 16, 16, 16, 5]  # 69 predicted tokens
     with pytest.raises(ValueError, match="bucket"):
         run_ppl(model, docs, [Counting()], bucket=8, out_json=out, progress=False)
     png = tmp_path / "ppl.png"
