@@ -145,7 +145,7 @@ def _load(args: argparse.Namespace, patched: bool = True):
 
 
 def chat_loop(args: argparse.Namespace) -> int:
-    from lminf.engine import Sampling, Session, pinned_prefix_length, stream_tokens
+    from lminf.engine import ReplyText, Sampling, Session, pinned_prefix_length, stream_tokens
 
     if args.vanilla:
         raise ValueError("chat needs the patched model; --vanilla is for `lminf generate`.")
@@ -183,17 +183,12 @@ def chat_loop(args: argparse.Namespace) -> int:
         if not prompt.startswith(session.text):  # the template rewrote the history: start afresh
             session = Session(model, n_global)
         new_tokens = session.take_text(prompt, tokenizer)
-        generated: list[int] = []
-        shown, start = "", time.perf_counter()
+        reply, start = ReplyText(tokenizer), time.perf_counter()
         for token in stream_tokens(model, session, new_tokens, sampling, stop):
-            if token is None:  # a prefill chunk done
-                continue
-            generated.append(token)
-            text = tokenizer.decode(generated, skip_special_tokens=True)
-            if not text.endswith("\ufffd"):  # hold back half a character
-                print(text[len(shown) :], end="", flush=True)
-                shown = text
+            if token is not None:  # None: a prefill chunk done
+                print(reply.add(token), end="", flush=True)
         print()
+        generated = reply.tokens
         speed = len(generated) / max(time.perf_counter() - start, 1e-9)
         session.take_reply(tokenizer, generated)
         messages.append({"role": "assistant", "content": tokenizer.decode(generated, skip_special_tokens=True)})

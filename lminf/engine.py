@@ -55,6 +55,34 @@ class Session:
         return self.cache.memory_bytes()
 
 
+class ReplyText:
+    """The text of a growing list of sampled tokens, at O(1) cost per token.
+
+    Decoding the whole reply after every token is O(n^2) over a long reply. Instead each
+    step decodes a few tokens of context plus the new ones and keeps the difference, which
+    is what a full decode would add (context keeps a SentencePiece word-start space right);
+    a token that ends inside a multi-byte character waits for the next one."""
+
+    def __init__(self, tokenizer, context: int = 4):
+        self.tokenizer, self.context = tokenizer, context
+        self.tokens: list[int] = []
+        self.text = ""
+        self._done = 0  # tokens whose text is in self.text
+
+    def add(self, token: int) -> str:
+        """Append a token -> the text it completes ("" while a character is unfinished)."""
+        self.tokens.append(token)
+        start = max(0, self._done - self.context)
+        before = self.tokenizer.decode(self.tokens[start : self._done], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.tokens[start:], skip_special_tokens=True)
+        if after.endswith("\ufffd") or not after.startswith(before):
+            return ""
+        self._done = len(self.tokens)
+        new = after[len(before) :]
+        self.text += new
+        return new
+
+
 @torch.inference_mode()
 def stream_tokens(
     model: PreTrainedModel,

@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lminf.engine import Sampling, SessionStore, pinned_prefix_length, stream_tokens
+from lminf.engine import ReplyText, Sampling, SessionStore, pinned_prefix_length, stream_tokens
 from lminf.integration import settings_of
 
 MAX_TOKENS_LIMIT = 32768
@@ -154,24 +154,28 @@ class Engine:
         # A chat template writes its own special tokens; a raw prompt gets the tokenizer's (BOS) once.
         new_tokens = session.take_text(prompt, self.tokenizer, add_special_tokens=not chat and not session.tokens)
         prompt_tokens = reused + len(new_tokens)
-        generated: list[int] = []
+        reply = ReplyText(self.tokenizer)
+        generated = reply.tokens
         sent = ""
+        longest_stop = max((len(x) for x in stops), default=0)
         finish = "length"
         consistent = False  # an error inside a forward pass may leave the cache half updated
         try:
             for token in stream_tokens(self.model, session, new_tokens, sampling, self.stop_ids):
                 if token is not None:
-                    generated.append(token)
+                    new = reply.add(token)
                     self.generated_tokens += 1
                     if token in self.stop_ids:
                         finish = "stop"
-                    text = self.tokenizer.decode(generated, skip_special_tokens=True)
-                    cut = min((text.find(x) for x in stops if x in text), default=-1)
+                    text = reply.text
+                    # A stop string not seen before ends in the new text: search only from there.
+                    lo = max(0, len(text) - len(new) - longest_stop)
+                    cut = min((i for x in stops if (i := text.find(x, lo)) >= 0), default=-1)
                     if cut >= 0:  # a stop string: the reply ends before it
                         finish = "stop"
                         break
                     # Hold back half a character, and what could be the start of a stop string.
-                    ready = len(text) - max((len(x) - 1 for x in stops), default=0)
+                    ready = len(text) - max(longest_stop - 1, 0)
                     if not text.endswith("\ufffd") and ready > len(sent):
                         job.on_event(("delta", text[len(sent) : ready]))
                         sent = text[:ready]

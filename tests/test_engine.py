@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lminf
-from lminf.engine import Sampling, Session, SessionStore, stream_tokens
+import lminf.default_model
+from lminf.engine import ReplyText, Sampling, Session, SessionStore, stream_tokens
 from tests.conftest import tiny_model
 
 torch.set_grad_enabled(False)
@@ -78,3 +82,25 @@ def test_chat_cli_turns_reset_and_stats():
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("\n") >= 3  # three replies
     assert "tokens so far" in run.stderr and "conversation reset" in run.stderr
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_reply_text_adds_up_to_a_full_decode(data):
+    tokenizer = _tokenizer()
+    text = "Plain words, naïve café — 東京の空, emoji 🙂🙂, tabs\tand\nnew lines. " * 3
+    real = tokenizer(text)["input_ids"]
+    ids = data.draw(st.one_of(st.just(real), st.lists(st.integers(0, tokenizer.vocab_size - 1), max_size=40)))
+    reply = ReplyText(tokenizer)
+    pieces = "".join(reply.add(t) for t in ids)
+    full = tokenizer.decode(ids, skip_special_tokens=True)
+    assert pieces == reply.text and full.startswith(pieces)
+    if not full.endswith("\ufffd"):
+        assert pieces == full
+
+
+@functools.cache
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(lminf.default_model.converted_folder())
