@@ -288,10 +288,12 @@ def plot_ppl(report: dict, out_png: Path) -> None:
     documents = sorted({cell["document"] for cell in report["results"].values()})
     fig, axes = plt.subplots(1, len(documents), figsize=(6 * len(documents), 4), squeeze=False)
     for ax, doc in zip(axes[0], documents, strict=True):
-        for cell in report["results"].values():
-            if cell["document"] == doc:
-                x = [(k + 0.5) * report["bucket"] for k in range(len(cell["bucket_nll"]))]
-                ax.plot(x, cell["bucket_nll"], marker="o", markersize=3, label=cell["method"])
+        cells = [cell for cell in report["results"].values() if cell["document"] == doc]
+        for n, cell in enumerate(cells):
+            x = [(k + 0.5) * report["bucket"] for k in range(len(cell["bucket_nll"]))]
+            # Methods often coincide: shrinking markers and varied dashes keep each line visible.
+            style = dict(marker="o", markersize=7 - 1.5 * (n % 4), linestyle=["-", "--", "-.", ":"][n % 4])
+            ax.plot(x, cell["bucket_nll"], label=cell["method"], **style)
         ax.axvline(report["training_length"], color="grey", linestyle="--", label="training length")
         ax.set(title=doc, xlabel="position (tokens)", ylabel="mean NLL (nats/token)")
         ax.legend()

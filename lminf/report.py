@@ -62,7 +62,8 @@ def _header(title: str, report: dict, png: str) -> list[str]:
 
 
 def _settings(cells: dict) -> list[str]:
-    return ["", "Settings: " + "; ".join(f"{name} {s}" for name, s in cells.items() if s) + "."]
+    described = [f"{name} {s}" for name, s in cells.items() if s]
+    return ["", "Settings: " + "; ".join(described) + "."] if described else []
 
 
 def _ppl_section(report: dict, assets: str) -> list[str]:
@@ -109,14 +110,21 @@ def _stream_section(report: dict, assets: str) -> list[str]:
     )
     lines += ["", stream_table(report)]
     lines += _settings({c["method"]: c["settings"] for c in report["results"].values()})
-    lines += ["", "What this shows:"]
-    for cell in report["results"].values():
+    lines += ["", "What this shows (NLL moves with the text itself, book by book, so compare methods bucket by bucket):"]
+    cells = report["results"]
+    for cell in cells.values():
         nll = [b["nll"] for b in cell["buckets"]]
         rss = [b["rss_mib"] for b in cell["buckets"]]
+        cache = [b["cache_mib"] for b in cell["buckets"]]
         lines.append(
-            f"- {cell['method']}: {cell['tokens']:,} tokens; bucket NLL between {min(nll):.2f} and {max(nll):.2f} "
-            f"(first half mean {mean(nll[: len(nll) // 2 or 1]):.2f}, second half {mean(nll[len(nll) // 2 :]):.2f}); "
-            f"RSS between {min(rss):.0f} and {max(rss):.0f} MiB."
+            f"- {cell['method']}: {cell['tokens']:,} tokens; bucket NLL between {min(nll):.2f} and {max(nll):.2f}; "
+            f"KV cache {min(cache):.1f}-{max(cache):.1f} MiB; process RSS {min(rss):.0f}-{max(rss):.0f} MiB."
+        )
+    if "lminf" in cells and "sinks" in cells:
+        gaps = [a["nll"] - b["nll"] for a, b in zip(cells["lminf"]["buckets"], cells["sinks"]["buckets"], strict=False)]
+        lines.append(
+            f"- lminf minus sinks over their {len(gaps)} common buckets: mean {mean(gaps):+.3f}, "
+            f"from {min(gaps):+.3f} to {max(gaps):+.3f} nats/token."
         )
     return lines
 
