@@ -136,7 +136,8 @@ def _grid_section(report: dict, assets: str) -> list[str]:
     where = f" hidden in {report['document']}" if report.get("document") else ""
     lines.append(
         f"Accuracy (exact match) of greedy answers; {samples} prompts per (length, depth) cell{where}, seed {report['seed']}. "
-        "Mean accuracy over depths, per prompt length:"
+        f"Mean accuracy over depths, per prompt length. A cell moves in steps of 1/{samples}: read a difference of one "
+        "or two cells as noise."
     )
     lines += ["", grid_table(report)]
     lines += _settings(report.get("methods", {}))

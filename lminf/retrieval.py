@@ -182,7 +182,7 @@ def plot_grid(report: dict, out_png: Path) -> None:
             for c, value in enumerate(row):
                 ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths] if ax is axes[0][0] else [])
         ax.set(title=method, xlabel="prompt length (tokens)")
     axes[0][0].set_ylabel("depth of the secret (0 = start)")
     fig.colorbar(image, ax=axes[0].tolist(), label="accuracy")
