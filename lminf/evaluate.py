@@ -199,6 +199,8 @@ def run_stream(
     checkpoint = out_json.with_name(f"{out_json.stem}.{method.name}.ckpt")
     out_json.parent.mkdir(parents=True, exist_ok=True)
     n = ids.shape[1]
+    if report.get("results", {}).get(method.name, {}).get("tokens") == n:
+        return report  # finished in an earlier run (its checkpoint is not needed)
     with method.patched(model), torch.inference_mode():
         if checkpoint.exists():  # our own file, holding Python objects: not weights_only
             state = torch.load(checkpoint, weights_only=False, map_location=model.device)

@@ -131,6 +131,10 @@ def test_stream_equals_one_pass_and_resumes_after_an_interruption(tmp_path, monk
     assert [b["end"] for b in buckets] == [32, 64, 96, 128, 149]
     torch.testing.assert_close(torch.tensor([b["nll"] for b in buckets]), torch.tensor(want), rtol=1e-5, atol=1e-5)
     assert len({b["cache_mib"] for b in buckets}) == 1  # the window was full from the first bucket on
+    out.with_name("stream.lminf.ckpt").unlink()  # a finished run is kept from its JSON alone
+    monkeypatch.setattr(evaluate, "_nll", None)  # nothing may be scored again
+    assert run_stream(model, ids, method, bucket=32, out_json=out, chunk_size=7, progress=False) == report
+    monkeypatch.setattr(evaluate, "_nll", real_nll)
     plot_stream(report, tmp_path / "stream.png")
     assert matplotlib.image.imread(tmp_path / "stream.png").shape[0] > 100
 
