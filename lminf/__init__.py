@@ -8,7 +8,7 @@ model.generate(...)                          # bounded cache, any input length
 
 from lminf.cache import LambdaCache
 from lminf.default_model import load_default, load_model
-from lminf.integration import SUPPORTED_MODEL_TYPES, make_cache, patch, settings_of, unpatch
+from lminf.integration import SUPPORTED_MODEL_TYPES, make_cache, patch, prefill, settings_of, unpatch
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -17,6 +17,7 @@ __all__ = [
     "load_model",
     "make_cache",
     "patch",
+    "prefill",
     "settings_of",
     "unpatch",
 ]

@@ -79,7 +79,11 @@ def lambda_attention(
     # Keys that can be global for some row all sit at the front: [0, n_head).
     maybe_global = (k_valid & (k_pos < n_global)).any(0)
     n_head = int(maybe_global.nonzero().max()) + 1 if bool(maybe_global.any()) else 0
-    if global_distance == "capped":
+    if int(q_pos.max()) < n_local:  # every query is still inside its window: no key is capped
+        n_head = 0
+    if not (n_head or top_k):
+        q_global = k_global = None
+    elif global_distance == "capped":
         q_global = rotate(q, n_local - q_pos, inv_freq).view(B, Hkv, rep, Q, D)  # queries moved to position n_local
         k_global = rotate(k[:, :, :n_head], -k_pos[:, :n_head], inv_freq)  # head keys moved to position 0
     else:  # queries moved to their position in a full re-indexed cache; head keys stay where they are
@@ -96,7 +100,8 @@ def lambda_attention(
     for a in range(0, Q, block):
         b = min(a + block, Q)
         i = q_pos[:, a:b, None]  # (B, n, 1)
-        qb, qb_global = _rows(q_grouped[:, :, :, a:b]), _rows(q_global[:, :, :, a:b])
+        qb = _rows(q_grouped[:, :, :, a:b])
+        qb_global = None if q_global is None else _rows(q_global[:, :, :, a:b])
         parts = []
 
         s, n = offset + a, b - a  # key index of the block's first query, block length
@@ -104,9 +109,12 @@ def lambda_attention(
         if consecutive and n <= n_local:
             # Key index arithmetic is the mask here: most of the window needs none.
             full_lo = max(0, s + n - n_local)
-            if s > full_lo:  # keys that every query of the block sees
-                parts.append(_attend(qb, k[:, :, full_lo:s], v[:, :, full_lo:s], None, scaling, use_flash))
-            parts.append(_attend_diagonal(q_grouped[:, :, :, a:b], k[:, :, s:hi], v[:, :, s:hi], scaling, use_flash))
+            # Keys that every query of the block sees; decoding (n == 1) sees its own key as well.
+            seen_by_all = hi if n == 1 else s
+            if seen_by_all > full_lo:
+                parts.append(_attend(qb, k[:, :, full_lo:seen_by_all], v[:, :, full_lo:seen_by_all], None, scaling, use_flash))
+            if n > 1:
+                parts.append(_attend_diagonal(q_grouped[:, :, :, a:b], k[:, :, s:hi], v[:, :, s:hi], scaling, use_flash))
             if full_lo > lo:  # the trailing edge: query t sees key j iff j >= s + t - n_local + 1
                 j = torch.arange(lo, full_lo, device=q.device)
                 edge = (j[None, :] - (s - n_local + 1) >= torch.arange(n, device=q.device)[:, None]).expand(B, -1, -1)
@@ -177,6 +185,9 @@ def _attend_diagonal(q, k, v, scaling, use_flash):
 
 def _merge(parts):
     """One softmax over the union of the parts' keys, from each part's (output, lse)."""
+    if len(parts) == 1:  # nothing to merge; a row with no visible key gets zeros, not NaN
+        o, lse = parts[0]
+        return torch.where(torch.isfinite(lse)[..., None], o, 0.0)
     lse = torch.stack([p[1] for p in parts]).logsumexp(dim=0)
     total = torch.where(torch.isfinite(lse), lse, 0.0)
     out = 0.0

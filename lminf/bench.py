@@ -36,12 +36,10 @@ def measure_cell(model_path: str | None, method: str, length: int, settings: dic
         lminf.patch(model, settings["n_global"], settings["n_local"])
     cache = lminf.make_cache(model) if method == "lminf" else DynamicCache()
     ids = torch.randint(0, model.config.vocab_size, (1, length + 1), generator=torch.Generator().manual_seed(0)).to(device)
-    chunk = settings["chunk"]
     with torch.inference_mode():
         _sync(device)
         start = time.perf_counter()
-        for a in range(0, length, chunk):
-            model(ids[:, a : min(a + chunk, length)], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        lminf.prefill(model, ids[:, :length], cache, chunk_size=settings["chunk"])
         _sync(device)
         prefill_s = time.perf_counter() - start
         token, steps = ids[:, length:], []
@@ -50,7 +48,10 @@ def measure_cell(model_path: str | None, method: str, length: int, settings: dic
             token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
             _sync(device)
             steps.append(time.perf_counter() - start)
-    cache_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    if hasattr(cache, "memory_bytes"):  # LambdaCache: its spare room counts too
+        cache_bytes = cache.memory_bytes()
+    else:
+        cache_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     if str(device).startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:

@@ -26,15 +26,24 @@ class LambdaLayer(DynamicLayer):
     harmless: all of it lies inside the new query's window (local, whatever the order), no
     padding is ever in it (left padding sits in the sinks), and the query's own key is last.
     A multi-token update restores chronological order first.
+
+    Before it is full, keys are appended into spare room that grows geometrically (up to
+    the bound), so a decoding step copies one token, not the whole cache as torch.cat does.
     """
 
     is_croppable = False
+    key_room: torch.Tensor | None = None  # storage whose first tokens are self.keys (see _append)
+    value_room: torch.Tensor | None = None
 
     def __init__(self, n_sink: int, n_local: int | None):
         super().__init__()
         self.n_sink, self.n_local = n_sink, n_local
         self.cumulative_length = 0  # tokens seen, including dropped ones
         self.ring_start = 0  # oldest ring slot, when full
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]  # (B, H, 0, D), not 1-D
 
     def _full(self) -> bool:
         return self.n_local is not None and self.is_initialized and self.keys.shape[-2] == self.n_sink + self.n_local
@@ -53,9 +62,12 @@ class LambdaLayer(DynamicLayer):
             self.keys[..., -1:, :] = key_states
             self.values[..., -1:, :] = value_states
             return self.keys, self.values
+        if self._append(key_states, value_states):
+            return self.keys, self.values
         keys = torch.cat((*self._chronological(self.keys), key_states), dim=-2)
         values = torch.cat((*self._chronological(self.values), value_states), dim=-2)
         self.ring_start = 0
+        self.key_room = self.value_room = None
         self.cumulative_length += key_states.shape[-2]
         if self.n_local is not None and keys.shape[-2] > self.n_sink + self.n_local:
             # Keep n_local, not n_local - 1: the next query's window needs n_local - 1 old keys,
@@ -65,6 +77,42 @@ class LambdaLayer(DynamicLayer):
         else:
             self.keys, self.values = keys, values
         return keys, values  # this step's queries may need keys that are now dropped
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
+        """Write new tokens after the stored ones, in place; False when they would not fit
+        under the bound, or must not be written in place (out of order, or under autograd)."""
+        stored, n = self.keys.shape[-2], key_states.shape[-2]
+        bound = None if self.n_local is None else self.n_sink + self.n_local
+        if self.ring_start or key_states.requires_grad or (bound is not None and stored + n > bound):
+            return False
+        room = self.key_room
+        if not self._owns_room() or room.shape[:-2] != key_states.shape[:-2] or room.shape[-2] < stored + n:
+            size = stored + n + (stored + n) // 4 + 256  # geometric: amortised O(1) copies per token
+            size = size if bound is None else min(size, bound)
+            self.key_room = self._grown(self.keys, key_states, size)
+            self.value_room = self._grown(self.values, value_states, size)
+        self.key_room[..., stored : stored + n, :] = key_states
+        self.value_room[..., stored : stored + n, :] = value_states
+        self.keys, self.values = self.key_room[..., : stored + n, :], self.value_room[..., : stored + n, :]
+        self.cumulative_length += n
+        return True
+
+    @staticmethod
+    def _grown(old: torch.Tensor, new: torch.Tensor, size: int) -> torch.Tensor:
+        room = new.new_empty((*new.shape[:-2], size, new.shape[-1]))
+        if old.shape[-2]:
+            room[..., : old.shape[-2], :] = old
+        return room
+
+    def nbytes(self) -> int:
+        """Bytes held for this layer, spare room included."""
+        if not self.is_initialized:
+            return 0
+        held = [self.key_room, self.value_room] if self._owns_room() else [self.keys, self.values]
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def _owns_room(self) -> bool:
+        return self.key_room is not None and self.keys.numel() > 0 and self.key_room.data_ptr() == self.keys.data_ptr()
 
     def _chronological(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.ring_start == 0:
@@ -90,6 +138,7 @@ class LambdaLayer(DynamicLayer):
         super().reset()
         self.cumulative_length = 0
         self.ring_start = 0
+        self.key_room = self.value_room = None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("lminf.LambdaCache cannot be cropped (assisted decoding is not supported).")
@@ -109,6 +158,4 @@ class LambdaCache(Cache):
 
     def memory_bytes(self) -> int:
         """Bytes held by the stored keys and values of all layers."""
-        return sum(
-            t.numel() * t.element_size() for layer in self.layers if layer.is_initialized for t in (layer.keys, layer.values)
-        )
+        return sum(layer.nbytes() for layer in self.layers)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from tqdm import tqdm
 from transformers import DynamicCache, TextStreamer
 
 import lminf
@@ -103,13 +102,8 @@ def generate(args: argparse.Namespace) -> int:
     cache = DynamicCache() if args.vanilla else lminf.make_cache(model)
     start = time.perf_counter()
     with torch.inference_mode():
-        # All but the last prompt token go through the cache in chunks; generate() does the rest.
-        bar = tqdm(total=ids.shape[1] - 1, unit="tok", desc="prefill", file=sys.stderr, disable=ids.shape[1] < 4096)
-        for a in range(0, ids.shape[1] - 1, args.chunk_size):
-            b = min(a + args.chunk_size, ids.shape[1] - 1)
-            model(ids[:, a:b], past_key_values=cache, use_cache=True, logits_to_keep=1)
-            bar.update(b - a)
-        bar.close()
+        # All but the last prompt token go through the cache in chunks (timed apart); generate() does the rest.
+        lminf.prefill(model, ids[:, :-1], cache, chunk_size=args.chunk_size, progress=ids.shape[1] >= 4096)
         prefill_s = time.perf_counter() - start
         torch.manual_seed(args.seed)
         start = time.perf_counter()

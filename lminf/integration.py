@@ -11,11 +11,13 @@ Everything goes through transformers' public extension points:
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import AttentionInterface, PreTrainedModel
+from tqdm import tqdm
+from transformers import AttentionInterface, Cache, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from lminf.attention import GLOBAL_DISTANCES, lambda_attention
@@ -29,6 +31,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 Backend = Callable[..., torch.Tensor]
+PREFILL_CHUNK = 2048  # prompt tokens per forward call when generate() fills the cache
 
 
 @dataclass(frozen=True)
@@ -181,12 +184,48 @@ def _generate_with_lambda_cache(model: PreTrainedModel) -> Callable:
     original = type(model).generate.__get__(model)
 
     @functools.wraps(original)
-    def generate(*args, **kwargs):
+    def generate(*args, prefill_chunk: int = PREFILL_CHUNK, **kwargs):
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}.")
         if kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = make_cache(model, kwargs.get("attention_mask"))
-        return original(*args, **kwargs)
+            mask = kwargs.get("attention_mask")
+            cache = kwargs["past_key_values"] = make_cache(model, mask)
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if isinstance(ids, torch.Tensor) and ids.ndim == 2 and ids.shape[1] - 1 > prefill_chunk:
+                prefill(model, ids[:, :-1], cache, None if mask is None else mask[:, :-1], prefill_chunk)
+        return original(*args, **kwargs)  # generate() runs only the tokens the cache has not seen
 
     return generate
+
+
+@torch.no_grad()
+def prefill(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    cache: Cache,
+    attention_mask: torch.Tensor | None = None,
+    chunk_size: int = PREFILL_CHUNK,
+    progress: bool = False,
+) -> None:
+    """Feed `input_ids` through `cache` `chunk_size` tokens at a time, so activation memory
+    stays bounded whatever the length. Positions follow generate()'s rule for padded rows."""
+    position_ids = None
+    if attention_mask is not None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    n = input_ids.shape[1]
+    bar = tqdm(total=n, desc="prefill", unit="tok", file=sys.stderr, disable=not progress)
+    for a in range(0, n, chunk_size):
+        b = min(a + chunk_size, n)
+        model(
+            input_ids[:, a:b],
+            attention_mask=None if attention_mask is None else attention_mask[:, :b],
+            position_ids=None if position_ids is None else position_ids[:, a:b],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        bar.update(b - a)
+    bar.close()
 
 
 def _check_supported(model: PreTrainedModel) -> None:

@@ -37,15 +37,16 @@ def test_fast_path_equals_reference_in_model(family, variant):
     torch.testing.assert_close(fast, ref, **FP32)
 
 
+@pytest.mark.parametrize("prompt", [13, 1])  # longer than the window; one token, then decoding fills the cache
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_cached_decoding_equals_one_full_forward(family, variant):
+def test_cached_decoding_equals_one_full_forward(family, variant, prompt):
     model = lminf.patch(tiny_model(family), n_global=3, n_local=8, top_k_from_layer=1, **VARIANTS[variant])
     ids = tokens(50)
     full = model(ids, use_cache=False).logits
 
     cache = lminf.make_cache(model)
-    steps = [model(ids[:, :13], past_key_values=cache).logits]  # a prefill longer than the window...
-    steps += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(13, 30)]  # ...then token by token
+    steps = [model(ids[:, :prompt], past_key_values=cache).logits]
+    steps += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(prompt, 30)]  # token by token
     steps += [model(ids[:, 30:41], past_key_values=cache).logits, model(ids[:, 41:], past_key_values=cache).logits]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, **FP32)
     assert cache.get_seq_length() == 50
@@ -84,6 +85,17 @@ def test_left_padded_batch_equals_rows_alone():
     out = model.generate(
         ids, attention_mask=mask, max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True
     )
+    # the prompt fed through the cache in chunks first (generate's prefill) changes nothing
+    chunked = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=12,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+        prefill_chunk=3,
+    )
+    torch.testing.assert_close(torch.stack(chunked.scores), torch.stack(out.scores), **FP32)
     for b, r in enumerate(rows):
         alone = model.generate(r[None], max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True)
         assert torch.equal(out.sequences[b, width:], alone.sequences[0, len(r) :])
@@ -99,6 +111,11 @@ def test_generate_uses_bounded_cache_and_matches_full_forward():
     # teacher-forced full forward over the generated text gives the same greedy choices
     full = model(out.sequences, use_cache=False).logits[0, 19:-1]
     torch.testing.assert_close(torch.stack(out.scores)[:, 0], full, **FP32)
+    # the prompt through the cache in chunks first
+    chunked = model.generate(
+        ids, max_new_tokens=30, do_sample=False, output_scores=True, return_dict_in_generate=True, prefill_chunk=4
+    )
+    torch.testing.assert_close(torch.stack(chunked.scores), torch.stack(out.scores), **FP32)
 
 
 def test_sampling_generate_runs_and_is_seeded():
