@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from lminf.layout import Layout
-from lminf.rope import rotate
+from lminf.rope import rotate, rotation
 
 _KEY_CHUNK = 4096  # middle keys scored at once when picking top-k
 # torch's fused CPU attention that also returns the log-sum-exp (an aten op, not public API).
@@ -76,25 +76,20 @@ def lambda_attention(
     q_pos, k_pos, k_valid = layout.q_pos, layout.k_pos, layout.k_valid
     # Grouped heads become extra query rows: (B, Hkv, rep, Q, D), keys are never repeated.
     q_grouped = q.view(B, Hkv, rep, Q, D)
-    # Keys that can be global for some row all sit at the front: [0, n_head).
-    maybe_global = (k_valid & (k_pos < n_global)).any(0)
-    n_head = int(maybe_global.nonzero().max()) + 1 if bool(maybe_global.any()) else 0
-    if int(q_pos.max()) < n_local:  # every query is still inside its window: no key is capped
-        n_head = 0
+    # What depends only on positions is the same in every layer: layout.once works it out once per forward.
+    n_head, consecutive = layout.once(("windows", K, n_global, n_local), _windows, layout, K, n_global, n_local)
+    freqs = id(inv_freq)
     if not (n_head or top_k):
         q_global = k_global = None
-    elif global_distance == "capped":
-        q_global = rotate(q, n_local - q_pos, inv_freq).view(B, Hkv, rep, Q, D)  # queries moved to position n_local
-        k_global = rotate(k[:, :, :n_head], -k_pos[:, :n_head], inv_freq)  # head keys moved to position 0
+    elif global_distance == "capped":  # queries moved to position n_local, head keys to position 0
+        q_turn = layout.once(("q to n_local", n_local, freqs), rotation, n_local - q_pos, inv_freq)
+        k_turn = layout.once(("head to 0", n_head, freqs), rotation, -k_pos[:, :n_head], inv_freq)
+        q_global, k_global = rotate(q, q_turn).view(B, Hkv, rep, Q, D), rotate(k[:, :, :n_head], k_turn)
     else:  # queries moved to their position in a full re-indexed cache; head keys stay where they are
-        q_global = rotate(q, q_pos.clamp(max=n_global + n_local - 1) - q_pos, inv_freq).view(B, Hkv, rep, Q, D)
-        k_global = k[:, :, :n_head]
-    k_zero_all = rotate(k, -k_pos, inv_freq) if top_k else None
-
-    # No padding and consecutive positions over every window: the common case, with a faster split.
-    first = max(0, offset - n_local + 1)
-    steps = torch.arange(K - first, device=k_pos.device)
-    consecutive = bool(k_valid.all()) and bool((k_pos[:, first:] == k_pos[:, first : first + 1] + steps).all())
+        delta = q_pos.clamp(max=n_global + n_local - 1) - q_pos
+        q_turn = layout.once(("q reindexed", n_global, n_local, freqs), rotation, delta, inv_freq)
+        q_global, k_global = rotate(q, q_turn).view(B, Hkv, rep, Q, D), k[:, :, :n_head]
+    k_zero_all = rotate(k, layout.once(("keys to 0", K, freqs), rotation, -k_pos, inv_freq)) if top_k else None
 
     out = torch.empty(B, Hkv, rep, Q, D, dtype=q.dtype, device=q.device)
     for a in range(0, Q, block):
@@ -116,18 +111,16 @@ def lambda_attention(
             if n > 1:
                 parts.append(_attend_diagonal(q_grouped[:, :, :, a:b], k[:, :, s:hi], v[:, :, s:hi], scaling, use_flash))
             if full_lo > lo:  # the trailing edge: query t sees key j iff j >= s + t - n_local + 1
-                j = torch.arange(lo, full_lo, device=q.device)
-                edge = (j[None, :] - (s - n_local + 1) >= torch.arange(n, device=q.device)[:, None]).expand(B, -1, -1)
-                parts.append(_attend(qb, k[:, :, lo:full_lo], v[:, :, lo:full_lo], _rows_mask(edge, rep), scaling, use_flash))
+                edge = layout.once(("edge", K, a, b, n_local, rep), _edge_mask, B, lo, full_lo, s, n, n_local, rep, q.device)
+                parts.append(_attend(qb, k[:, :, lo:full_lo], v[:, :, lo:full_lo], edge, scaling, use_flash))
         else:  # padding: decide each pair from real positions
-            j, valid = k_pos[:, None, lo:hi], k_valid[:, None, lo:hi]
-            local = valid & (i - j >= 0) & (i - j < n_local)
-            parts.append(_attend(qb, k[:, :, lo:hi], v[:, :, lo:hi], _rows_mask(local, rep), scaling, use_flash))
+            local = layout.once(("local", K, a, b, n_local, rep), _local_mask, layout, a, b, lo, hi, n_local, rep)
+            parts.append(_attend(qb, k[:, :, lo:hi], v[:, :, lo:hi], local, scaling, use_flash))
 
         if n_head:
-            j, valid = k_pos[:, None, :n_head], k_valid[:, None, :n_head]
-            capped = valid & (i - j >= n_local) & (j < n_global)
-            parts.append(_attend(qb_global, k_global, v[:, :, :n_head], _rows_mask(capped, rep), scaling, False))
+            key = ("capped", a, b, n_head, n_global, n_local, rep)
+            capped = layout.once(key, _capped_mask, layout, a, b, n_head, n_global, n_local, rep)
+            parts.append(_attend(qb_global, k_global, v[:, :, :n_head], capped, scaling, use_flash))
 
         mid_hi = offset + b - n_local  # no middle key of this block lies at or past here
         if top_k and mid_hi > 0:
@@ -137,6 +130,39 @@ def lambda_attention(
         o = _merge(parts)
         out[:, :, :, a:b] = o.view(B, Hkv, rep, b - a, D).to(q.dtype)
     return out.view(B, Hq, Q, D)
+
+
+def _windows(layout: Layout, K: int, n_global: int, n_local: int) -> tuple[int, bool]:
+    """(n_head, consecutive): keys that can be global for some row all sit in [0, n_head)
+    (0 when every query is still inside its window); consecutive: no padding, and positions
+    consecutive over every query's window, the common case that needs few masks."""
+    q_pos, k_pos, k_valid = layout.q_pos, layout.k_pos, layout.k_valid
+    maybe_global = (k_valid & (k_pos < n_global)).any(0)
+    n_head = int(maybe_global.nonzero().max()) + 1 if bool(maybe_global.any()) else 0
+    if int(q_pos.max()) < n_local:
+        n_head = 0
+    first = max(0, K - q_pos.shape[1] - n_local + 1)  # the first query's window starts here
+    steps = torch.arange(K - first, device=k_pos.device)
+    consecutive = bool(k_valid.all()) and bool((k_pos[:, first:] == k_pos[:, first : first + 1] + steps).all())
+    return n_head, consecutive
+
+
+def _edge_mask(B, lo, full_lo, s, n, n_local, rep, device):
+    j = torch.arange(lo, full_lo, device=device)
+    edge = (j[None, :] - (s - n_local + 1) >= torch.arange(n, device=device)[:, None]).expand(B, -1, -1)
+    return _rows_mask(edge, rep)
+
+
+def _local_mask(layout: Layout, a, b, lo, hi, n_local, rep):
+    i, j, valid = layout.q_pos[:, a:b, None], layout.k_pos[:, None, lo:hi], layout.k_valid[:, None, lo:hi]
+    return _rows_mask(valid & (i - j >= 0) & (i - j < n_local), rep)
+
+
+def _capped_mask(layout: Layout, a, b, n_head, n_global, n_local, rep):
+    """Which head keys each query sees at the cap; None when every query sees all of them."""
+    i, j, valid = layout.q_pos[:, a:b, None], layout.k_pos[:, None, :n_head], layout.k_valid[:, None, :n_head]
+    capped = valid & (i - j >= n_local) & (j < n_global)
+    return None if bool(capped.all()) else _rows_mask(capped, rep)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -20,9 +20,13 @@ padded row sees the same positions as the row alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,15 @@ class Layout:
     q_pos: torch.Tensor  # (B, Q) long: real position of each query
     k_pos: torch.Tensor  # (B, K) long: real position of each key
     k_valid: torch.Tensor  # (B, K) bool: False for padding
+    # One Layout serves every layer of a forward pass: what depends only on positions
+    # (rotation tables, masks, the shape of the windows) is worked out once, here.
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def once(self, key: tuple, make: Callable[..., T], *args) -> T:
+        """make(*args), computed on the first call with this key and reused after."""
+        if key not in self._memo:
+            self._memo[key] = make(*args)
+        return self._memo[key]
 
 
 def build_layout(

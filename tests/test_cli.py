@@ -6,6 +6,13 @@ import json
 import subprocess
 import sys
 
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lminf.bench import keys_per_prompt
+from lminf.integration import LambdaSettings
+
 
 def lminf_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lminf.cli", *args], input=stdin, capture_output=True, text=True, timeout=600)
@@ -54,3 +61,17 @@ def test_bench_writes_table_json_plot_and_page(tmp_path):
     assert cells["lminf/128"]["cache_mib"] < cells["vanilla/64"]["cache_mib"]  # bounded: 10 + 32 tokens vs 64 + 3
     assert "| 128 |" in run.stdout and "not run" in run.stdout
     assert doc.exists() and doc.with_suffix(".png").exists() and "benchmarks.png" in doc.read_text()
+    report = json.loads(out.read_text())
+    assert report["rates"]["bandwidth_gb_s"] > 0 and report["rates"]["matmul_tflop_s"] > 0
+    assert cells["lminf/128"]["decode_bytes"] < cells["vanilla/64"]["decode_bytes"]  # same weights, 42 cached tokens vs 65
+    assert "floor" in run.stdout
+
+
+@settings(max_examples=100, deadline=None)
+@given(length=st.integers(1, 80), n_global=st.integers(0, 6), n_local=st.integers(1, 30))
+def test_bench_counts_the_pairs_the_mask_keeps(length, n_global, n_local):
+    i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    d = i - j
+    lambda_pairs = ((d >= 0) & ((d < n_local) | (j < n_global))).sum()
+    assert keys_per_prompt(length, LambdaSettings(n_global, n_local, 0, 0)) == lambda_pairs
+    assert keys_per_prompt(length) == (d >= 0).sum()
