@@ -256,4 +256,5 @@ def machine() -> str:
         pass
     if torch.cuda.is_available():
         cpu += f", {torch.cuda.get_device_name()}"
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}"
+    threads = torch.get_num_threads()
+    return f"{cpu}, {threads} thread{'s' * (threads != 1)}, torch {torch.__version__}, transformers {transformers.__version__}"
