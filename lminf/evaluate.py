@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 from transformers import Cache, DynamicCache, PreTrainedModel
 
-from lminf.integration import make_cache, patch, unpatch
+from lminf.integration import make_cache, patch, prefill, unpatch
 
 
 @torch.inference_mode()
@@ -56,9 +56,7 @@ def bucket_means(nll: torch.Tensor, bucket: int) -> list[float]:
 def greedy(model: PreTrainedModel, ids: torch.Tensor, cache: Cache, max_new_tokens: int, chunk_size: int = 2048) -> list[int]:
     """Greedy continuation of `ids` (1, n); the prompt goes through `cache` in chunks."""
     _check_ids(ids)
-    n = ids.shape[1]
-    for a in range(0, n - 1, chunk_size):
-        model.model(ids[:, a : min(a + chunk_size, n - 1)], past_key_values=cache, use_cache=True)
+    prefill(model, ids[:, :-1], cache, chunk_size=chunk_size)
     token, out = ids[:, -1:], []
     for _ in range(max_new_tokens):
         token = model(token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
