@@ -6,9 +6,9 @@ lminf.patch(model, n_global=10, n_local=8192)
 model.generate(...)                          # bounded cache, any input length
 """
 
-from lminf.cache import LambdaCache
+from lminf.caches.lambda_cache import LambdaCache
 from lminf.default_model import load_default, load_model
-from lminf.integration import SUPPORTED_MODEL_TYPES, make_cache, patch, prefill, settings_of, unpatch
+from lminf.patching import SUPPORTED_MODEL_TYPES, make_cache, patch, prefill, settings_of, unpatch
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",

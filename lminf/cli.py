@@ -14,7 +14,7 @@ import transformers
 from transformers import DynamicCache, TextStreamer
 
 import lminf
-from lminf import eval_cli
+from lminf.eval import cli as eval_cli
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -140,7 +140,7 @@ def _load(args: argparse.Namespace, patched: bool = True):
 
 
 def chat_loop(args: argparse.Namespace) -> int:
-    from lminf.engine import ReplyText, Sampling, Session, pinned_prefix_length, stream_tokens
+    from lminf.serve.session import ReplyText, Sampling, Session, pinned_prefix_length, stream_tokens
 
     if args.vanilla:
         raise ValueError("chat needs the patched model; --vanilla is for `lminf generate`.")
@@ -192,7 +192,7 @@ def chat_loop(args: argparse.Namespace) -> int:
 def serve_http(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from lminf.server import Engine, api_key_from_env, create_app
+    from lminf.serve.openai_api import Engine, api_key_from_env, create_app
 
     if args.vanilla:
         raise ValueError("serve runs the patched model; --vanilla is for `lminf generate`.")
@@ -206,7 +206,7 @@ def serve_http(args: argparse.Namespace) -> int:
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    from lminf.bench import bench_table, plot_bench, run_bench
+    from lminf.eval.bench import bench_table, plot_bench, run_bench
 
     lengths = eval_cli.numbers(args.lengths, int, "--lengths")
     if min(lengths) < 1 or args.decode_tokens < 1 or args.chunk_size < 1:

@@ -20,8 +20,8 @@ from tqdm import tqdm
 from transformers import AttentionInterface, Cache, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
-from lminf.attention import GLOBAL_DISTANCES, lambda_attention
-from lminf.cache import LambdaCache
+from lminf.caches.lambda_cache import LambdaCache
+from lminf.kernels.lambda_blocks import GLOBAL_DISTANCES, lambda_attention
 from lminf.layout import Layout, lambda_mask
 
 IMPLEMENTATION = "lminf"

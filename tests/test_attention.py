@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lminf.attention import lambda_attention
+from lminf.kernels.lambda_blocks import lambda_attention
 from lminf.layout import Layout
 from tests.reference import reference_attention
 

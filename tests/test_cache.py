@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.cache_utils import DynamicLayer
 
-from lminf.cache import LambdaLayer
+from lminf.caches.lambda_cache import LambdaLayer
 
 
 @settings(max_examples=200, deadline=None)

@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lminf.bench import keys_per_prompt
-from lminf.integration import LambdaSettings
+from lminf.eval.bench import keys_per_prompt
+from lminf.patching import LambdaSettings
 
 
 def lminf_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lminf.data import extract, find_document, sources
+from lminf.eval.data import extract, find_document, sources
 
 MILTON = "\nPARADISE LOST\nBOOK I.\n  Of Mans First Disobedience, and the Fruit\n"
 

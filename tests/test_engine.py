@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import lminf
 import lminf.default_model
-from lminf.engine import ReplyText, Sampling, Session, SessionStore, stream_tokens
+from lminf.serve.session import ReplyText, Sampling, Session, SessionStore, stream_tokens
 from tests.conftest import tiny_model
 
 torch.set_grad_enabled(False)

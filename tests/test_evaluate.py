@@ -10,7 +10,18 @@ import matplotlib.image
 import pytest
 import torch
 
-from lminf.evaluate import Lminf, Sinks, Vanilla, Window, bucket_means, plot_ppl, plot_stream, run_ppl, run_stream, token_nll
+from lminf.eval.perplexity import (
+    Lminf,
+    Sinks,
+    Vanilla,
+    Window,
+    bucket_means,
+    plot_ppl,
+    plot_stream,
+    run_ppl,
+    run_stream,
+    token_nll,
+)
 from tests.conftest import tiny_model
 
 torch.set_grad_enabled(False)
@@ -110,7 +121,7 @@ def test_stream_equals_one_pass_and_resumes_after_an_interruption(tmp_path, monk
     method = Lminf(n_global=2, n_local=16)
     want = bucket_means(method.nll(model, ids, progress=False), 32)
 
-    import lminf.evaluate as evaluate
+    import lminf.eval.perplexity as evaluate
 
     real_nll, calls = evaluate._nll, []
 

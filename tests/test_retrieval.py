@@ -14,7 +14,7 @@ import torch
 from transformers import AutoTokenizer
 
 from lminf.default_model import converted_folder
-from lminf.retrieval import Needle, Passkey, build_prompt, plot_grid, run_grid
+from lminf.eval.retrieval import Needle, Passkey, build_prompt, plot_grid, run_grid
 from tests.conftest import tiny_model
 
 HAYSTACK = "".join(f"Line {i}: the river ran quietly past the mill, and nobody in the village spoke of it.\n" for i in range(400))

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace, load) -> int:
     if args.command == "data":
         return data_command(args)
     if args.evaluation == "report":
-        from lminf.report import write_report
+        from lminf.eval.report import write_report
 
         print(f"wrote {write_report(args.runs, args.out)}", file=sys.stderr)
         return 0
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace, load) -> int:
 
 
 def data_command(args: argparse.Namespace) -> int:
-    from lminf.data import data_dir, extract, sources
+    from lminf.eval.data import data_dir, extract, sources
 
     if args.list:
         for source in sources().values():
@@ -95,7 +95,7 @@ def data_command(args: argparse.Namespace) -> int:
 
 
 def methods_from(args: argparse.Namespace, allowed: tuple[str, ...] = METHODS) -> list:
-    from lminf.evaluate import Lminf, Sinks, Vanilla, Window
+    from lminf.eval.perplexity import Lminf, Sinks, Vanilla, Window
 
     known = {
         "vanilla": lambda: Vanilla(),
@@ -114,7 +114,7 @@ def methods_from(args: argparse.Namespace, allowed: tuple[str, ...] = METHODS) -
 
 
 def eval_ppl(args: argparse.Namespace, load) -> int:
-    from lminf.evaluate import plot_ppl, run_ppl
+    from lminf.eval.perplexity import plot_ppl, run_ppl
 
     methods = methods_from(args)
     if args.tokens < 2 or args.bucket < 1:
@@ -131,7 +131,7 @@ def eval_ppl(args: argparse.Namespace, load) -> int:
 
 
 def eval_stream(args: argparse.Namespace, load) -> int:
-    from lminf.evaluate import plot_stream, run_stream
+    from lminf.eval.perplexity import plot_stream, run_stream
 
     methods = methods_from(args, allowed=("lminf", "sinks"))
     if args.tokens < 2 or args.bucket < 1:
@@ -155,7 +155,7 @@ def eval_stream(args: argparse.Namespace, load) -> int:
 
 
 def eval_grid(args: argparse.Namespace, load) -> int:
-    from lminf.retrieval import Needle, Passkey, plot_grid, run_grid
+    from lminf.eval.retrieval import Needle, Passkey, plot_grid, run_grid
 
     methods = methods_from(args)
     lengths = numbers(args.lengths, int, "--lengths")
@@ -166,7 +166,7 @@ def eval_grid(args: argparse.Namespace, load) -> int:
     if args.evaluation == "passkey":
         task = Passkey()
     else:
-        from lminf.data import available
+        from lminf.eval.data import available
 
         document = args.document or next((d for d in ("emma", "paradise-lost") if d in available()), "emma")
         path, ids = _tokenized(tokenizer, document)
@@ -212,7 +212,7 @@ def stream_table(report: dict) -> str:
 
 
 def grid_table(report: dict) -> str:
-    from lminf.retrieval import accuracy
+    from lminf.eval.retrieval import accuracy
 
     table = accuracy(report)
     lengths = sorted({n for cells in table.values() for n, _ in cells})
@@ -225,7 +225,7 @@ def grid_table(report: dict) -> str:
 
 
 def _tokenized(tokenizer, name: str) -> tuple[Path, torch.Tensor]:
-    from lminf.data import find_document
+    from lminf.eval.data import find_document
 
     path = find_document(name)
     return path, tokenizer(path.read_text(encoding="utf-8", errors="replace"), return_tensors="pt")["input_ids"]

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 from transformers import Cache, DynamicCache, PreTrainedModel
 
-from lminf.integration import make_cache, patch, prefill, unpatch
+from lminf.patching import make_cache, patch, prefill, unpatch
 
 
 @torch.inference_mode()

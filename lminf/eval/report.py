@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 from statistics import mean
 
-from lminf.eval_cli import grid_table, ppl_table, stream_table
-from lminf.evaluate import plot_ppl, plot_stream
-from lminf.retrieval import accuracy, plot_grid
+from lminf.eval.cli import grid_table, ppl_table, stream_table
+from lminf.eval.perplexity import plot_ppl, plot_stream
+from lminf.eval.retrieval import accuracy, plot_grid
 
 KINDS = ("ppl", "stream", "passkey", "needle")
 

@@ -29,8 +29,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lminf.engine import ReplyText, Sampling, SessionStore, pinned_prefix_length, stream_tokens
-from lminf.integration import settings_of
+from lminf.patching import settings_of
+from lminf.serve.session import ReplyText, Sampling, SessionStore, pinned_prefix_length, stream_tokens
 
 MAX_TOKENS_LIMIT = 32768
 

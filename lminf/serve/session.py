@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, TopPLogitsWarper
 
-from lminf.integration import make_cache, settings_of
+from lminf.patching import make_cache, settings_of
 
 
 @dataclass(frozen=True)
