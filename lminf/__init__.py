@@ -1,18 +1,25 @@
-"""lminf: LM-Infinite (Lambda-shaped attention) for Hugging Face rotary-position models.
+"""lminf: LM-Infinite (Lambda-shaped attention) and its relatives for Hugging Face rotary-position models.
 
 import lminf
 model, tokenizer = lminf.load_default()     # or any transformers causal LM
-lminf.patch(model, n_global=10, n_local=8192)
+lminf.patch(model, n_global=10, n_local=8192)   # LM-Infinite; or lminf.patch(model, "sinks", ...)
 model.generate(...)                          # bounded cache, any input length
 """
 
-from lminf.caches.lambda_cache import LambdaCache
+from lminf.caches import LambdaCache
 from lminf.default_model import load_default, load_model
-from lminf.patching import SUPPORTED_MODEL_TYPES, make_cache, patch, prefill, settings_of, unpatch
+from lminf.families import SUPPORTED_MODEL_TYPES
+from lminf.generation import prefill
+from lminf.patching import make_cache, patch, settings_of, unpatch
+from lminf.strategies import STRATEGIES, LMInfinite, Sinks, Strategy
 
 __all__ = [
+    "STRATEGIES",
     "SUPPORTED_MODEL_TYPES",
+    "LMInfinite",
     "LambdaCache",
+    "Sinks",
+    "Strategy",
     "load_default",
     "load_model",
     "make_cache",

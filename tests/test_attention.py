@@ -1,25 +1,28 @@
-"""The blockwise fast path against the dense reference, on random shapes and layouts."""
+"""Every strategy's fast path against the dense reference, on random shapes and layouts."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lminf.kernels.lambda_blocks import lambda_attention
 from lminf.layout import Layout
+from lminf.strategies import AttentionCall, LMInfinite
 from tests.reference import reference_attention
+from tests.strategies import CASES
 
 
 def random_case(data):
-    """Random heads, head dims (odd rotary fractions too), lengths, padding, and a cache-like eviction."""
+    """Random strategy settings, heads, head dims (odd rotary fractions too), lengths, padding,
+    and a cache-like eviction."""
     n_kv = data.draw(st.sampled_from([1, 2, 3]))
     rep = data.draw(st.sampled_from([1, 2, 3]))
     n_freq = data.draw(st.integers(1, 6))
     head_dim = 2 * n_freq + data.draw(st.sampled_from([0, 0, 3]))  # partial rotary: channels left alone
-    n_global = data.draw(st.integers(0, 5))
-    n_local = data.draw(st.integers(1, 12))
-    top_k = data.draw(st.sampled_from([0, 0, 1, 3]))
+    n_global, n_local = data.draw(st.integers(0, 5)), data.draw(st.integers(1, 12))
+    strategy = dataclasses.replace(CASES[data.draw(st.sampled_from(sorted(CASES)))], n_global=n_global, n_local=n_local)
     batch = data.draw(st.integers(1, 3))
     total = data.draw(st.integers(1, 70))
     n_new = data.draw(st.integers(1, total))  # queries: the last n_new tokens
@@ -27,7 +30,7 @@ def random_case(data):
 
     kept = torch.arange(total)
     n_sink = n_global + max(pads)
-    if data.draw(st.booleans()) and total - n_new - n_local > n_sink:  # as LambdaCache returns keys
+    if data.draw(st.booleans()) and total - n_new - n_local > n_sink:  # as a bounded cache returns keys
         kept = torch.cat((torch.arange(n_sink), torch.arange(total - n_new - n_local, total)))
     real_mask = torch.stack([torch.arange(total) >= p for p in pads])
     real = real_mask.long().cumsum(-1) - 1
@@ -38,21 +41,17 @@ def random_case(data):
     k = torch.randn(batch, n_kv, len(kept), head_dim, generator=gen)
     v = torch.randn(batch, n_kv, len(kept), head_dim, generator=gen)
     inv_freq = 1.0 / (10.0 ** (torch.arange(n_freq) / n_freq))
-    kwargs = dict(n_global=n_global, n_local=n_local, top_k=top_k, inv_freq=inv_freq, scaling=head_dim**-0.5)
-    block = data.draw(st.sampled_from([None, 1, 5, 16]))
-    kwargs["kernel"] = data.draw(st.sampled_from(["torch", "flash_cpu"]))
-    if not top_k:
-        kwargs["global_distance"] = data.draw(st.sampled_from(["capped", "reindexed"]))
-    return q, k, v, layout, kwargs, block, real_mask[:, total - n_new :]
+    kernel = data.draw(st.sampled_from(["torch", "flash_cpu"]))
+    call = AttentionCall(layer=data.draw(st.integers(0, 2)), inv_freq=inv_freq, scaling=head_dim**-0.5, kernel=kernel)
+    return strategy, q, k, v, layout, call, real_mask[:, total - n_new :]
 
 
 @settings(max_examples=500, deadline=None)
 @given(st.data())
 def test_fast_path_matches_reference(data):
-    q, k, v, layout, kwargs, block, real_queries = random_case(data)
-    got = lambda_attention(q, k, v, layout, block_size=block, **kwargs)
-    kwargs.pop("kernel")
-    want = reference_attention(q, k, v, layout, **kwargs)
+    strategy, q, k, v, layout, call, real_queries = random_case(data)
+    got = strategy.attention(q, k, v, layout, call)
+    want = reference_attention(strategy, q, k, v, layout, call)
     # Compare real (non-padding) queries; fp32 vs a float64 reference.
     mask = real_queries[:, None, :, None].expand_as(got)
     torch.testing.assert_close(got[mask], want[mask], rtol=1e-5, atol=1e-5)
@@ -63,5 +62,5 @@ def test_query_with_no_visible_key_gives_zeros():
     k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
     pos = torch.arange(3)[None]
     layout = Layout(q_pos=pos, k_pos=pos, k_valid=torch.zeros(1, 3, dtype=torch.bool))
-    out = lambda_attention(q, k, v, layout, n_global=1, n_local=2, top_k=0, inv_freq=torch.ones(4), scaling=1.0)
+    out = LMInfinite(n_global=1, n_local=2).attention(q, k, v, layout, AttentionCall(0, torch.ones(4), 1.0))
     assert torch.equal(out, torch.zeros_like(out))

@@ -54,14 +54,14 @@ def test_patched_equals_vanilla_within_window(default, text_ids):
 def test_fast_path_equals_reference_past_the_window(default, text_ids):
     model, _ = default
     ids = text_ids[:, :120]
-    settings = dict(n_global=4, n_local=32, top_k=2, top_k_from_layer=4)
-    lminf.patch(model, **settings)
-    fast = model(ids).logits
-    lminf.unpatch(model)
-    lminf.patch(model, backend=reference_attention, **settings)
-    ref = model(ids).logits
-    lminf.unpatch(model)
-    torch.testing.assert_close(fast, ref, **FP32)
+    for strategy in (lminf.LMInfinite(n_global=4, n_local=32, top_k=2, top_k_from_layer=4), lminf.Sinks(n_global=4, n_local=32)):
+        lminf.patch(model, strategy)
+        fast = model(ids).logits
+        lminf.unpatch(model)
+        lminf.patch(model, strategy, backend=reference_attention)
+        ref = model(ids).logits
+        lminf.unpatch(model)
+        torch.testing.assert_close(fast, ref, **FP32)
 
 
 def test_streamed_greedy_generation_matches_full_forward(default, text_ids):

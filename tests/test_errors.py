@@ -23,6 +23,11 @@ def test_empty_input():
         (dict(n_global=-1), "n_global must be >= 0"),
         (dict(top_k=-2), "top_k must be >= 0"),
         (dict(top_k=4, top_k_from_layer=2), "no room"),  # the tiny model has layers 0..1
+        (dict(global_distance="far"), "global_distance must be one of"),
+        (dict(global_distance="reindexed", top_k=2), "reindexed needs top_k=0"),
+        (dict(strategy="streaming"), "unknown strategy 'streaming'; choose from lminf, sinks"),
+        (dict(strategy="sinks", top_k=2), "strategy 'sinks' has no setting top_k; its settings: n_global, n_local"),
+        (dict(backend="triton"), "backend must be one of"),
     ],
 )
 def test_bad_settings(kwargs, match):

@@ -1,0 +1,82 @@
+"""Command-line arguments every command shares: the model (path, dtype, device), the
+strategy and its settings, and loading the model from them.
+
+Each setting of each registered strategy gets one flag (`n_global` -> `--n-global`, help
+from the field's metadata), so a new strategy's settings reach the command line with it.
+A flag left out (None) means the strategy's own default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+
+from lminf.default_model import load_model
+from lminf.patching import patch
+from lminf.strategies import STRATEGIES, Strategy, get
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def add_model_args(
+    parser: argparse.ArgumentParser, n_local: int | None = None, top_k: int | None = None, vanilla: bool = True
+) -> None:
+    """--model, --dtype, --device, --strategy and one flag per strategy setting; `n_local` and
+    `top_k` set a command's own defaults for those settings."""
+    parser.add_argument("--model", default=None, help="local HF model folder or cached hub id (default: SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="auto: bfloat16 on GPU, float32 on CPU"
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--strategy", default="lminf", choices=sorted(STRATEGIES), help="attention strategy (default lminf)")
+    defaults = {"n_local": n_local, "top_k": top_k}
+    for name, spec in _settings().items():
+        default = defaults.get(name)
+        shown = default if default is not None else spec.default
+        help = spec.metadata.get("help", "") + ("" if shown is None else f" (default {shown})")
+        parser.add_argument(f"--{name.replace('_', '-')}", type=_flag_type(spec), default=default, help=help)
+    if vanilla:
+        parser.add_argument("--vanilla", action="store_true", help="run the unpatched model, for comparison")
+
+
+def strategy_from(args: argparse.Namespace, name: str | None = None, strict: bool = True, fixed: dict | None = None) -> Strategy:
+    """Strategy `name` (default: --strategy) with the settings given on the command line and
+    `fixed` ones on top. strict: a given setting the strategy does not have is an error."""
+    cls = get(name or args.strategy)
+    own = {f.name for f in dataclasses.fields(cls)}
+    given = {k: getattr(args, k) for k in _settings() if getattr(args, k, None) is not None}
+    foreign = sorted(set(given) - own)
+    if strict and foreign:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in foreign)
+        raise ValueError(f"--strategy {cls.name} has no setting {flags}; its settings: {', '.join(sorted(own))}.")
+    return cls(**{k: v for k, v in given.items() if k in own}, **(fixed or {}))
+
+
+def dtype_for(name: str, device: str) -> torch.dtype:
+    if name == "auto":  # CPUs without bfloat16 units run it several times slower than float32
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return DTYPES[name]
+
+
+def load(args: argparse.Namespace, patched: bool = True):
+    """(model, tokenizer) as the arguments say; patched with --strategy and its settings."""
+    model, tokenizer = load_model(args.model, dtype_for(args.dtype, args.device))
+    model.to(args.device)
+    if patched:
+        patch(model, strategy_from(args))
+    return model, tokenizer
+
+
+def _settings() -> dict[str, dataclasses.Field]:
+    """Every setting of every registered strategy, by name (first definition wins)."""
+    found: dict[str, dataclasses.Field] = {}
+    for cls in STRATEGIES.values():
+        for spec in dataclasses.fields(cls):
+            found.setdefault(spec.name, spec)
+    return found
+
+
+def _flag_type(spec: dataclasses.Field) -> type:
+    return type(spec.default) if isinstance(spec.default, (int, float, str)) and not isinstance(spec.default, bool) else int

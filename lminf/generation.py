@@ -1,0 +1,86 @@
+"""Token loops shared by the CLI, the evaluations and the benchmark: feeding a prompt
+through a cache in chunks, greedy continuation, and per-token NLL.
+
+They work on any transformers causal LM and any `Cache`: a patched model with its
+bounded cache, or the vanilla model with a `DynamicCache`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from tqdm import tqdm
+from transformers import Cache, PreTrainedModel
+
+PREFILL_CHUNK = 2048  # prompt tokens per forward call
+
+
+@torch.no_grad()
+def prefill(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    cache: Cache,
+    attention_mask: torch.Tensor | None = None,
+    chunk_size: int = PREFILL_CHUNK,
+    progress: bool = False,
+) -> None:
+    """Feed `input_ids` through `cache` `chunk_size` tokens at a time, so activation memory
+    stays bounded whatever the length. Positions follow generate()'s rule for padded rows."""
+    position_ids = None
+    if attention_mask is not None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    n = input_ids.shape[1]
+    bar = tqdm(total=n, desc="prefill", unit="tok", file=sys.stderr, disable=not progress)
+    for a in range(0, n, chunk_size):
+        b = min(a + chunk_size, n)
+        model(
+            input_ids[:, a:b],
+            attention_mask=None if attention_mask is None else attention_mask[:, :b],
+            position_ids=None if position_ids is None else position_ids[:, a:b],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        bar.update(b - a)
+    bar.close()
+
+
+@torch.inference_mode()
+def greedy(
+    model: PreTrainedModel, ids: torch.Tensor, cache: Cache, max_new_tokens: int, chunk_size: int = PREFILL_CHUNK
+) -> list[int]:
+    """Greedy continuation of `ids` (1, n); the prompt goes through `cache` in chunks."""
+    check_ids(ids)
+    prefill(model, ids[:, :-1], cache, chunk_size=chunk_size)
+    token, out = ids[:, -1:], []
+    for _ in range(max_new_tokens):
+        token = model(token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        out.append(int(token))
+    return out
+
+
+@torch.inference_mode()
+def token_nll(
+    model: PreTrainedModel, ids: torch.Tensor, cache: Cache, chunk_size: int = PREFILL_CHUNK, progress: bool = True
+) -> torch.Tensor:
+    """NLL (nats) of tokens 1..n-1 of `ids` (1, n), each given all tokens before it -> (n - 1,) float32."""
+    check_ids(ids)
+    nll = []
+    n = ids.shape[1]
+    for a in tqdm(range(0, n - 1, chunk_size), desc="nll", unit="chunk", disable=not progress):
+        b = min(a + chunk_size, n - 1)
+        hidden = model.model(ids[:, a:b], past_key_values=cache, use_cache=True).last_hidden_state
+        nll.append(target_nll(model, hidden[0], ids[0, a + 1 : b + 1]))
+    return torch.cat(nll)
+
+
+def target_nll(model: PreTrainedModel, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """NLL of `targets` (n,) under the output layer applied to the first n rows of `hidden` (>= n, hidden)."""
+    logits = model.lm_head(hidden[: len(targets)]).float()
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+
+
+def check_ids(ids: torch.Tensor) -> None:
+    if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] < 2:
+        raise ValueError(f"need ids of shape (1, n) with n >= 2, got {tuple(ids.shape)}.")

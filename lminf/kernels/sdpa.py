@@ -1,0 +1,81 @@
+"""Softmax attention passes that return (output, log-sum-exp), and their exact merge.
+
+A strategy's attention is a few such passes over different key sets (a window, a few far
+keys, selected middle keys); merging their outputs through their log-sum-exps gives one
+softmax over the union. Two backends compute a pass, chosen by one switch (`kernel`):
+"torch" (plain matmuls, everywhere) and "flash_cpu" (torch's fused CPU kernel); "auto"
+takes the fused one on CPU where torch has it. A GPU backend goes here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# torch's fused CPU attention that also returns the log-sum-exp (an aten op, not public API).
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+KERNELS = ("auto", "flash_cpu", "torch")
+
+
+def use_flash(kernel: str, device: torch.device) -> bool:
+    """Whether `kernel` means the fused CPU kernel on `device`."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
+    return kernel == "flash_cpu" or (kernel == "auto" and device.type == "cpu" and _FLASH_CPU is not None)
+
+
+def attend(q, k, v, mask, scaling: float, flash: bool, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of q (B, H, M, D) over k, v (B, H, L, D) under a boolean mask
+    (B, 1, M, L) or none -> (output (B, H, M, D) float32, log-sum-exp (B, H, M) float32).
+    causal: query m sees keys 0..m (M == L)."""
+    if causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()[None, None]
+    if flash:
+        bias = None
+        if mask is not None and not causal:
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, -torch.inf)
+        o, lse = _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=bias, scale=scaling)
+        if bias is not None:  # the kernel reports lse 0, not -inf, for a row with no visible key
+            lse = torch.where(mask.any(-1), lse, -torch.inf)
+        return o.float(), lse.float()
+    s = (q @ k.transpose(-1, -2)).float() * scaling
+    if mask is not None:
+        s = s.masked_fill(~mask, -torch.inf)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+    return (p.to(v.dtype) @ v).float(), lse
+
+
+def attend_causal_grouped(q, k, v, scaling: float, flash: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's own keys, causally: q (B, Hkv, rep, n, D), k and v (B, Hkv, n, D)
+    -> (output, lse) as rows (B, Hkv, rep*n, ...)."""
+    B, Hkv, rep, n, D = q.shape
+    # A causal mask is per head, so the grouped heads cannot be folded into rows here.
+    o, lse = attend(
+        q.reshape(B, Hkv * rep, n, D), k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), None, scaling, flash, True
+    )
+    return o.reshape(B, Hkv, rep * n, D), lse.reshape(B, Hkv, rep * n)
+
+
+def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """One softmax over the union of the parts' keys, from each part's (output, lse)."""
+    if len(parts) == 1:  # nothing to merge; a row with no visible key gets zeros, not NaN
+        o, lse = parts[0]
+        return torch.where(torch.isfinite(lse)[..., None], o, 0.0)
+    lse = torch.stack([p[1] for p in parts]).logsumexp(dim=0)
+    total = torch.where(torch.isfinite(lse), lse, 0.0)
+    out = 0.0
+    for o, part_lse in parts:
+        weight = torch.exp(part_lse - total)  # 0 where the part saw no key
+        out = out + torch.where(weight[..., None] > 0, o, 0.0) * weight[..., None]  # flash gives NaN on empty rows
+    return out
+
+
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, Hkv, rep, n, X) -> (B, Hkv, rep*n, X): grouped query heads as extra rows"""
+    return x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])
+
+
+def rows_mask(mask: torch.Tensor, rep: int) -> torch.Tensor:
+    """(B, n, L) -> (B, 1, rep*n, L), the same mask for every grouped head"""
+    B, n, L = mask.shape
+    return mask[:, None, None].expand(B, 1, rep, n, L).reshape(B, 1, rep * n, L)

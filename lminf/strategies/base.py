@@ -1,0 +1,129 @@
+"""The seam every training-free long-context strategy plugs into.
+
+A `Strategy` is a frozen dataclass of settings that decides, for one attention layer,
+which keys each query sees and at which rotary distance (`attention`, the fast path over
+(q, k, v, Layout)), the cache that must hold those keys (`make_cache`), and the same
+decision written densely for the tests' float64 reference (`rule`). A strategy file
+registers its class with `@register`; `lminf.strategies` imports every file of the
+package, so a new strategy is one file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from transformers import Cache, PretrainedConfig
+
+from lminf.layout import Layout
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Which keys a query at position i sees of keys at positions j <= i, densely (B, Q, K).
+    The tests' reference computes attention from this alone; padding and j > i are its business."""
+
+    seen: torch.Tensor  # bool: pairs always attended
+    distance: torch.Tensor  # long: the rotary distance each pair is scored at (its logit's position gap)
+    candidates: torch.Tensor  # bool: pairs from which each query head adds its `top_k` best (by that logit)
+    top_k: int = 0
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What one layer's attention call knows besides q, k, v and the Layout."""
+
+    layer: int
+    inv_freq: torch.Tensor  # the model's rotary frequencies (moves with the model)
+    scaling: float
+    kernel: str = "auto"  # lminf.kernels.sdpa.KERNELS
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """Base class: subclasses add their settings as fields and implement the methods below."""
+
+    name: ClassVar[str] = ""
+    # The evaluation methods a strategy offers: method name -> settings fixed for it (the
+    # rest come from the command line). Default: one method named after the strategy.
+    presets: ClassVar[dict[str, dict]] = {}
+
+    # First tokens every query sees; a chat pins its system prompt here (`pinned`). The help
+    # text of each setting is its command-line help (lminf.arguments makes one flag per setting).
+    n_global: int = field(default=10, metadata={"help": "first tokens every query sees"})
+
+    def __post_init__(self) -> None:
+        if self.n_global < 0:
+            raise ValueError(f"n_global must be >= 0, got {self.n_global}.")
+
+    def resolve(self, config: PretrainedConfig) -> Strategy:
+        """This strategy with the defaults that depend on the model filled in, checked against it."""
+        return self
+
+    def pinned(self, n_global: int) -> Strategy:
+        """The same strategy with `n_global` first tokens kept (a forward call's `lminf_n_global`)."""
+        return self if n_global == self.n_global else dataclasses.replace(self, n_global=n_global)
+
+    def make_cache(self, num_layers: int, extra_sinks: int = 0) -> Cache:
+        """The cache this strategy's attention reads; `extra_sinks`: left padding kept with the first tokens."""
+        raise NotImplementedError
+
+    def cache_bound(self) -> int | None:
+        """The most tokens per layer its cache holds (padding aside); None: every token, so memory
+        grows with the input. A promise the tests hold `make_cache` to."""
+        return None
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, call: AttentionCall) -> torch.Tensor:
+        """q (B, Hq, Q, D), k and v (B, Hkv, K, D), rotated at their own positions -> (B, Hq, Q, D)."""
+        raise NotImplementedError
+
+    def rule(self, i: torch.Tensor, j: torch.Tensor, layer: int) -> Rule:
+        """The attention rule for query positions i (B, Q, 1) and key positions j (B, 1, K)."""
+        raise NotImplementedError
+
+    def kept_pairs(self, length: int, layer: int = 0) -> int:
+        """Query-key pairs one layer attends to over a causal prompt of `length` tokens (the
+        benchmark's FLOP floor), counted from `rule` in blocks of queries."""
+        total, j = 0, torch.arange(length)[None, None, :]
+        for a in range(0, length, 512):
+            i = torch.arange(a, min(a + 512, length))[None, :, None]
+            rule, causal = self.rule(i, j, layer), j <= i
+            total += int((rule.seen & causal).sum())
+            total += int((rule.candidates & ~rule.seen & causal).sum(-1).clamp(max=rule.top_k).sum())
+        return total
+
+    def settings(self) -> dict:
+        """JSON-ready: the strategy's name and every setting."""
+        return {"strategy": self.name, **dataclasses.asdict(self)}
+
+    @classmethod
+    def methods(cls) -> dict[str, dict]:
+        return cls.presets or {cls.name: {}}
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: make a strategy known by its `name` to patch, the CLI, eval, bench and report."""
+    if not cls.name or STRATEGIES.get(cls.name, cls) is not cls:
+        raise ValueError(f"a strategy needs a unique name; {cls.__name__} has {cls.name!r}.")
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+def get(name: str) -> type[Strategy]:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(sorted(STRATEGIES))}.")
+    return STRATEGIES[name]
+
+
+def build(strategy: Strategy | str, **settings) -> Strategy:
+    """A strategy from a registered name and settings, or a given one with settings replaced."""
+    cls = type(strategy) if isinstance(strategy, Strategy) else get(strategy)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"strategy {cls.name!r} has no setting {', '.join(unknown)}; its settings: {', '.join(sorted(known))}.")
+    return dataclasses.replace(strategy, **settings) if isinstance(strategy, Strategy) else cls(**settings)

@@ -1,0 +1,89 @@
+"""The middle layer of strategies that see the first `n_global` tokens and the last
+`n_local` ones, and differ in where they read the first ones from (`far_positions`).
+
+It runs them on one kernel (lminf.kernels.lambda_blocks) and one bounded cache
+(lminf.caches.LambdaCache), and derives their dense rule from the same two methods, so a
+strategy of this kind is its settings and `far_positions` (see sinks.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PretrainedConfig
+
+from lminf.caches.lambda_cache import LambdaCache
+from lminf.kernels.lambda_blocks import lambda_attention
+from lminf.layout import Layout
+from lminf.strategies.base import AttentionCall, Rule, Strategy
+
+
+@dataclass(frozen=True)
+class WindowedStrategy(Strategy):
+    # Most recent tokens every query sees (itself included); None: the model's training length.
+    n_local: int | None = field(default=None, metadata={"help": "window of recent tokens (default: the training length)"})
+
+    def __post_init__(self) -> None:
+        if self.n_local is not None and self.n_local < 1:
+            raise ValueError(f"n_local must be >= 1, got {self.n_local}.")
+        super().__post_init__()
+
+    def resolve(self, config: PretrainedConfig) -> WindowedStrategy:
+        return self if self.n_local is not None else dataclasses.replace(self, n_local=config.max_position_embeddings)
+
+    def far_positions(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Where a query (positions q_pos) and a first token outside its window (k_pos) are
+        placed for their logit -> (q_at, k_at), k_at None: the key stays at its position.
+        Shapes broadcast: (B, Q) with (B, K) in the kernel, (B, Q, 1) with (B, 1, K) in `rule`."""
+        raise NotImplementedError
+
+    def top_k_at(self, layer: int) -> int:
+        """Middle tokens each query head also picks in this layer (placed like the first ones)."""
+        return 0
+
+    @property
+    def keeps_middle(self) -> bool:
+        """True when the cache must keep every token (a query may pick any middle key)."""
+        return False
+
+    def cache_bound(self) -> int | None:
+        return None if self.keeps_middle else self.n_global + self.n_local
+
+    def make_cache(self, num_layers: int, extra_sinks: int = 0) -> LambdaCache:
+        return LambdaCache(num_layers, n_sink=self.n_global + extra_sinks, n_local=None if self.keeps_middle else self.n_local)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, call: AttentionCall) -> torch.Tensor:
+        return lambda_attention(
+            q,
+            k,
+            v,
+            layout,
+            n_global=self.n_global,
+            n_local=self.n_local,
+            far=self.far_positions,
+            inv_freq=call.inv_freq,
+            scaling=call.scaling,
+            top_k=self.top_k_at(call.layer),
+            kernel=call.kernel,
+        )
+
+    def rule(self, i: torch.Tensor, j: torch.Tensor, layer: int) -> Rule:
+        d = i - j
+        local = d < self.n_local
+        far = ~local & (j < self.n_global)
+        q_at, k_at = self.far_positions(i, j)
+        far_distance = q_at - (j if k_at is None else k_at)
+        return Rule(local | far, torch.where(local, d, far_distance), ~local & ~far, self.top_k_at(layer))
+
+    def kept_pairs(self, length: int, layer: int = 0) -> int:
+        """Closed form of Strategy.kept_pairs (tested against it)."""
+        n_local, n_global, top_k = self.n_local, self.n_global, self.top_k_at(layer)
+        inside = min(length, n_local)
+        beyond = length - inside  # the t-th query past the window sees min(t, n_global) first tokens
+        ramp = min(beyond, n_global)
+        pairs = inside * (inside + 1) // 2 + beyond * n_local + ramp * (ramp + 1) // 2 + (beyond - ramp) * n_global
+        # Query p has max(0, p - n_local - n_global + 1) middle keys and picks min(top_k, that) of them.
+        m, k = max(0, length - n_local - n_global), top_k
+        return pairs + (m * (m + 1) // 2 if m <= k else k * (k + 1) // 2 + (m - k) * k)

@@ -1,0 +1,112 @@
+"""One conformance suite, parametrized over every registered strategy (tests/strategies.py)
+and every supported model family: what each strategy promises inside a real model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lminf
+from lminf.strategies import STRATEGIES, Strategy
+from tests.conftest import tiny_model
+from tests.reference import reference_attention
+from tests.strategies import CASES
+
+torch.set_grad_enabled(False)
+FP32 = dict(rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(params=sorted(CASES))
+def strategy(request) -> Strategy:
+    return CASES[request.param]
+
+
+def tokens(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_every_registered_strategy_is_tested():
+    assert {s.name for s in CASES.values()} == set(STRATEGIES)
+
+
+def test_equals_vanilla_within_the_window(family, strategy):
+    model = tiny_model(family)
+    ids = tokens(60)  # <= n_local = max_position_embeddings = 64
+    vanilla = model(ids).logits
+    lminf.patch(model, strategy, n_local=None)  # the training length
+    torch.testing.assert_close(model(ids).logits, vanilla, **FP32)
+
+
+def test_fast_path_equals_reference_in_model(family, strategy):
+    ids = tokens(45, batch=2)  # several windows past n_local
+    fast = lminf.patch(tiny_model(family), strategy)(ids).logits
+    ref = lminf.patch(tiny_model(family), strategy, backend=reference_attention)(ids).logits
+    torch.testing.assert_close(fast, ref, **FP32)
+
+
+@pytest.mark.parametrize("prompt", [13, 1])  # longer than the window; one token, then decoding fills the cache
+def test_cached_decoding_equals_one_full_forward(family, strategy, prompt):
+    model = lminf.patch(tiny_model(family), strategy)
+    ids = tokens(50)
+    full = model(ids, use_cache=False).logits
+
+    cache = lminf.make_cache(model)
+    steps = [model(ids[:, :prompt], past_key_values=cache).logits]
+    steps += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(prompt, 30)]  # token by token
+    steps += [model(ids[:, 30:41], past_key_values=cache).logits, model(ids[:, 41:], past_key_values=cache).logits]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, **FP32)
+    assert cache.get_seq_length() == 50
+
+
+def test_left_padded_rows_equal_rows_alone(strategy):
+    model = lminf.patch(tiny_model("llama"), strategy)
+    rows = [tokens(30, seed=1)[0], tokens(19, seed=2)[0]]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r) :], mask[b, width - len(r) :] = r, 1
+
+    batched = model(ids, attention_mask=mask).logits
+    for b, r in enumerate(rows):
+        torch.testing.assert_close(batched[b, width - len(r) :], model(r[None]).logits[0], **FP32)
+
+    # generate() with its default cache, past the window, greedy; the prompt through the cache in chunks changes nothing
+    greedy = dict(max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    out = model.generate(ids, attention_mask=mask, **greedy)
+    chunked = model.generate(ids, attention_mask=mask, prefill_chunk=3, **greedy)
+    torch.testing.assert_close(torch.stack(chunked.scores), torch.stack(out.scores), **FP32)
+    for b, r in enumerate(rows):
+        alone = model.generate(r[None], **greedy)
+        assert torch.equal(out.sequences[b, width:], alone.sequences[0, len(r) :])
+        torch.testing.assert_close(torch.stack(out.scores)[:, b], torch.stack(alone.scores)[:, 0], **FP32)
+
+
+def test_memory_stays_within_the_bound_the_strategy_promises(strategy):
+    model = lminf.patch(tiny_model("llama"), strategy)
+    cache = lminf.make_cache(model)
+    ids = tokens(600)
+    model(ids[:, :100], past_key_values=cache)
+    for t in range(100, 600):
+        model(ids[:, t : t + 1], past_key_values=cache)
+    c = model.config
+    per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4  # K, V fp32
+    assert cache.get_seq_length() == 600
+    bound = lminf.settings_of(model).cache_bound()
+    if bound is None:  # the strategy keeps every token (top-k), by design
+        assert all(layer.keys.shape[-2] == 600 for layer in cache.layers)
+        return
+    assert bound < 600 and all(layer.keys.shape[-2] <= bound for layer in cache.layers)
+    assert cache.memory_bytes() <= bound * per_token
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=st.sampled_from(sorted(CASES)), length=st.integers(1, 80), n_global=st.integers(0, 6), n_local=st.integers(1, 30))
+def test_kept_pairs_are_the_pairs_the_rule_keeps(case, length, n_global, n_local):
+    import dataclasses
+
+    strategy = dataclasses.replace(CASES[case], n_global=n_global, n_local=n_local)
+    for layer in (0, 1):
+        assert strategy.kept_pairs(length, layer) == Strategy.kept_pairs(strategy, length, layer)  # closed form == counted
