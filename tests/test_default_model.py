@@ -12,6 +12,7 @@ from transformers import TextIteratorStreamer
 import lminf
 from tests.reference import reference_attention
 
+pytestmark = pytest.mark.slow  # loads the default model
 torch.set_grad_enabled(False)
 FP32 = dict(rtol=1e-4, atol=2e-4)
 
@@ -34,10 +35,15 @@ def text_ids(default):
 
 def test_default_model_is_cached_and_reloads(default):
     folder = lminf.default_model.converted_folder()
-    assert (folder / "config.json").exists()
+    stamp = (folder / "config.json").stat().st_mtime_ns
     model, tokenizer = default
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
     assert tokenizer.chat_template
+    again, _ = lminf.load_default(torch.float32)  # from the cache: nothing converted or written again
+    assert (folder / "config.json").stat().st_mtime_ns == stamp
+    assert again.config._name_or_path == str(folder)
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_patched_equals_vanilla_within_window(default, text_ids):
