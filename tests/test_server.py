@@ -13,7 +13,10 @@ import httpx
 import openai
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here talks to a server subprocess running the default model
+
 KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 MODEL = "SmolLM2-135M-Instruct"
 N_LOCAL, N_GLOBAL, MAX_SESSIONS = 128, 10, 3
 
@@ -32,7 +35,7 @@ def server():
     base = f"http://127.0.0.1:{port}"
     for _ in range(240):
         try:
-            if httpx.get(f"{base}/health", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200:
+            if httpx.get(f"{base}/health", headers=AUTH).status_code == 200:
                 break
         except httpx.TransportError:
             time.sleep(0.5)
@@ -50,15 +53,18 @@ def client(server):
 
 
 def stats(server) -> dict:
-    return httpx.get(f"{server}/stats", headers={"Authorization": f"Bearer {KEY}"}, timeout=60).json()
+    return httpx.get(f"{server}/stats", headers=AUTH, timeout=60).json()
 
 
 def ask(text: str) -> list[dict]:
     return [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": text}]
 
 
-def test_models_and_health(client):
+def test_models_and_health(client, server):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    health = httpx.get(f"{server}/health", headers=AUTH, timeout=60)
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    assert httpx.get(f"{server}/health", timeout=60).status_code == 401  # the key guards every path
 
 
 def test_chat_completion_and_stream_agree(client):
@@ -133,18 +139,54 @@ def test_input_far_past_the_window_is_bounded(client, server):
         (b'{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "wizard", "content": "hi"}]}', 400, "messages.0.role"),
         (b'{"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}', 404, "model"),
         (b"[1, 2]", 400, None),
+        (b"[" * 100_000, 400, None),  # nested deeper than Python's JSON parser goes
+        (
+            b'{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "x"}], "seed": 2361183241434822606848}',
+            400,
+            "seed",  # 2**71: more than torch.Generator.manual_seed takes
+        ),
     ],
 )
 def test_bad_requests_get_openai_style_errors(server, body, status, param):
-    r = httpx.post(f"{server}/v1/chat/completions", content=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    r = httpx.post(f"{server}/v1/chat/completions", content=body, headers=AUTH, timeout=60)
     assert r.status_code == status
     error = r.json()["error"]
     assert error["message"] and error["type"] and error["param"] == param
 
 
+@pytest.mark.parametrize(
+    "path, body, param",
+    [  # valid JSON whose \u escapes spell a lone UTF-16 surrogate: no text a tokenizer takes
+        (
+            "chat/completions",
+            rb'{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "\ud800"}]}',
+            "messages.0.content",
+        ),
+        (
+            "chat/completions",
+            rb'{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "hi \udfff there"}], "stream": true}',
+            "messages.0.content",
+        ),
+        ("completions", rb'{"model": "SmolLM2-135M-Instruct", "prompt": "\ud83d"}', "prompt"),
+        ("completions", rb'{"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "stop": ["x", "\ud800"]}', "stop.1"),
+        ("completions", rb'{"model": "\udc00", "prompt": "Hi"}', "model"),
+    ],
+)
+def test_lone_surrogates_get_a_400_naming_the_field(server, path, body, param):
+    r = httpx.post(f"{server}/v1/{path}", content=body, headers=AUTH, timeout=60)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and "surrogate" in error["message"]
+    assert error["code"] is None
+    # A surrogate pair is one valid character, and the server still answers.
+    pair = rb'{"model": "SmolLM2-135M-Instruct", "prompt": "Smile \ud83d\ude00", "max_tokens": 2}'
+    ok = httpx.post(f"{server}/v1/completions", content=pair, headers=AUTH, timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
 def test_oversized_body_and_api_key(server):
     big = b'{"model": "x", "prompt": "' + b"a" * (9 * 2**20) + b'"}'
-    r = httpx.post(f"{server}/v1/completions", content=big, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    r = httpx.post(f"{server}/v1/completions", content=big, headers=AUTH, timeout=60)
     assert r.status_code == 413 and "error" in r.json()
     assert httpx.get(f"{server}/v1/models").status_code == 401
     wrong = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
@@ -178,8 +220,7 @@ def test_eight_concurrent_streaming_clients(client, server):
 
 def test_client_disconnect_stops_generation(server):
     body = {"model": MODEL, "messages": ask("Write a very long story."), "max_tokens": 3000, "stream": True}
-    auth = {"Authorization": f"Bearer {KEY}"}
-    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, headers=auth, timeout=120) as r:
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, headers=AUTH, timeout=120) as r:
         for n, _ in enumerate(r.iter_lines()):
             if n >= 6:
                 break  # leaving the block closes the connection mid-stream

@@ -4,14 +4,15 @@ A `Session` is a token history and the bounded `LambdaCache` that has seen it. I
 `n_global` tokens (a chat's system prompt and template prefix) stay attended for ever.
 `stream_tokens` is a generator doing one bounded piece of work per `next()` (a prefill
 chunk or one decoded token), so a scheduler can interleave many sessions fairly.
-`SessionStore` keeps a few sessions, least recently used evicted, and hands back the one
-whose history is the longest prefix of a new prompt.
+`Turn` is one conversation turn on a session (prompt in, reply text out, reply recorded),
+shared by `lminf chat` and the server. `SessionStore` keeps a few sessions, least recently
+used evicted, and hands back the one whose history is the longest prefix of a new prompt.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -120,6 +121,91 @@ def stream_tokens(
         yield token
         if token in stop_ids:
             return
+
+
+class Turn:
+    """One turn of a conversation on `session`, shared by `lminf chat` and the server.
+
+    The constructor takes the prompt text into the session (only the part past the session's
+    text is tokenized); `steps()` feeds and samples through `stream_tokens`, one bounded step
+    per `next()`, and yields the reply text that became final at that step. Text is held back
+    while a character is unfinished or could be the start of a stop string; the reply ends
+    before the first stop string. When `steps()` ends or is closed, the sampled tokens are
+    recorded into the session, so the next turn continues from them. Closing it between two
+    steps (a cancelled request) leaves the cache consistent with the session's tokens."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer,
+        session: Session,
+        prompt: str,
+        sampling: Sampling,
+        stop_ids: set[int],
+        stops: Sequence[str] = (),
+        add_special_tokens: bool = False,
+    ):
+        self.model, self.tokenizer, self.session = model, tokenizer, session
+        self.sampling, self.stop_ids = sampling, stop_ids
+        self.stops = [x for x in stops if x]
+        self.cached_tokens = len(session.tokens)  # reused, not encoded again
+        self._new_tokens = session.take_text(prompt, tokenizer, add_special_tokens)
+        self.prompt_tokens = self.cached_tokens + len(self._new_tokens)
+        self.reply = ReplyText(tokenizer)
+        self.text = ""  # the reply text yielded so far (all of it once steps() has ended)
+        self.finish_reason = "length"  # or "stop": a stop token or a stop string
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.reply.tokens)
+
+    def steps(self) -> Iterator[str]:
+        """One step per next(): a prefill chunk or one sampled token; yields the newly final
+        text ("" for none). The last step yields what was held back, cut before a stop string."""
+        try:
+            for token in stream_tokens(self.model, self.session, self._new_tokens, self.sampling, self.stop_ids):
+                if token is not None and self._add(token):
+                    break
+                yield self._release(self._ready())
+            yield self._release(self._final_text())
+        finally:
+            self.session.take_reply(self.tokenizer, self.reply.tokens)
+
+    def _add(self, token: int) -> bool:
+        """Append a sampled token; True when the reply now holds a stop string."""
+        new = self.reply.add(token)
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+        text, longest = self.reply.text, self._longest_stop()
+        # A stop string not seen before ends in the new text: search only from there.
+        lo = max(0, len(text) - len(new) - longest)
+        if any(text.find(x, lo) >= 0 for x in self.stops):
+            self.finish_reason = "stop"
+            return True
+        return False
+
+    def _ready(self) -> str:
+        """The reply text that can be given out: not half a character, nor what could be the
+        start of a stop string."""
+        text = self.reply.text
+        if text.endswith("\ufffd"):
+            return self.text
+        return text[: max(0, len(text) - max(self._longest_stop() - 1, 0))]
+
+    def _final_text(self) -> str:
+        text = self.tokenizer.decode(self.reply.tokens, skip_special_tokens=True)
+        cut = min((text.find(x) for x in self.stops if x in text), default=-1)
+        return text[:cut] if cut >= 0 else text
+
+    def _release(self, text: str) -> str:
+        """The part of `text` past what was yielded (which it extends when longer)."""
+        if len(text) <= len(self.text):
+            return ""
+        new, self.text = text[len(self.text) :], text
+        return new
+
+    def _longest_stop(self) -> int:
+        return max((len(x) for x in self.stops), default=0)
 
 
 def pinned_prefix_length(tokenizer, messages: list[dict]) -> int:

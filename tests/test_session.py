@@ -1,4 +1,5 @@
-"""Sessions that keep their cache between turns, and the pinned (global) prefix."""
+"""Sessions that keep their cache between turns, the pinned (global) prefix, and the chat turn
+shared by `lminf chat` and the server."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 import lminf
 import lminf.default_model
-from lminf.serve.session import ReplyText, Sampling, Session, SessionStore, stream_tokens
+from lminf.serve.session import ReplyText, Sampling, Session, SessionStore, Turn, stream_tokens
 from tests.conftest import tiny_model
 
 torch.set_grad_enabled(False)
@@ -70,6 +71,7 @@ def test_store_reuses_longest_text_prefix_and_evicts_least_recent():
     assert fresh not in sessions and fresh.text == ""
 
 
+@pytest.mark.slow
 def test_chat_cli_turns_reset_and_stats():
     script = "Hello!\nWhat did I just say?\n/stats\n/reset\nHi again.\n/quit\n"
     run = subprocess.run(
@@ -82,6 +84,73 @@ def test_chat_cli_turns_reset_and_stats():
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("\n") >= 3  # three replies
     assert "tokens so far" in run.stderr and "conversation reset" in run.stderr
+
+
+def _turn_model():
+    """A tiny random model over the default tokenizer's vocabulary, so replies decode to text."""
+    return lminf.patch(tiny_model(vocab_size=len(_tokenizer())), n_global=2, n_local=16)
+
+
+def _reply(model, prompt, max_new_tokens=12, stops=(), stop_ids=frozenset()):
+    session = Session(model, n_global=4)
+    turn = Turn(model, _tokenizer(), session, prompt, Sampling(max_new_tokens), set(stop_ids), stops)
+    pieces = list(turn.steps())
+    assert "".join(pieces) == turn.text  # what was streamed is the reply
+    return turn, session
+
+
+def test_turn_streams_the_reply_records_it_and_the_next_turn_reuses_it():
+    model, tokenizer = _turn_model(), _tokenizer()
+    prompt = "Hello there, how are you today?"
+    turn, session = _reply(model, prompt)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert turn.finish_reason == "length" and turn.completion_tokens == 12
+    assert (turn.cached_tokens, turn.prompt_tokens) == (0, len(prompt_ids))
+    assert turn.text == tokenizer.decode(turn.reply.tokens, skip_special_tokens=True)
+    assert session.tokens == prompt_ids + turn.reply.tokens
+    assert session.text == prompt + tokenizer.decode(turn.reply.tokens)  # special tokens too
+    follow_up = Turn(model, tokenizer, session, session.text + " And then?", Sampling(4), set())
+    list(follow_up.steps())
+    assert follow_up.cached_tokens == turn.prompt_tokens + turn.completion_tokens
+    new_ids = tokenizer(" And then?", add_special_tokens=False)["input_ids"]
+    assert follow_up.prompt_tokens - follow_up.cached_tokens == len(new_ids)
+
+
+def test_turn_ends_before_a_stop_string_or_at_a_stop_token():
+    model = _turn_model()
+    full, _ = _reply(model, "Tell me a story.", max_new_tokens=16)
+    text, tokenizer = full.text, _tokenizer()
+    assert len(text) >= 8, text
+    # A stop string across two tokens: the first token's last character must be held back.
+    ends = [len(tokenizer.decode(full.reply.tokens[:i], skip_special_tokens=True)) for i in range(1, 16)]
+    across = next(text[e - 1 : e + 1] for e in ends if 0 < e < len(text) and text[e - 1 : e + 1].strip())
+    for stop in (text[3:5], text[-2:], across):
+        cut, _ = _reply(model, "Tell me a story.", max_new_tokens=16, stops=["", "never there", stop])
+        assert cut.text == text[: text.find(stop)] and cut.finish_reason == "stop"
+    token = full.reply.tokens[2]
+    by_token, _ = _reply(model, "Tell me a story.", max_new_tokens=16, stop_ids={token})
+    assert by_token.reply.tokens == full.reply.tokens[: full.reply.tokens.index(token) + 1]
+    assert by_token.finish_reason == "stop"
+
+
+def test_a_turn_closed_mid_way_keeps_the_session_consistent():
+    model, tokenizer = _turn_model(), _tokenizer()
+    session = Session(model, n_global=4)
+    turn = Turn(model, tokenizer, session, "Once upon a time", Sampling(50), set())
+    steps = turn.steps()
+    for _ in range(3):
+        next(steps)
+    steps.close()  # as the server does when a client leaves
+    assert turn.completion_tokens == 3 and session.tokens[-3:] == turn.reply.tokens
+    assert session.text == "Once upon a time" + tokenizer.decode(turn.reply.tokens)
+    follow_up = Turn(model, tokenizer, session, session.text + ". The end", Sampling(6), set())
+    list(follow_up.steps())
+    # The cached turns give the greedy choices of one pass over the same tokens.
+    greedy = model(torch.tensor([session.tokens[:-1]]), lminf_n_global=4, use_cache=False).logits[0].argmax(-1).tolist()
+    for done in (turn, follow_up):  # a reply's tokens follow its prompt's
+        reply = done.reply.tokens
+        assert session.tokens[done.prompt_tokens : done.prompt_tokens + len(reply)] == reply
+        assert reply == greedy[done.prompt_tokens - 1 : done.prompt_tokens - 1 + len(reply)]
 
 
 @settings(max_examples=200, deadline=None)
