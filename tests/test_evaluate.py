@@ -1,4 +1,4 @@
-"""`lminf eval ppl`: methods against the vanilla model, bucketing, resuming, determinism, plots."""
+"""`lminf eval ppl` / `stream`: methods against the vanilla model, bucketing, resuming, determinism, plots."""
 
 from __future__ import annotations
 
@@ -6,23 +6,19 @@ import json
 import subprocess
 import sys
 
-import matplotlib.image
 import pytest
 import torch
+from transformers import DynamicCache
 
-from lminf.eval.perplexity import (
-    Lminf,
-    Sinks,
-    Vanilla,
-    Window,
-    bucket_means,
-    plot_ppl,
-    plot_stream,
-    run_ppl,
-    run_stream,
-    token_nll,
-)
+import lminf
+from lminf.eval import perplexity
+from lminf.eval.methods import Patched, Vanilla, Window
+from lminf.eval.perplexity import bucket_means, run_ppl, run_stream
+from lminf.eval.plots import plot_ppl, plot_stream
+from lminf.generation import token_nll
+from lminf.strategies import LMInfinite, Sinks
 from tests.conftest import tiny_model
+from tests.strategies import CASES
 
 torch.set_grad_enabled(False)
 
@@ -35,17 +31,27 @@ def test_token_nll_is_cross_entropy_of_one_forward():
     model, ids = tiny_model(), tokens(50)
     logits = model(ids, use_cache=False).logits[0, :-1]
     want = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
-    from transformers import DynamicCache
-
     torch.testing.assert_close(token_nll(model, ids, DynamicCache(), chunk_size=7, progress=False), want, rtol=1e-4, atol=1e-4)
 
 
 def test_methods_equal_vanilla_inside_the_window():
     model, ids = tiny_model(), tokens(60)  # max_position_embeddings = 64
     vanilla = Vanilla().nll(model, ids, progress=False)
-    for method in (Lminf(n_global=3), Window(stride=5)):
+    for method in (Patched(LMInfinite(n_global=3)), Patched("sinks"), Window(stride=5)):
         torch.testing.assert_close(method.nll(model, ids, progress=False), vanilla, rtol=1e-4, atol=1e-4)
-    assert "lminf" not in model.config._attn_implementation  # Lminf unpatches after itself
+    assert "lminf" not in model.config._attn_implementation  # Patched unpatches after itself
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_patched_scores_what_the_patched_model_computes_in_one_forward(case):
+    """For every registered strategy: the cached, chunked NLL of Patched is the patched model's full forward."""
+    model, ids = tiny_model(), tokens(100)
+    method = Patched(CASES[case])
+    got = method.nll(model, ids, progress=False)
+    with method.patched(model):
+        logits = model(ids, use_cache=False).logits[0, :-1]
+    torch.testing.assert_close(got, torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none"), rtol=1e-4, atol=1e-4)
+    assert getattr(model, "_lminf", None) is None
 
 
 def test_window_scores_each_token_from_its_recent_tokens_only():
@@ -74,26 +80,134 @@ class Counting(Vanilla):
         return super().nll(model, ids, progress)
 
 
+def check_ppl_plot(fig, report: dict) -> None:
+    """Each document's panel holds one line per method with the JSON's bucket NLL, and the training length."""
+    documents = sorted({c["document"] for c in report["results"].values()})
+    assert [ax.get_title() for ax in fig.axes] == documents
+    for ax, doc in zip(fig.axes, documents, strict=True):
+        cells = [c for c in report["results"].values() if c["document"] == doc]
+        lines = ax.get_lines()
+        assert [line.get_label() for line in lines] == [c["method"] for c in cells] + ["training length"]
+        for line, cell in zip(lines, cells, strict=False):
+            assert list(line.get_ydata()) == cell["bucket_nll"]
+            assert list(line.get_xdata()) == [(k + 0.5) * report["bucket"] for k in range(len(cell["bucket_nll"]))]
+        assert list(lines[-1].get_xdata()) == [report["training_length"]] * 2
+
+
 def test_run_resumes_is_deterministic_and_plots(tmp_path):
     model = tiny_model()
     docs = {"a.txt": tokens(70, 1), "b.txt": tokens(70, 2)}
     out = tmp_path / "ppl.json"
-    first = run_ppl(model, docs, [Counting(), Lminf(n_global=2, n_local=16)], bucket=16, out_json=out, progress=False)
+    lambda_ = Patched(LMInfinite(n_global=2, n_local=16))
+    Counting.calls = 0
+    first = run_ppl(model, docs, [Counting(), lambda_], bucket=16, out_json=out, progress=False)
     assert Counting.calls == 2
-    again = run_ppl(model, docs, [Counting(), Lminf(n_global=2, n_local=16)], bucket=16, out_json=out, progress=False)
+    again = run_ppl(model, docs, [Counting(), lambda_], bucket=16, out_json=out, progress=False)
     assert Counting.calls == 2  # nothing recomputed
     assert again["results"] == first["results"]
-    fresh = run_ppl(model, docs, [Lminf(n_global=2, n_local=16)], bucket=16, out_json=tmp_path / "x.json", progress=False)
+    fresh = run_ppl(model, docs, [lambda_], bucket=16, out_json=tmp_path / "x.json", progress=False)
     for key, cell in fresh["results"].items():
         assert cell["bucket_nll"] == first["results"][key]["bucket_nll"]  # deterministic
     assert first["results"]["a.txt/lminf"]["bucket_tokens"] == [16, 16, 16, 16, 5]  # 69 predicted tokens
-    with pytest.raises(ValueError, match="bucket"):
+    with pytest.raises(ValueError, match="holds a run with bucket 16"):
         run_ppl(model, docs, [Counting()], bucket=8, out_json=out, progress=False)
-    png = tmp_path / "ppl.png"
-    plot_ppl(json.loads(out.read_text()), png)
-    assert matplotlib.image.imread(png).shape[0] > 100
+    with pytest.raises(ValueError, match="holds a run of lminf with other settings"):
+        run_ppl(model, docs, [Patched(LMInfinite(n_global=3, n_local=16))], bucket=16, out_json=out, progress=False)
+    report = json.loads(out.read_text())
+    check_ppl_plot(plot_ppl(report, tmp_path / "ppl.png"), report)
+    assert (tmp_path / "ppl.png").stat().st_size > 0
 
 
+def test_sinks_differs_from_lminf_only_past_the_window_and_says_so_in_the_json(tmp_path):
+    model, ids = tiny_model(), tokens(120)
+    methods = [Patched(LMInfinite(n_global=3, n_local=16)), Patched(Sinks(n_global=3, n_local=16))]
+    report = run_ppl(model, {"doc": ids}, methods, bucket=16, out_json=tmp_path / "ppl.json", progress=False)
+    lminf_nll, sinks_nll = (m.nll(model, ids, progress=False) for m in methods)
+    torch.testing.assert_close(sinks_nll[:16], lminf_nll[:16])  # every key still local
+    assert not torch.allclose(sinks_nll[40:], lminf_nll[40:])  # global keys at other distances
+    cells = report["results"]
+    assert cells["doc/lminf"]["bucket_nll"][0] == cells["doc/sinks"]["bucket_nll"][0]
+    lambda_settings = {"strategy": "lminf", "n_global": 3, "n_local": 16, "top_k": 0, "top_k_from_layer": 4}
+    assert cells["doc/lminf"]["settings"] == lambda_settings
+    assert cells["doc/sinks"]["settings"] == {"strategy": "sinks", "n_global": 3, "n_local": 16}
+    assert report["methods"]["sinks"] == cells["doc/sinks"]["settings"]
+
+
+def test_settings_are_recorded_resolved_for_the_model(tmp_path):
+    model = tiny_model()  # max_position_embeddings = 64
+    methods = [Patched(Sinks(n_global=2)), Window()]
+    report = run_ppl(model, {"doc": tokens(30)}, methods, bucket=16, out_json=tmp_path / "ppl.json", progress=False)
+    sinks, window = {"strategy": "sinks", "n_global": 2, "n_local": 64}, {"n_local": 64, "stride": 16}
+    assert report["methods"] == {"sinks": sinks, "window": window}
+
+
+def check_stream_plot(fig, report: dict) -> None:
+    top, bottom = fig.axes
+    cells = list(report["results"].values())
+    assert [line.get_label() for line in top.get_lines()] == [c["method"] for c in cells]
+    labels = [line.get_label() for line in bottom.get_lines()]
+    assert labels == [label for c in cells for label in (f"{c['method']} process RSS", f"{c['method']} KV cache")]
+    for line, cell in zip(top.get_lines(), cells, strict=True):
+        assert list(line.get_xdata()) == [b["end"] for b in cell["buckets"]]
+        assert list(line.get_ydata()) == [b["nll"] for b in cell["buckets"]]
+    for n, cell in enumerate(cells):
+        rss, cache = bottom.get_lines()[2 * n : 2 * n + 2]
+        assert list(rss.get_ydata()) == [b["rss_mib"] for b in cell["buckets"]]
+        assert list(cache.get_ydata()) == [b["cache_mib"] for b in cell["buckets"]]
+
+
+def test_stream_equals_one_pass_and_resumes_after_an_interruption(tmp_path, monkeypatch):
+    model, ids = tiny_model(), tokens(150)
+    method = Patched(LMInfinite(n_global=2, n_local=16))
+    want = bucket_means(method.nll(model, ids, progress=False), 32)
+
+    real_nll, calls = perplexity.target_nll, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 12:  # partway through the third bucket (5 chunks a bucket)
+            raise KeyboardInterrupt
+        return real_nll(*args)
+
+    out = tmp_path / "stream.json"
+    monkeypatch.setattr(perplexity, "target_nll", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_stream(model, ids, method, bucket=32, out_json=out, chunk_size=7, progress=False)
+    assert len(json.loads(out.read_text())["results"]["lminf"]["buckets"]) == 2
+    assert not list(tmp_path.glob("*.tmp"))  # written atomically
+    calls.clear()
+    monkeypatch.setattr(perplexity, "target_nll", lambda *args: calls.append(1) or real_nll(*args))
+    report = run_stream(model, ids, method, bucket=32, out_json=out, chunk_size=7, progress=False)
+    assert len(calls) == 5 + 5 + 3  # resumed at token 64 from the checkpoint: buckets 3, 4 and the last 21 tokens
+    monkeypatch.setattr(perplexity, "target_nll", real_nll)
+    buckets = report["results"]["lminf"]["buckets"]
+    assert [b["end"] for b in buckets] == [32, 64, 96, 128, 149]
+    torch.testing.assert_close(torch.tensor([b["nll"] for b in buckets]), torch.tensor(want), rtol=1e-5, atol=1e-5)
+    assert len({b["cache_mib"] for b in buckets}) == 1  # the window was full from the first bucket on
+    out.with_name("stream.lminf.ckpt").unlink()  # a finished run is kept from its JSON alone
+    monkeypatch.setattr(perplexity, "target_nll", None)  # nothing may be scored again
+    assert run_stream(model, ids, method, bucket=32, out_json=out, chunk_size=7, progress=False) == report
+    monkeypatch.setattr(perplexity, "target_nll", real_nll)
+    with pytest.raises(ValueError, match="holds a lminf run with another bucket"):
+        run_stream(model, ids, method, bucket=16, out_json=out, chunk_size=7, progress=False)
+    sinks = run_stream(model, ids, Patched(Sinks(n_global=2, n_local=16)), bucket=32, out_json=out, chunk_size=7, progress=False)
+    assert set(sinks["results"]) == {"lminf", "sinks"}
+    check_stream_plot(plot_stream(sinks, tmp_path / "stream.png"), sinks)
+
+
+def test_stream_runs_every_registered_strategy(tmp_path):
+    model, ids, out = tiny_model(), tokens(80), tmp_path / "new" / "stream.json"  # its folder made as needed
+    for name, strategy in CASES.items():
+        method = Patched(strategy, name)
+        report = run_stream(model, ids, method, bucket=32, out_json=out, chunk_size=16, progress=False)
+        want = bucket_means(method.nll(model, ids, progress=False), 32)
+        got = [b["nll"] for b in report["results"][name]["buckets"]]
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-5)
+    assert set(report["results"]) == set(CASES)
+    assert lminf.STRATEGIES  # the cases cover the registry (tests/test_strategies.py checks it)
+
+
+@pytest.mark.slow
 def test_cli_eval_ppl_and_short_document(tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("It was a bright cold day in April, and the clocks were striking thirteen. " * 30)
@@ -103,53 +217,13 @@ def test_cli_eval_ppl_and_short_document(tmp_path):
     assert run.returncode == 0, run.stderr
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"doc/vanilla", "doc/lminf", "doc/sinks", "doc/window"}
+    assert report["methods"]["sinks"] == {"strategy": "sinks", "n_global": 10, "n_local": 64}
     assert out.with_suffix(".png").exists() and "| positions |" in run.stdout
     short = subprocess.run([*cli, "--tokens", "100000"], capture_output=True, text=True, timeout=600)
     assert short.returncode == 2 and "fewer than --tokens" in short.stderr
 
 
-def test_sinks_differs_from_lminf_only_past_the_window():
-    model, ids = tiny_model(), tokens(120)
-    lminf_nll = Lminf(n_global=3, n_local=16).nll(model, ids, progress=False)
-    sinks_nll = Sinks(n_global=3, n_local=16).nll(model, ids, progress=False)
-    torch.testing.assert_close(sinks_nll[:16], lminf_nll[:16])  # every key still local
-    assert not torch.allclose(sinks_nll[40:], lminf_nll[40:])  # global keys at other distances
-
-
-def test_stream_equals_one_pass_and_resumes_after_an_interruption(tmp_path, monkeypatch):
-    model, ids = tiny_model(), tokens(150)
-    method = Lminf(n_global=2, n_local=16)
-    want = bucket_means(method.nll(model, ids, progress=False), 32)
-
-    import lminf.eval.perplexity as evaluate
-
-    real_nll, calls = evaluate._nll, []
-
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) == 12:  # partway through the third bucket (5 chunks a bucket)
-            raise KeyboardInterrupt
-        return real_nll(*args)
-
-    out = tmp_path / "stream.json"
-    monkeypatch.setattr(evaluate, "_nll", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run_stream(model, ids, method, bucket=32, out_json=out, chunk_size=7, progress=False)
-    monkeypatch.setattr(evaluate, "_nll", real_nll)
-    assert len(json.loads(out.read_text())["results"]["lminf"]["buckets"]) == 2
-    report = run_stream(model, ids, method, bucket=32, out_json=out, chunk_size=7, progress=False)
-    buckets = report["results"]["lminf"]["buckets"]
-    assert [b["end"] for b in buckets] == [32, 64, 96, 128, 149]
-    torch.testing.assert_close(torch.tensor([b["nll"] for b in buckets]), torch.tensor(want), rtol=1e-5, atol=1e-5)
-    assert len({b["cache_mib"] for b in buckets}) == 1  # the window was full from the first bucket on
-    out.with_name("stream.lminf.ckpt").unlink()  # a finished run is kept from its JSON alone
-    monkeypatch.setattr(evaluate, "_nll", None)  # nothing may be scored again
-    assert run_stream(model, ids, method, bucket=32, out_json=out, chunk_size=7, progress=False) == report
-    monkeypatch.setattr(evaluate, "_nll", real_nll)
-    plot_stream(report, tmp_path / "stream.png")
-    assert matplotlib.image.imread(tmp_path / "stream.png").shape[0] > 100
-
-
+@pytest.mark.slow
 def test_cli_eval_stream_and_report(tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("It was a bright cold day in April, and the clocks were striking thirteen. " * 30)
@@ -166,4 +240,5 @@ def test_cli_eval_stream_and_report(tmp_path):
     assert report.returncode == 0
     text = (tmp_path / "docs" / "results.md").read_text()
     assert "## Perplexity, one pass" in text and "## Streaming" in text and "| lminf | 700 |" in text
+    assert "- lminf minus sinks over their 3 common buckets" in text
     assert (tmp_path / "docs" / "results" / "stream.png").exists() and (tmp_path / "docs" / "results" / "ppl.json").exists()

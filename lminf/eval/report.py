@@ -2,7 +2,9 @@
 
 Every number in the report is read from the JSON files, which are copied (with freshly
 drawn plots) into a `results/` folder beside the report, so the report can be rebuilt
-from the repository alone: `lminf eval report --runs docs/results`.
+from the repository alone: `lminf eval report --runs docs/results`. Which method ran which
+strategy comes from the settings each file records (lminf.eval.methods.strategy_of), so a
+new strategy's results are reported without an edit here.
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ import shutil
 from pathlib import Path
 from statistics import mean
 
-from lminf.eval.cli import grid_table, ppl_table, stream_table
-from lminf.eval.perplexity import plot_ppl, plot_stream
-from lminf.eval.retrieval import accuracy, plot_grid
+from lminf.eval.methods import Window, strategy_of
+from lminf.eval.plots import plot_grid, plot_ppl, plot_stream
+from lminf.eval.retrieval import accuracy
+from lminf.eval.tables import grid_table, method_settings, ppl_table, settings_line, stream_table
+from lminf.strategies import LMInfinite
 
 KINDS = ("ppl", "stream", "passkey", "needle")
+PLOTS = {"ppl": plot_ppl, "stream": plot_stream, "passkey": plot_grid, "needle": plot_grid}
+OURS = LMInfinite.name  # the strategy the report is about: each of its methods is held against every other method
 
 
 def write_report(runs: Path, out: Path) -> Path:
@@ -28,7 +34,7 @@ def write_report(runs: Path, out: Path) -> Path:
     for kind, report in found.items():
         if (runs / f"{kind}.json").resolve() != (assets / f"{kind}.json").resolve():
             shutil.copyfile(runs / f"{kind}.json", assets / f"{kind}.json")
-        {"ppl": plot_ppl, "stream": plot_stream}.get(kind, plot_grid)(report, assets / f"{kind}.png")
+        PLOTS[kind](report, assets / f"{kind}.png")
 
     lines = [
         "# Results",
@@ -48,6 +54,13 @@ def write_report(runs: Path, out: Path) -> Path:
     return out
 
 
+def ours_and_others(report: dict, methods) -> tuple[list[str], list[str]]:
+    """The methods of the LM-Infinite strategy among `methods`, and the rest."""
+    settings = method_settings(report)
+    ours = [m for m in methods if strategy_of(m, settings.get(m)) == OURS]
+    return ours, [m for m in methods if m not in ours]
+
+
 def _header(title: str, report: dict, png: str) -> list[str]:
     return [
         "",
@@ -61,9 +74,9 @@ def _header(title: str, report: dict, png: str) -> list[str]:
     ]
 
 
-def _settings(cells: dict) -> list[str]:
-    described = [f"{name} {s}" for name, s in cells.items() if s]
-    return ["", "Settings: " + "; ".join(described) + "."] if described else []
+def _settings(report: dict) -> list[str]:
+    line = settings_line(report)
+    return ["", f"Settings: {line}."] if line else []
 
 
 def _ppl_section(report: dict, assets: str) -> list[str]:
@@ -84,21 +97,26 @@ def _ppl_section(report: dict, assets: str) -> list[str]:
             f"| {cell['document']} | {cell['method']} | {mean(first):.2f} | "
             f"{f'{mean(past):.2f}' if past else '-'} | {max(cell['bucket_nll']) / mean(first):.2f} |"
         )
-    lines += _settings({c["method"]: c["settings"] for c in report["results"].values()})
-    lines += ["", "What this shows:"]
+    lines += _settings(report)
+    return lines + ["", "What this shows:"] + _ppl_findings(report, summary)
+
+
+def _ppl_findings(report: dict, summary: dict) -> list[str]:
+    lines = []
     for doc in sorted({d for d, _ in summary}):
         row = {m: v for (d, m), v in summary.items() if d == doc}
         for method, (first, past, worst) in row.items():
-            if past is None or method == "window":
+            if past is None or method == Window.name:
                 continue
             verdict = "within 10% of" if worst <= 1.1 * first else "more than 10% above"
             lines.append(
                 f"- {doc}, {method}: mean NLL past the training length {past:.2f} vs {first:.2f} before; its worst bucket "
                 f"past it, {worst:.2f}, is {verdict} its own mean over the training length."
             )
-        if "lminf" in row and "window" in row and row["lminf"][1] is not None:
-            gap = row["lminf"][1] - row["window"][1]
-            lines.append(f"- {doc}: lminf minus the recomputed window past the training length: {gap:+.3f} nats/token.")
+        for ours in ours_and_others(report, row)[0]:
+            if Window.name in row and row[ours][1] is not None:
+                gap = row[ours][1] - row[Window.name][1]
+                lines.append(f"- {doc}: {ours} minus the recomputed window past the training length: {gap:+.3f} nats/token.")
     return lines
 
 
@@ -109,7 +127,7 @@ def _stream_section(report: dict, assets: str) -> list[str]:
         f"{next(iter(report['results'].values()))['bucket']:,} tokens. RSS is the whole process (model included)."
     )
     lines += ["", stream_table(report)]
-    lines += _settings({c["method"]: c["settings"] for c in report["results"].values()})
+    lines += _settings(report)
     lines += ["", "What this shows (NLL moves with the text itself, book by book, so compare methods bucket by bucket):"]
     cells = report["results"]
     for cell in cells.values():
@@ -120,12 +138,14 @@ def _stream_section(report: dict, assets: str) -> list[str]:
             f"- {cell['method']}: {cell['tokens']:,} tokens; bucket NLL between {min(nll):.2f} and {max(nll):.2f}; "
             f"KV cache {min(cache):.1f}-{max(cache):.1f} MiB; process RSS {min(rss):.0f}-{max(rss):.0f} MiB."
         )
-    if "lminf" in cells and "sinks" in cells:
-        gaps = [a["nll"] - b["nll"] for a, b in zip(cells["lminf"]["buckets"], cells["sinks"]["buckets"], strict=False)]
-        lines.append(
-            f"- lminf minus sinks over their {len(gaps)} common buckets: mean {mean(gaps):+.3f}, "
-            f"from {min(gaps):+.3f} to {max(gaps):+.3f} nats/token."
-        )
+    ours, others = ours_and_others(report, list(cells))
+    for a in ours:
+        for b in others:
+            gaps = [x["nll"] - y["nll"] for x, y in zip(cells[a]["buckets"], cells[b]["buckets"], strict=False)]
+            lines.append(
+                f"- {a} minus {b} over their {len(gaps)} common buckets: mean {mean(gaps):+.3f}, "
+                f"from {min(gaps):+.3f} to {max(gaps):+.3f} nats/token."
+            )
     return lines
 
 
@@ -140,7 +160,7 @@ def _grid_section(report: dict, assets: str) -> list[str]:
         "or two cells as noise."
     )
     lines += ["", grid_table(report)]
-    lines += _settings(report.get("methods", {}))
+    lines += _settings(report)
     table = accuracy(report)
     lines += ["", "Where each method misses (cells below 0.5):", ""]
     for method, cells in table.items():
@@ -150,38 +170,54 @@ def _grid_section(report: dict, assets: str) -> list[str]:
 
 
 def _losses(found: dict) -> list[str]:
-    """Where lminf does worse than a baseline, read off the JSON, and why."""
-    lines = ["", "## Where lminf loses", ""]
+    """Where each LM-Infinite method does worse than another method, read off the JSON, and why."""
+    lines = ["", f"## Where {OURS} loses", ""]
     if "ppl" in found:
-        report = found["ppl"]
-        inside = report["training_length"] // report["bucket"]
-        cells = {(c["document"], c["method"]): c["bucket_nll"] for c in report["results"].values()}
-        for (doc, method), nll in sorted(cells.items()):
-            if method not in ("window", "sinks") or (doc, "lminf") not in cells:
-                continue
-            gaps = [a - b for a, b in zip(cells[(doc, "lminf")][inside:], nll[inside:], strict=False)]
-            worse = [g for g in gaps if g > 0.01]
-            lines.append(
-                f"- NLL, {doc}: lminf is worse than {method} by more than 0.01 nats in {len(worse)} of {len(gaps)} buckets "
-                f"past the training length (largest gap {max(gaps, default=0):+.3f}, mean {mean(gaps) if gaps else 0:+.3f})."
-            )
+        lines += _ppl_losses(found["ppl"])
     for task in ("passkey", "needle"):
         if task not in found:
             continue
         table = accuracy(found[task])
-        for ours in (m for m in table if m.startswith("lminf")):
-            for other in (m for m in table if not m.startswith("lminf")):
-                cells = [k for k in table[ours] if table[ours][k] < table[other].get(k, 0)]
+        ours, others = ours_and_others(found[task], list(table))
+        for a in ours:
+            for b in others:
+                cells = [k for k in table[a] if table[a][k] < table[b].get(k, 0)]
                 if cells:
                     where = ", ".join(f"{n} at depth {d:g}" for n, d in sorted(cells))
-                    lines.append(f"- {task}: {ours} below {other} in {len(cells)} of {len(table[ours])} cells ({where}).")
-    lines += [
+                    lines.append(f"- {task}: {a} below {b} in {len(cells)} of {len(table[a])} cells ({where}).")
+    return lines + _why(found)
+
+
+def _ppl_losses(report: dict) -> list[str]:
+    inside = report["training_length"] // report["bucket"]
+    cells = {(c["document"], c["method"]): c["bucket_nll"] for c in report["results"].values()}
+    lines = []
+    for doc in sorted({d for d, _ in cells}):
+        ours, others = ours_and_others(report, [m for d, m in cells if d == doc])
+        for a in ours:
+            for b in sorted(others):
+                gaps = [x - y for x, y in zip(cells[(doc, a)][inside:], cells[(doc, b)][inside:], strict=False)]
+                worse = [g for g in gaps if g > 0.01]
+                lines.append(
+                    f"- NLL, {doc}: {a} is worse than {b} by more than 0.01 nats in {len(worse)} of {len(gaps)} buckets "
+                    f"past the training length (largest gap {max(gaps, default=0):+.3f}, mean {mean(gaps) if gaps else 0:+.3f})."
+                )
+    return lines
+
+
+def _why(found: dict) -> list[str]:
+    trained = {(r.get("model"), r.get("training_length")) for r in found.values() if r.get("training_length")}
+    if len(trained) == 1:
+        ((model, length),) = trained
+        training = f"{length:,} tokens" + (f" for {model}" if model else "")
+    else:
+        training = "given in each section above"
+    return [
         "",
         "Why: without top-k, a query sees only the first `n_global` and the last `n_local` tokens, so anything in between",
         "is out of reach; a secret hidden there cannot be repeated, by lminf as by `sinks` and `window`. The vanilla model",
-        "reads everything up to its training length (8,192 tokens for the default model), so on prompts that short it is",
+        f"reads everything up to its training length ({training}), so on prompts that short it is",
         "the upper bound of the retrieval grids; past that length its NLL breaks down (first section). Top-k brings",
         "middle tokens back, at the price of keeping every key (memory grows with the input). On NLL, lminf only has to",
         "match the recomputed window: it scores with the same recent tokens plus the global ones, in one pass.",
     ]
-    return lines

@@ -8,13 +8,13 @@
 with the secret at `depth` (0: right after the instructions, 1: right before the question),
 lets each method continue it greedily, and scores exact match. Prompts depend only on the
 seed and the cell, so every method sees the same ones. The JSON is rewritten after each
-cell, so an interrupted run resumes where it stopped; `plot_grid` draws one accuracy
-heatmap (depth x length) per method.
+cell, so an interrupted run resumes where it stopped (lminf.eval.runs);
+lminf.eval.plots.plot_grid draws one accuracy heatmap (depth x length) per method.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import random
 import re
 import time
@@ -23,6 +23,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lminf.eval.methods import Method, resolve_all
+from lminf.eval.runs import RunStore
 
 NAMES = ["Anna", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kofi", "Lena"]
 WORDS = [
@@ -111,7 +114,7 @@ def run_grid(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     task,
-    methods: list,
+    methods: list[Method],
     lengths: list[int],
     depths: list[float],
     samples: int,
@@ -121,38 +124,34 @@ def run_grid(
     progress: bool = True,
 ) -> dict:
     """Every (method, length, depth, sample) cell not already in `out_json`; the JSON is rewritten after each."""
-    grid = {"task": task.name, "seed": seed, "document": getattr(task, "document", None)}
-    report = json.loads(out_json.read_text()) if out_json.exists() else {}
-    if report and any(report.get(k) != v for k, v in grid.items()):
-        raise ValueError(f"{out_json} holds another run ({ {k: report.get(k) for k in grid} }); use another --out.")
-    report.update({**grid, "training_length": model.config.max_position_embeddings, **(meta or {})})
-    cells = report.setdefault("results", {})
-    settings = report.setdefault("methods", {})
+    methods = resolve_all(methods, model)
+    store = RunStore(out_json, {"task": task.name, "seed": seed, "document": getattr(task, "document", None)})
+    store.report.update({"training_length": model.config.max_position_embeddings, **(meta or {})})
+    store.record_methods(methods)
     todo = [(m, n, d, s) for m in methods for n in lengths for d in depths for s in range(samples)]
     bar = tqdm(todo, desc=task.name, unit="prompt", disable=not progress)
     for method, length, depth, sample in bar:
-        key = f"{method.name}/{length}/{depth:g}/{sample}"
-        if key in cells:
-            continue  # done in an earlier run
-        bar.set_postfix_str(f"{method.name} {length} tokens")
-        rng = random.Random(f"{seed}/{length}/{depth:g}/{sample}")  # the same prompt for every method
-        ids, answer = build_prompt(task, tokenizer, length, depth, rng)
-        start = time.perf_counter()
-        output = tokenizer.decode(method.complete(model, ids.to(model.device), task.max_new_tokens), skip_special_tokens=True)
-        cells[key] = {
-            "method": method.name,
-            "length": length,
-            "depth": depth,
-            "sample": sample,
-            "answer": answer,
-            "output": output,
-            "correct": task.correct(output, answer),
-            "seconds": round(time.perf_counter() - start, 2),
-        }
-        settings[method.name] = vars(method) if hasattr(method, "__dataclass_fields__") else {}
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps(report, indent=2))
-    return report
+        compute = functools.partial(_grid_cell, model, tokenizer, task, method, length, depth, sample, seed, bar)
+        store.cell(f"{method.name}/{length}/{depth:g}/{sample}", compute)
+    return store.report
+
+
+def _grid_cell(model, tokenizer, task, method: Method, length: int, depth: float, sample: int, seed: int, bar) -> dict:
+    bar.set_postfix_str(f"{method.name} {length} tokens")
+    rng = random.Random(f"{seed}/{length}/{depth:g}/{sample}")  # the same prompt for every method
+    ids, answer = build_prompt(task, tokenizer, length, depth, rng)
+    start = time.perf_counter()
+    output = tokenizer.decode(method.complete(model, ids.to(model.device), task.max_new_tokens), skip_special_tokens=True)
+    return {
+        "method": method.name,
+        "length": length,
+        "depth": depth,
+        "sample": sample,
+        "answer": answer,
+        "output": output,
+        "correct": task.correct(output, answer),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
 
 
 def accuracy(report: dict) -> dict[str, dict[tuple[int, float], float]]:
@@ -161,32 +160,3 @@ def accuracy(report: dict) -> dict[str, dict[tuple[int, float], float]]:
     for cell in report["results"].values():
         tally.setdefault(cell["method"], {}).setdefault((cell["length"], cell["depth"]), []).append(cell["correct"])
     return {m: {k: sum(v) / len(v) for k, v in cells.items()} for m, cells in tally.items()}
-
-
-def plot_grid(report: dict, out_png: Path) -> None:
-    """One heatmap per method: depth (rows) x length (columns), accuracy in each cell."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    table = accuracy(report)
-    methods = list(table)
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 1, 3.6), squeeze=False)
-    for ax, method in zip(axes[0], methods, strict=True):
-        lengths = sorted({n for n, _ in table[method]})
-        depths = sorted({d for _, d in table[method]})
-        grid = [[table[method].get((n, d), float("nan")) for n in lengths] for d in depths]
-        image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-        for r, row in enumerate(grid):
-            for c, value in enumerate(row):
-                ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8)
-        ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths] if ax is axes[0][0] else [])
-        ax.set(title=method, xlabel="prompt length (tokens)")
-    axes[0][0].set_ylabel("depth of the secret (0 = start)")
-    fig.colorbar(image, ax=axes[0].tolist(), label="accuracy")
-    fig.suptitle(f"{report['task']} retrieval, {report.get('model', '')}", y=1.04)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120, bbox_inches="tight")
-    plt.close(fig)

@@ -1,0 +1,226 @@
+"""The methods an evaluation compares, and the registry of their names.
+
+A method has a `name` (its key in results), `settings()` (what the JSON records about it),
+`resolved(model)` (the same method with the defaults that depend on the model filled in),
+`nll(model, ids)` (per-token NLL, one pass) and `complete(model, ids, max_new_tokens)`
+(greedy continuation). Two kinds:
+
+- baselines, which are not strategies of the engine: `Vanilla` (the unpatched model, fed
+  through a DynamicCache in chunks) and `Window` (the plain baseline, recomputed: tokens are
+  scored `stride` at a time by the vanilla model reading only the last `n_local` tokens, so
+  each token sees between n_local - stride and n_local - 1 previous tokens and nothing older);
+- `Patched(strategy, name)`: the model patched with a registered strategy, one pass through
+  the strategy's cache (exactly the one-pass result), unpatched afterwards.
+
+Method names: "vanilla", "window", and every name in each registered strategy's
+`methods()` (LM-Infinite offers "lminf" and "lminf-topk", sinks "sinks"), so a new strategy
+reaches `lminf eval`, `lminf bench` and the report without an edit here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+from transformers import Cache, DynamicCache, PreTrainedModel
+
+from lminf.arguments import strategy_from
+from lminf.generation import check_ids, greedy, target_nll, token_nll
+from lminf.patching import make_cache, patch, settings_of, unpatch
+from lminf.strategies import STRATEGIES, Strategy, build
+
+
+class Method:
+    """Base class: the unpatched model. Subclasses change what they need."""
+
+    name = ""
+
+    def settings(self) -> dict:
+        return {}
+
+    def resolved(self, model: PreTrainedModel) -> Method:
+        return self
+
+    @contextmanager
+    def patched(self, model: PreTrainedModel) -> Iterator[PreTrainedModel]:
+        """The model as this method runs it, for the duration of the block."""
+        yield model
+
+    def new_cache(self, model: PreTrainedModel) -> Cache:
+        return DynamicCache()
+
+    def kept_pairs(self, length: int, layer: int = 0) -> int:
+        """Query-key pairs one layer attends to over a causal prompt of `length` tokens: all of them."""
+        return length * (length + 1) // 2
+
+    def nll(self, model: PreTrainedModel, ids: torch.Tensor, progress: bool = True) -> torch.Tensor:
+        with self.patched(model):
+            return token_nll(model, ids, self.new_cache(model), progress=progress)
+
+    def complete(self, model: PreTrainedModel, ids: torch.Tensor, max_new_tokens: int) -> list[int]:
+        with self.patched(model):
+            return greedy(model, ids, self.new_cache(model), max_new_tokens)
+
+
+class Vanilla(Method):
+    name = "vanilla"
+
+
+@dataclass(frozen=True)
+class Window(Method):
+    n_local: int | None = None  # default: the model's training length
+    stride: int | None = None  # default: n_local // 4
+
+    name = "window"
+
+    def settings(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def resolved(self, model: PreTrainedModel) -> Window:
+        window = self.n_local or model.config.max_position_embeddings
+        stride = self.stride or max(1, window // 4)
+        if not 1 <= stride < window:
+            raise ValueError(f"window stride must be in 1..{window - 1}, got {stride}.")
+        return Window(window, stride)
+
+    def kept_pairs(self, length: int, layer: int = 0) -> int:
+        raise NotImplementedError("the recomputed window has no cache to benchmark.")
+
+    @torch.inference_mode()
+    def nll(self, model: PreTrainedModel, ids: torch.Tensor, progress: bool = True) -> torch.Tensor:
+        check_ids(ids)
+        resolved = self.resolved(model)
+        window, stride = resolved.n_local, resolved.stride
+        n, nll = ids.shape[1], []
+        for a in tqdm(range(1, n, stride), desc="window", unit="step", disable=not progress):
+            b = min(a + stride, n)  # score targets a .. b-1
+            start = max(0, b - window)  # the last target reads window - 1 tokens before it
+            hidden = model.model(ids[:, start : b - 1], use_cache=False).last_hidden_state
+            nll.append(target_nll(model, hidden[0, a - 1 - start :], ids[0, a:b]))
+        return torch.cat(nll)
+
+    def complete(self, model: PreTrainedModel, ids: torch.Tensor, max_new_tokens: int) -> list[int]:
+        window = self.n_local or model.config.max_position_embeddings
+        if max_new_tokens >= window:
+            raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for input in a window of {window}.")
+        # The prompt is cut so that the last generated token still sees only `window` tokens.
+        return greedy(model, ids[:, -(window - max_new_tokens) :], DynamicCache(), max_new_tokens)
+
+
+@dataclass(frozen=True)
+class Patched(Method):
+    """The model patched with `strategy` (a Strategy or a registered name) while it runs;
+    `name` defaults to the strategy's name."""
+
+    strategy: Strategy
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.strategy, str):
+            object.__setattr__(self, "strategy", build(self.strategy))
+        if not self.name:
+            object.__setattr__(self, "name", self.strategy.name)
+
+    def settings(self) -> dict:
+        return self.strategy.settings()
+
+    def resolved(self, model: PreTrainedModel) -> Patched:
+        with self.patched(model):
+            return dataclasses.replace(self, strategy=settings_of(model))
+
+    @contextmanager
+    def patched(self, model: PreTrainedModel) -> Iterator[PreTrainedModel]:
+        patch(model, self.strategy)
+        try:
+            yield model
+        finally:
+            unpatch(model)
+
+    def new_cache(self, model: PreTrainedModel) -> Cache:
+        return make_cache(model)
+
+    def kept_pairs(self, length: int, layer: int = 0) -> int:
+        return self.strategy.kept_pairs(length, layer)
+
+
+# -- the registry of names ---------------------------------------------------------------
+
+BASELINES: dict[str, type[Method]] = {Vanilla.name: Vanilla, Window.name: Window}
+
+
+def strategy_methods() -> dict[str, tuple[type[Strategy], dict]]:
+    """Every registered strategy's methods: name -> (strategy class, settings fixed for it)."""
+    return {name: (cls, preset) for cls in STRATEGIES.values() for name, preset in cls.methods().items()}
+
+
+def method_names(vanilla: bool = True, window: bool = True) -> list[str]:
+    """The names the CLI offers: vanilla, every strategy method, window."""
+    return [*([Vanilla.name] * vanilla), *strategy_methods(), *([Window.name] * window)]
+
+
+def make_method(name: str, args: argparse.Namespace) -> Method:
+    """The method `name` with the strategy settings given on the command line (`args`, as
+    lminf.arguments.add_model_args makes them; a strategy ignores the settings it lacks)."""
+    if name == Vanilla.name:
+        return Vanilla()
+    if name == Window.name:
+        return Window(getattr(args, "n_local", None))
+    if name not in strategy_methods():
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(method_names())}.")
+    cls, preset = strategy_methods()[name]
+    return Patched(build(strategy_from(args, cls.name, strict=False), **preset), name)
+
+
+def methods_from(text: str, args: argparse.Namespace, allowed: Sequence[str] | None = None) -> list[Method]:
+    """The methods of a comma list (`--methods`), each built by `make_method`."""
+    allowed = list(allowed or method_names())
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in allowed]
+    if unknown or not names:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(allowed)}.")
+    methods = [make_method(name, args) for name in names]
+    check_distinct(methods)
+    return methods
+
+
+def check_distinct(methods: Sequence[Method]) -> None:
+    """One run holds each method once: no name twice, no two methods with identical settings."""
+    names: dict[str, Method] = {}
+    settings: dict[str, str] = {}
+    for method in methods:
+        if method.name in names:
+            raise ValueError(f"method {method.name} is asked for twice.")
+        names[method.name] = method
+        key = json.dumps(method.settings(), sort_keys=True, default=str)
+        if key in settings:
+            raise ValueError(
+                f"methods {settings[key]} and {method.name} have identical settings {method.settings()}: "
+                "they would measure the same thing twice; drop one or change a setting (e.g. --top-k)."
+            )
+        settings[key] = method.name
+
+
+def resolve_all(methods: Sequence[Method], model: PreTrainedModel) -> list[Method]:
+    """Each method resolved against `model`, checked to be distinct (what a runner records)."""
+    resolved = [method.resolved(model) for method in methods]
+    check_distinct(resolved)
+    return resolved
+
+
+def strategy_of(name: str, settings: dict | None = None) -> str | None:
+    """The strategy a recorded method ran, or None for a baseline: its settings say (since
+    they record "strategy"); for older JSON, the method registry or a strategy name that
+    starts the method's name ("lminf-top5")."""
+    if settings and "strategy" in settings:
+        return settings["strategy"]
+    if name in BASELINES:
+        return None
+    if name in strategy_methods():
+        return strategy_methods()[name][0].name
+    return next((strategy for strategy in STRATEGIES if name.startswith(strategy)), None)

@@ -1,0 +1,83 @@
+"""One resumable JSON run store for every evaluation and the benchmark.
+
+A run is one JSON file: identity fields (what makes two runs the same run, e.g. the bucket
+size or the task and seed), metadata (model, machine), each method's settings under
+"methods", and the finished cells under "results". `RunStore` loads the file if it exists,
+refuses it when its identity differs, skips the cells already finished, and rewrites the
+file atomically after each new cell, so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import transformers
+
+
+class RunStore:
+    def __init__(self, path: Path, identity: dict, mismatch: str = "holds another run ({found}); use another --out.") -> None:
+        """`mismatch`: the error when the file holds a run with other identity fields, after the
+        path; formatted with the found fields by name and as {found}."""
+        self.path = Path(path)
+        self.report: dict = json.loads(self.path.read_text()) if self.path.exists() else {}
+        found = {key: self.report.get(key) for key in identity}
+        if self.report and found != identity:
+            raise ValueError(f"{self.path} " + mismatch.format(found=found, **found))
+        self.report.update(identity)
+
+    @property
+    def results(self) -> dict:
+        return self.report.setdefault("results", {})
+
+    def record_methods(self, methods: Sequence) -> None:
+        """Each method's settings under "methods"; a method recorded with other settings is an error."""
+        recorded = self.report.setdefault("methods", {})
+        for method in methods:
+            settings = json.loads(json.dumps(method.settings()))  # as the file holds them
+            if recorded.get(method.name, settings) != settings:
+                raise ValueError(
+                    f"{self.path} holds a run of {method.name} with other settings ({recorded[method.name]}); "
+                    "use another --out or the same settings."
+                )
+            recorded[method.name] = settings
+
+    def done(self, key: str, **expect) -> bool:
+        """Whether cell `key` was finished by an earlier run (with these field values, if given)."""
+        cell = self.results.get(key)
+        return cell is not None and all(cell.get(field) == value for field, value in expect.items())
+
+    def cell(self, key: str, compute: Callable[[], dict], **expect) -> dict:
+        """Cell `key`: the finished one, or `compute()`d now and saved."""
+        if not self.done(key, **expect):
+            self.put(key, compute())
+        return self.results[key]
+
+    def put(self, key: str, cell: dict) -> None:
+        self.results[key] = cell
+        self.save()
+
+    def save(self) -> None:
+        """Write the file atomically: an interruption leaves the previous version whole."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.report, indent=2))
+        tmp.replace(self.path)
+
+
+def machine() -> str:
+    """The machine a run is measured on, in one line (CPU, GPU, threads, library versions)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+        cpu = f"{names[0]} ({len(names)} cores)" if names else cpu
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        cpu += f", {torch.cuda.get_device_name()}"
+    threads = torch.get_num_threads()
+    return f"{cpu}, {threads} thread{'s' * (threads != 1)}, torch {torch.__version__}, transformers {transformers.__version__}"

@@ -1,0 +1,113 @@
+"""Markdown tables of the runs' JSON reports, printed by the CLI and used by the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lminf.eval.bench import bench_methods, floors
+from lminf.eval.retrieval import accuracy
+
+
+def method_settings(report: dict) -> dict[str, dict]:
+    """Each method's recorded settings: the run's "methods", overridden by those its cells
+    recorded (resolved for the model; older runs record them only there)."""
+    found = dict(report.get("methods") or {})
+    for cell in report["results"].values():
+        if "settings" in cell:
+            found[cell["method"]] = cell["settings"]
+    return found
+
+
+def settings_line(report: dict) -> str:
+    """'name {settings}; ...' for every method that has settings ('' when none has)."""
+    return "; ".join(f"{name} {settings}" for name, settings in method_settings(report).items() if settings)
+
+
+def ppl_table(report: dict) -> str:
+    bucket, lines = report["bucket"], []
+    for doc in sorted({c["document"] for c in report["results"].values()}):
+        cells = [c for c in report["results"].values() if c["document"] == doc]
+        lines += [f"\n{doc}\n", f"| positions | {' | '.join(c['method'] for c in cells)} |", f"|---|{'---|' * len(cells)}"]
+        for k in range(max(len(c["bucket_nll"]) for c in cells)):
+            row = " | ".join(f"{c['bucket_nll'][k]:.2f}" if k < len(c["bucket_nll"]) else "" for c in cells)
+            lines.append(f"| {k * bucket}-{(k + 1) * bucket} | {row} |")
+    return "\n".join(lines)
+
+
+def stream_table(report: dict) -> str:
+    lines = ["| method | tokens | mean NLL first bucket | mean NLL last bucket | tokens/s | KV cache MiB | RSS MiB (min-max) |"]
+    lines.append("|---|---|---|---|---|---|---|")
+    for cell in report["results"].values():
+        b = cell["buckets"]
+        rss = [x["rss_mib"] for x in b]
+        lines.append(
+            f"| {cell['method']} | {cell['tokens']:,} | {b[0]['nll']:.2f} | {b[-1]['nll']:.2f} | "
+            f"{sum(x['tokens'] for x in b) / sum(x['tokens'] / x['tokens_per_s'] for x in b):.0f} | "
+            f"{max(x['cache_mib'] for x in b):.1f} | {min(rss):.0f}-{max(rss):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def grid_table(report: dict) -> str:
+    table = accuracy(report)
+    lengths = sorted({n for cells in table.values() for n, _ in cells})
+    lines = [f"| method | {' | '.join(str(n) for n in lengths)} | all |", f"|---|{'---|' * (len(lengths) + 1)}"]
+    for method, cells in table.items():
+        by_length = [[v for (n, _), v in cells.items() if n == length] for length in lengths]
+        row = " | ".join(f"{sum(v) / len(v):.2f}" if v else "" for v in by_length)
+        lines.append(f"| {method} | {row} | {sum(cells.values()) / len(cells):.2f} |")
+    return "\n".join(lines)
+
+
+BENCH_COLUMNS = (
+    ("prefill_s", "prefill s", "{:.1f}"),
+    ("decode_ms", "decode ms/token", "{:.0f}"),
+    ("peak_mib", "peak MiB", "{:.0f}"),
+    ("cache_mib", "KV cache MiB", "{:.0f}"),
+)
+
+
+def bench_table(report: dict) -> str:
+    """One row per context length; for each measure, one column per method, its floor in parentheses."""
+    methods = bench_methods(report)
+    header = " | ".join(f"{label} {method}" for _, label, _ in BENCH_COLUMNS for method in methods)
+    lines = [f"| tokens | {header} |", "|---|" + "---|" * (len(BENCH_COLUMNS) * len(methods))]
+    for length in sorted({c["tokens"] for c in report["results"].values()}):
+        cells = [report["results"].get(f"{m}/{length}", {}) for m in methods]
+        row = [str(length)]
+        for field, _, fmt in BENCH_COLUMNS:
+            for c in cells:
+                if field not in c:
+                    row.append("not run" if "skipped" in c else "failed" if "error" in c else "-")
+                    continue
+                floor = floors(report, c).get(field)
+                row.append(fmt.format(c[field]) + ("" if floor is None else f" ({fmt.format(floor)})"))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines + _bench_notes(report))
+
+
+def _bench_notes(report: dict) -> list[str]:
+    notes = [
+        f"- {c['method']} at {c['tokens']}: {c.get('skipped') or c['error']}"
+        for c in report["results"].values()
+        if "prefill_s" not in c
+    ]
+    rates = report.get("rates") or {}
+    if "matmul_tflop_s" in rates:
+        notes.append(
+            f"- In parentheses, the floor: prefill FLOPs at the measured dense matmul rate "
+            f"({1000 * rates['matmul_tflop_s']:.0f} GFLOP/s), a decoding step's bytes (every weight, plus the keys and "
+            f"values it attends to) at the measured read bandwidth ({rates['bandwidth_gb_s']:.1f} GB/s)."
+        )
+    return [""] + notes if notes else []
+
+
+def bench_page(report: dict, doc: Path, table: str) -> str:
+    """The markdown page `lminf bench --doc` writes, beside its JSON and PNG copies."""
+    settings = settings_line(report)
+    return (
+        f"# Benchmarks\n\nGenerated by `lminf bench --doc {doc}` (JSON: `{doc.with_suffix('.json').name}`). "
+        f"Model {report['model']}, settings {report['settings']}{'; methods: ' + settings if settings else ''}.\n\n"
+        f"Machine: {report['machine']}.{' ' + report['note'] if report.get('note') else ''}\n\n{table}\n\n"
+        f"![time and memory vs context]({doc.with_suffix('.png').name})\n"
+    )
