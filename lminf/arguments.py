@@ -21,16 +21,22 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch
 
 
 def add_model_args(
-    parser: argparse.ArgumentParser, n_local: int | None = None, top_k: int | None = None, vanilla: bool = True
+    parser: argparse.ArgumentParser,
+    n_local: int | None = None,
+    top_k: int | None = None,
+    vanilla: bool = True,
+    strategy: bool = True,
 ) -> None:
     """--model, --dtype, --device, --strategy and one flag per strategy setting; `n_local` and
-    `top_k` set a command's own defaults for those settings."""
+    `top_k` set a command's own defaults for those settings. strategy=False: no --strategy
+    (commands that compare the methods of --methods)."""
     parser.add_argument("--model", default=None, help="local HF model folder or cached hub id (default: SmolLM2-135M-Instruct)")
     parser.add_argument(
         "--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="auto: bfloat16 on GPU, float32 on CPU"
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--strategy", default="lminf", choices=sorted(STRATEGIES), help="attention strategy (default lminf)")
+    if strategy:
+        parser.add_argument("--strategy", default="lminf", choices=sorted(STRATEGIES), help="attention strategy (default lminf)")
     defaults = {"n_local": n_local, "top_k": top_k}
     for name, spec in _settings().items():
         default = defaults.get(name)
@@ -51,7 +57,7 @@ def strategy_from(args: argparse.Namespace, name: str | None = None, strict: boo
     if strict and foreign:
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in foreign)
         raise ValueError(f"--strategy {cls.name} has no setting {flags}; its settings: {', '.join(sorted(own))}.")
-    return cls(**{k: v for k, v in given.items() if k in own}, **(fixed or {}))
+    return cls(**{**{k: v for k, v in given.items() if k in own}, **(fixed or {})})
 
 
 def dtype_for(name: str, device: str) -> torch.dtype:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -14,9 +12,9 @@ import transformers
 from transformers import DynamicCache, TextStreamer
 
 import lminf
+from lminf.arguments import add_model_args, load
 from lminf.eval import cli as eval_cli
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+from lminf.memory import peak_mib
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = commands.add_parser("generate", help="generate text after a long input, streamed to stdout")
     gen.add_argument("input", nargs="?", default="-", help="text file to read, or - for stdin (default)")
     gen.add_argument("-i", "--instruction", default="", help="instruction placed after the input")
-    _add_model_args(gen)
+    add_model_args(gen)
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=0.7)
@@ -35,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--chunk-size", type=int, default=2048, help="prompt tokens per prefill step")
     chat = commands.add_parser("chat", help="a terminal chat that never runs out of context")
     chat.add_argument("--system", default=None, help="system prompt, kept in force for the whole chat")
-    _add_model_args(chat)
+    add_model_args(chat)
     chat.add_argument("--max-new-tokens", type=int, default=512)
     chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     chat.add_argument("--top-p", type=float, default=1.0)
@@ -46,48 +44,20 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--api-key", default=None, help="require this bearer key (or set LMINF_API_KEY)")
     serve.add_argument("--max-sessions", type=int, default=8, help="idle conversations kept for prefix reuse")
     serve.add_argument("--max-body-bytes", type=int, default=8 * 2**20)
-    _add_model_args(serve)
+    add_model_args(serve)
 
-    bench = commands.add_parser("bench", help="prefill time, decode latency and peak memory vs context, vanilla vs lminf")
-    bench.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768", help="context lengths (comma list)")
-    bench.add_argument("--decode-tokens", type=int, default=32, help="decode steps per cell; the median is reported")
-    bench.add_argument("--vanilla-up-to", type=int, default=16384, help="longest context vanilla runs at (it is quadratic)")
-    bench.add_argument("--chunk-size", type=int, default=2048, help="prompt tokens per prefill step")
-    bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    bench.add_argument("--out", type=Path, default=Path("runs/bench.json"), help="JSON (resumed if present); PNG beside it")
-    bench.add_argument("--doc", type=Path, default=None, help="also write this markdown page (e.g. docs/benchmarks.md)")
-    bench.add_argument("--note", default=None, help="conditions worth knowing (e.g. other load), kept in the JSON and page")
-    _add_model_args(bench, vanilla=False)
-    eval_cli.add_commands(commands, _add_model_args)
+    eval_cli.add_commands(commands)
 
     args = parser.parse_args(argv)
     # transformers warns when a generation passes max_position_embeddings: that is the point here.
     transformers.logging.set_verbosity_error()
     try:
-        if args.command in ("eval", "data"):
-            return eval_cli.run(args, _load)
-        return {"generate": generate, "chat": chat_loop, "serve": serve_http, "bench": bench_command}[args.command](args)
+        if args.command in eval_cli.COMMANDS:
+            return eval_cli.run(args)
+        return {"generate": generate, "chat": chat_loop, "serve": serve_http}[args.command](args)
     except (ValueError, RuntimeError, OSError) as error:
         print(f"lminf: error: {error}", file=sys.stderr)
         return 2
-
-
-def _add_model_args(parser: argparse.ArgumentParser, n_local: int | None = None, top_k: int = 0, vanilla: bool = True) -> None:
-    parser.add_argument("--model", default=None, help="local HF model folder or cached hub id (default: SmolLM2-135M-Instruct)")
-    parser.add_argument(
-        "--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="auto: bfloat16 on GPU, float32 on CPU"
-    )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--n-global", type=int, default=10, help="first tokens every query sees (default 10)")
-    parser.add_argument(
-        "--n-local", type=int, default=n_local, help=f"window of recent tokens (default: {n_local or 'the training length'})"
-    )
-    parser.add_argument(
-        "--top-k", type=int, default=top_k, help=f"middle tokens each head also sees (default {top_k or '0: off'})"
-    )
-    parser.add_argument("--top-k-from-layer", type=int, default=4)
-    if vanilla:
-        parser.add_argument("--vanilla", action="store_true", help="run the unpatched model, for comparison")
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -96,7 +66,7 @@ def generate(args: argparse.Namespace) -> int:
         raise ValueError("the input is empty: give a file, pipe text on stdin, or pass --instruction.")
     if args.max_new_tokens < 1 or args.chunk_size < 1:
         raise ValueError("--max-new-tokens and --chunk-size must be >= 1.")
-    model, tokenizer = _load(args, patched=not args.vanilla)
+    model, tokenizer = load(args, patched=not args.vanilla)
     ids = _prompt_ids(tokenizer, text, args.instruction).to(args.device)
 
     cache = DynamicCache() if args.vanilla else lminf.make_cache(model)
@@ -125,30 +95,23 @@ def generate(args: argparse.Namespace) -> int:
     print(
         f"[lminf] prompt {ids.shape[1]} tokens, generated {new} tokens, "
         f"prefill {prefill_s:.1f} s ({(ids.shape[1] - 1) / max(prefill_s, 1e-9):.0f} tok/s), "
-        f"decode {new / max(decode_s, 1e-9):.1f} tok/s, peak memory {_peak_memory_gib(args.device):.2f} GiB",
+        f"decode {new / max(decode_s, 1e-9):.1f} tok/s, peak memory {peak_mib(args.device) / 1024:.2f} GiB",
         file=sys.stderr,
     )
     return 0
 
 
-def _load(args: argparse.Namespace, patched: bool = True):
-    model, tokenizer = lminf.load_model(args.model, _dtype(args.dtype, args.device))
-    model.to(args.device)
-    if patched:
-        lminf.patch(model, args.n_global, args.n_local, args.top_k, args.top_k_from_layer)
-    return model, tokenizer
-
-
 def chat_loop(args: argparse.Namespace) -> int:
-    from lminf.serve.session import ReplyText, Sampling, Session, pinned_prefix_length, stream_tokens
+    from lminf.patching import settings_of
+    from lminf.serve.session import Sampling, Session, Turn, pinned_prefix_length
 
     if args.vanilla:
         raise ValueError("chat needs the patched model; --vanilla is for `lminf generate`.")
-    model, tokenizer = _load(args)
+    model, tokenizer = load(args)
     if not tokenizer.chat_template:
         raise ValueError("this model has no chat template; use `lminf generate` instead.")
     system = [{"role": "system", "content": args.system}] if args.system else []
-    n_global = max(args.n_global, pinned_prefix_length(tokenizer, system))
+    n_global = max(settings_of(model).n_global, pinned_prefix_length(tokenizer, system))
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, seed=0)
     stop = {tokenizer.eos_token_id}
     messages, session, speed = list(system), Session(model, n_global), 0.0
@@ -167,7 +130,7 @@ def chat_loop(args: argparse.Namespace) -> int:
         if line == "/stats":
             print(
                 f"(tokens so far {len(session.tokens)}, pinned {n_global}, cache {session.memory_bytes() / 2**20:.1f} MiB, "
-                f"last reply {speed:.1f} tok/s, peak memory {_peak_memory_gib(args.device):.2f} GiB)",
+                f"last reply {speed:.1f} tok/s, peak memory {peak_mib(args.device) / 1024:.2f} GiB)",
                 file=sys.stderr,
             )
             continue
@@ -177,77 +140,29 @@ def chat_loop(args: argparse.Namespace) -> int:
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         if not prompt.startswith(session.text):  # the template rewrote the history: start afresh
             session = Session(model, n_global)
-        new_tokens = session.take_text(prompt, tokenizer)
-        reply, start = ReplyText(tokenizer), time.perf_counter()
-        for token in stream_tokens(model, session, new_tokens, sampling, stop):
-            if token is not None:  # None: a prefill chunk done
-                print(reply.add(token), end="", flush=True)
+        turn, start = Turn(model, tokenizer, session, prompt, sampling, stop), time.perf_counter()
+        for text in turn.steps():  # the reply is recorded into the session at the end
+            print(text, end="", flush=True)
         print()
-        generated = reply.tokens
-        speed = len(generated) / max(time.perf_counter() - start, 1e-9)
-        session.take_reply(tokenizer, generated)
-        messages.append({"role": "assistant", "content": tokenizer.decode(generated, skip_special_tokens=True)})
+        speed = turn.completion_tokens / max(time.perf_counter() - start, 1e-9)
+        messages.append({"role": "assistant", "content": turn.text})
 
 
 def serve_http(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from lminf.serve.openai_api import Engine, api_key_from_env, create_app
+    from lminf.serve.engine import Engine
+    from lminf.serve.openai_api import api_key_from_env, create_app
 
     if args.vanilla:
         raise ValueError("serve runs the patched model; --vanilla is for `lminf generate`.")
-    model, tokenizer = _load(args)
+    model, tokenizer = load(args)
     name = args.model.rstrip("/").split("/")[-1] if args.model else lminf.default_model.DEFAULT_NAME
     engine = Engine(model, tokenizer, name, max_sessions=args.max_sessions)
     app = create_app(engine, api_key_from_env(args.api_key), args.max_body_bytes)
     print(f"lminf: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
-
-
-def bench_command(args: argparse.Namespace) -> int:
-    from lminf.eval.bench import bench_table, plot_bench, run_bench
-
-    lengths = eval_cli.numbers(args.lengths, int, "--lengths")
-    if min(lengths) < 1 or args.decode_tokens < 1 or args.chunk_size < 1:
-        raise ValueError("--lengths, --decode-tokens and --chunk-size must be >= 1.")
-    settings = {
-        "n_global": args.n_global,
-        "n_local": args.n_local,
-        "dtype": str(_dtype(args.dtype, args.device)).removeprefix("torch."),
-        "device": args.device,
-        "chunk": args.chunk_size,
-        "decode_tokens": args.decode_tokens,
-        "threads": args.threads,
-    }
-    if args.threads:
-        torch.set_num_threads(args.threads)  # so that the machine line says what the children use
-    meta = {"model": args.model or lminf.default_model.DEFAULT_NAME, "machine": eval_cli.machine()}
-    if args.note:
-        meta["note"] = args.note
-    report = run_bench(args.model, lengths, settings, args.vanilla_up_to, args.out, meta)
-    png = args.out.with_suffix(".png")
-    plot_bench(report, png)
-    table = bench_table(report)
-    print(table)
-    if args.doc:  # a page with its own copies of the JSON and the plot
-        args.doc.parent.mkdir(parents=True, exist_ok=True)
-        args.doc.with_suffix(".json").write_text(json.dumps(report, indent=2))
-        plot_bench(report, args.doc.with_suffix(".png"))
-        args.doc.write_text(
-            f"# Benchmarks\n\nGenerated by `lminf bench --doc {args.doc}` (JSON: `{args.doc.with_suffix('.json').name}`). "
-            f"Model {report['model']}, settings {report['settings']} (n_local None: the training length).\n\n"
-            f"Machine: {report['machine']}.{' ' + report['note'] if report.get('note') else ''}\n\n{table}\n\n"
-            f"![time and memory vs context]({args.doc.with_suffix('.png').name})\n"
-        )
-    print(f"wrote {args.out} and {png}" + (f" and {args.doc}" if args.doc else ""), file=sys.stderr)
-    return 0
-
-
-def _dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":  # CPUs without bfloat16 units run it several times slower than float32
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    return DTYPES[name]
 
 
 def _read_input(source: str) -> str:
@@ -268,12 +183,6 @@ def _prompt_ids(tokenizer, text: str, instruction: str) -> torch.Tensor:
             "input_ids"
         ]
     return tokenizer(content, return_tensors="pt")["input_ids"]
-
-
-def _peak_memory_gib(device: str) -> float:
-    if str(device).startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 if __name__ == "__main__":

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from lminf.arguments import add_model_args
 from lminf.eval import cli as eval_cli
-from lminf.eval.methods import Patched, Vanilla, Window, method_names, methods_from, strategy_of
+from lminf.eval.methods import Patched, Vanilla, Window, check_distinct, method_names, methods_from, strategy_of
 from lminf.eval.perplexity import run_ppl
 from lminf.eval.report import ours_and_others, write_report
 from lminf.eval.runs import RunStore
@@ -21,11 +20,9 @@ from tests.conftest import tiny_model
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    """Arguments as `lminf ...` parses them (the eval commands, and bench's methods)."""
+    """Arguments as `lminf ...` parses them (data, eval, bench)."""
     parser = argparse.ArgumentParser()
-    commands = parser.add_subparsers(dest="command")
-    add_model_args(commands.add_parser("bench"), vanilla=False)
-    eval_cli.add_commands(commands)
+    eval_cli.add_commands(parser.add_subparsers(dest="command"))
     return parser.parse_args(argv)
 
 
@@ -96,17 +93,20 @@ def test_unknown_method_names_the_choices():
 
 def test_two_methods_with_the_same_settings_are_an_error():
     args = parse("eval", "ppl", "--top-k", "0")
-    with pytest.raises(ValueError, match="methods lminf and lminf-topk have identical settings"):
-        methods_from("lminf,lminf-topk", args)
+    with pytest.raises(ValueError, match="method lminf-topk is the same as lminf"):  # alone too
+        methods_from("lminf-topk", args)
+    with pytest.raises(ValueError, match="methods a and b have identical settings"):
+        check_distinct([Patched(LMInfinite(n_local=64), "a"), Patched(LMInfinite(n_local=64), "b")])
     with pytest.raises(ValueError, match="asked for twice"):
         methods_from("sinks,sinks", args)
     assert len(methods_from("lminf,sinks", args)) == 2  # same tokens, another strategy: distinct
 
 
-def test_strategy_and_flag_do_not_apply_to_evaluations():
-    assert parse("eval", "ppl").strategy is None
-    with pytest.raises(ValueError, match="--methods"):
-        eval_cli.no_strategy_flag(parse("eval", "ppl", "--strategy", "sinks"))
+def test_strategy_flag_does_not_apply_to_evaluations():
+    for command in (("eval", "ppl"), ("bench",)):
+        assert not hasattr(parse(*command), "strategy")
+        with pytest.raises(SystemExit):  # --methods says what runs
+            parse(*command, "--strategy", "sinks")
 
 
 def test_report_finds_the_lm_infinite_methods_in_new_and_old_json():

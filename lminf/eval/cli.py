@@ -1,4 +1,4 @@
-"""`lminf data` and `lminf eval ...`: the evaluation commands (see lminf.cli for the rest).
+"""`lminf data`, `lminf eval ...` and `lminf bench`: the evaluation commands (see lminf.cli for the rest).
 
 Every evaluation writes a JSON file (resumed when it exists) and a PNG beside it, and
 prints a table; `lminf eval report` turns the JSON files into docs/results.md. The methods
@@ -8,28 +8,31 @@ prints a table; `lminf eval report` turns the JSON files into docs/results.md. T
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
 
-from lminf.arguments import add_model_args, load
+from lminf.arguments import add_model_args, dtype_for, load
 from lminf.default_model import DEFAULT_NAME
+from lminf.eval.bench import run_bench
 from lminf.eval.data import available, data_dir, extract, find_document, sources
 from lminf.eval.methods import method_names, methods_from
 from lminf.eval.perplexity import run_ppl, run_stream
-from lminf.eval.plots import plot_grid, plot_ppl, plot_stream
+from lminf.eval.plots import plot_bench, plot_grid, plot_ppl, plot_stream
 from lminf.eval.report import write_report
 from lminf.eval.retrieval import Needle, Passkey, run_grid
 from lminf.eval.runs import machine
-from lminf.eval.tables import grid_table, ppl_table, stream_table
+from lminf.eval.tables import bench_page, bench_table, grid_table, ppl_table, stream_table
 
 # Default method lists: every method name is accepted (lminf.eval.methods.method_names).
 PPL_METHODS, STREAM_METHODS, BENCH_METHODS = "vanilla,lminf,sinks,window", "lminf,sinks", "vanilla,lminf"
+COMMANDS = ("data", "eval", "bench")
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    """`lminf data` and `lminf eval ...`; and the methods of `lminf bench`, when lminf.cli defines it."""
+    """`lminf data`, `lminf eval ...` and `lminf bench`."""
     data = commands.add_parser("data", help="extract the long public-domain texts the evaluations use")
     data.add_argument("names", nargs="*", help="sources to extract (default: all); see `lminf data --list`")
     data.add_argument("--search", type=Path, action="append", default=[], help="folder with downloaded .deb or archives")
@@ -72,13 +75,23 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     for name, window in windows.items():
         parser = evaluate.choices[name]
         # top_k is the paper's k = 5, for the lminf-topk method; the other methods ignore it.
-        add_model_args(parser, n_local=window, top_k=5, vanilla=False)
+        add_model_args(parser, n_local=window, top_k=5, vanilla=False, strategy=False)
         parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-        _refuse_strategy_flag(parser)
-    if "bench" in commands.choices:
-        bench = commands.choices["bench"]
-        bench.add_argument("--methods", default=BENCH_METHODS, help=f"comma list of {', '.join(choices('bench'))}")
-        _refuse_strategy_flag(bench)
+    _add_bench(commands)
+
+
+def _add_bench(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser("bench", help="prefill time, decode latency and peak memory vs context, method by method")
+    bench.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768", help="context lengths (comma list)")
+    bench.add_argument("--methods", default=BENCH_METHODS, help=f"comma list of {', '.join(choices('bench'))}")
+    bench.add_argument("--decode-tokens", type=int, default=32, help="decode steps per cell; the median is reported")
+    bench.add_argument("--vanilla-up-to", type=int, default=16384, help="longest context vanilla runs at (it is quadratic)")
+    bench.add_argument("--chunk-size", type=int, default=2048, help="prompt tokens per prefill step")
+    bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    bench.add_argument("--out", type=Path, default=Path("runs/bench.json"), help="JSON (resumed if present); PNG beside it")
+    bench.add_argument("--doc", type=Path, default=None, help="also write this markdown page (e.g. docs/benchmarks.md)")
+    bench.add_argument("--note", default=None, help="conditions worth knowing (e.g. other load), kept in the JSON and page")
+    add_model_args(bench, vanilla=False, strategy=False)
 
 
 def choices(command: str) -> list[str]:
@@ -87,28 +100,15 @@ def choices(command: str) -> list[str]:
     return {"stream": method_names(vanilla=False, window=False), "bench": method_names(window=False)}.get(command, method_names())
 
 
-def _refuse_strategy_flag(parser: argparse.ArgumentParser) -> None:
-    """--methods says what runs: the --strategy of add_model_args is hidden here, and refused (no_strategy_flag)."""
-    parser.set_defaults(strategy=None)
-    for action in parser._actions:
-        if action.dest == "strategy":
-            action.help = argparse.SUPPRESS
-
-
-def no_strategy_flag(args: argparse.Namespace) -> None:
-    """Evaluations and the benchmark run the methods of --methods; a --strategy would be ignored."""
-    if getattr(args, "strategy", None) is not None:
-        raise ValueError(f"--strategy does not apply here: name the methods to compare with --methods (e.g. {args.strategy}).")
-
-
 def run(args: argparse.Namespace) -> int:
-    """Dispatch `lminf data` / `lminf eval X`."""
+    """Dispatch `lminf data` / `lminf eval X` / `lminf bench`."""
     if args.command == "data":
         return data_command(args)
+    if args.command == "bench":
+        return bench_command(args)
     if args.evaluation == "report":
         print(f"wrote {write_report(args.runs, args.out)}", file=sys.stderr)
         return 0
-    no_strategy_flag(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     return {"ppl": eval_ppl, "stream": eval_stream, "passkey": eval_grid, "needle": eval_grid}[args.evaluation](args)
@@ -180,6 +180,37 @@ def eval_grid(args: argparse.Namespace) -> int:
         task = Needle(ids[0].tolist(), path.stem)
     report = run_grid(model, tokenizer, task, methods, lengths, depths, args.samples, args.seed, args.out, _meta(args, model))
     return _finish(args.out, report, plot_grid, grid_table)
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    lengths = numbers(args.lengths, int, "--lengths")
+    if min(lengths) < 1 or args.decode_tokens < 1 or args.chunk_size < 1:
+        raise ValueError("--lengths, --decode-tokens and --chunk-size must be >= 1.")
+    methods = methods_from(args.methods, args, choices("bench"))
+    settings = {
+        "dtype": str(dtype_for(args.dtype, args.device)).removeprefix("torch."),
+        "device": args.device,
+        "chunk": args.chunk_size,
+        "decode_tokens": args.decode_tokens,
+        "threads": args.threads,
+    }
+    if args.threads:
+        torch.set_num_threads(args.threads)  # so that the machine line says what the children use
+    meta = {"model": args.model or DEFAULT_NAME, "machine": machine()}
+    if args.note:
+        meta["note"] = args.note
+    report = run_bench(args.model, methods, lengths, settings, args.vanilla_up_to, args.out, meta)
+    png = args.out.with_suffix(".png")
+    plot_bench(report, png)
+    table = bench_table(report)
+    print(table)
+    if args.doc:  # a page with its own copies of the JSON and the plot
+        args.doc.parent.mkdir(parents=True, exist_ok=True)
+        args.doc.with_suffix(".json").write_text(json.dumps(report, indent=2))
+        plot_bench(report, args.doc.with_suffix(".png"))
+        args.doc.write_text(bench_page(report, args.doc, table))
+    print(f"wrote {args.out} and {png}" + (f" and {args.doc}" if args.doc else ""), file=sys.stderr)
+    return 0
 
 
 def _finish(out: Path, report: dict, plot, table) -> int:

@@ -174,7 +174,13 @@ def make_method(name: str, args: argparse.Namespace) -> Method:
     if name not in strategy_methods():
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(method_names())}.")
     cls, preset = strategy_methods()[name]
-    return Patched(build(strategy_from(args, cls.name, strict=False), **preset), name)
+    strategy = strategy_from(args, cls.name, strict=False, fixed=preset)
+    # A preset that leaves a setting to the flags must not fall onto one that fixes it
+    # (lminf-topk with --top-k 0 is plain lminf under another name).
+    for other, other_preset in cls.methods().items():
+        if len(other_preset) > len(preset) and strategy_from(args, cls.name, strict=False, fixed=other_preset) == strategy:
+            raise ValueError(f"method {name} is the same as {other} with these settings ({strategy}); change a setting.")
+    return Patched(strategy, name)
 
 
 def methods_from(text: str, args: argparse.Namespace, allowed: Sequence[str] | None = None) -> list[Method]:

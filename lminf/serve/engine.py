@@ -7,10 +7,10 @@ load. `lminf.serve.openai_api` puts the OpenAI API in front of it.
 
 from __future__ import annotations
 
-import resource
 import threading
 from collections.abc import Callable, Iterator
 
+from lminf.memory import peak_mib
 from lminf.patching import settings_of
 from lminf.serve.scheduler import Job, Scheduler, Worker
 from lminf.serve.session import Sampling, Session, SessionStore, Turn, pinned_prefix_length
@@ -94,7 +94,7 @@ class Engine:
                 "cache_bytes": self.store.memory_bytes(),
                 "active_jobs": self.worker.active,
                 "generated_tokens": self.generated_tokens,
-                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "peak_rss_bytes": int(peak_mib("cpu") * 2**20),
             }
 
 
