@@ -7,8 +7,10 @@ module per layer (`layer_idx`, `head_dim`).
 
 from __future__ import annotations
 
+import importlib
+
 import torch
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 # Decoder families whose attention layers are checked against the reference in the tests.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
@@ -17,7 +19,11 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def check_supported(model: PreTrainedModel) -> None:
-    config = model.config
+    check_config(model.config)
+
+
+def check_config(config: PretrainedConfig) -> None:
+    """A clear error unless lminf supports this model configuration."""
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
@@ -50,3 +56,12 @@ def attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
             "this model's layout is not supported."
         )
     return modules
+
+
+def rotary_inv_freq(config: PretrainedConfig) -> torch.Tensor:
+    """The rotary frequencies a model of this configuration uses, computed by its own
+    transformers rotary class (for engines that build the model themselves, e.g. vLLM)."""
+    check_config(config)
+    module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+    rotary = next(getattr(module, name) for name in dir(module) if name.endswith("RotaryEmbedding"))
+    return rotary(config).inv_freq

@@ -110,3 +110,24 @@ def test_kept_pairs_are_the_pairs_the_rule_keeps(case, length, n_global, n_local
     strategy = dataclasses.replace(CASES[case], n_global=n_global, n_local=n_local)
     for layer in (0, 1):
         assert strategy.kept_pairs(length, layer) == Strategy.kept_pairs(strategy, length, layer)  # closed form == counted
+
+
+@pytest.mark.parametrize("q_start, total", [(0, 5), (3, 9), (20, 21), (30, 45), (44, 45)])
+def test_keys_it_says_it_reads_are_enough(strategy, q_start, total):
+    """An engine that gathers only `keys_for` from its own cache (vLLM) gets the same output."""
+    from lminf.layout import Layout
+    from lminf.strategies import AttentionCall
+
+    gen = torch.Generator().manual_seed(total)
+    q, k, v = (torch.randn(1, h, n, 8, generator=gen) for h, n in ((4, total - q_start), (2, total), (2, total)))
+    call = AttentionCall(layer=2, inv_freq=1.0 / 10.0 ** (torch.arange(4) / 4), scaling=8**-0.5)
+    everything = torch.arange(total)[None]
+    full = strategy.attention(
+        q, k, v, Layout(everything[:, q_start:], everything, torch.ones_like(everything, dtype=torch.bool)), call
+    )
+    n_first, tail = strategy.keys_for(q_start, total)
+    kept = torch.cat((torch.arange(n_first), torch.arange(tail, total)))
+    layout = Layout(everything[:, q_start:], kept[None], torch.ones(1, len(kept), dtype=torch.bool))
+    torch.testing.assert_close(strategy.attention(q, k[:, :, kept], v[:, :, kept], layout, call), full, rtol=1e-5, atol=1e-5)
+    if strategy.cache_bound() is not None:
+        assert len(kept) <= strategy.cache_bound() + (total - q_start)

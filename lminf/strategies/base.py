@@ -77,6 +77,12 @@ class Strategy:
         grows with the input. A promise the tests hold `make_cache` to."""
         return None
 
+    def keys_for(self, q_start: int, total: int) -> tuple[int, int]:
+        """Which keys the attention of queries at positions [q_start, total) reads, for an engine
+        that gathers them from its own cache (vLLM's paged blocks): (n_first, tail_start), the
+        positions [0, n_first) and [tail_start, total), n_first <= tail_start. Default: all."""
+        return 0, 0
+
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, call: AttentionCall) -> torch.Tensor:
         """q (B, Hq, Q, D), k and v (B, Hkv, K, D), rotated at their own positions -> (B, Hq, Q, D)."""
         raise NotImplementedError

@@ -51,6 +51,10 @@ class WindowedStrategy(Strategy):
     def cache_bound(self) -> int | None:
         return None if self.keeps_middle else self.n_global + self.n_local
 
+    def keys_for(self, q_start: int, total: int) -> tuple[int, int]:
+        tail_start = 0 if self.keeps_middle else max(0, q_start - self.n_local + 1)
+        return min(self.n_global, tail_start), tail_start
+
     def make_cache(self, num_layers: int, extra_sinks: int = 0) -> LambdaCache:
         return LambdaCache(num_layers, n_sink=self.n_global + extra_sinks, n_local=None if self.keeps_middle else self.n_local)
 
