@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-body-bytes", type=int, default=8 * 2**20)
     add_model_args(serve)
 
+    commands.add_parser("model-path", help="print the default model's local folder (converted on first use), e.g. for vLLM")
     eval_cli.add_commands(commands)
 
     args = parser.parse_args(argv)
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in eval_cli.COMMANDS:
             return eval_cli.run(args)
-        return {"generate": generate, "chat": chat_loop, "serve": serve_http}[args.command](args)
+        return {"generate": generate, "chat": chat_loop, "serve": serve_http, "model-path": model_path}[args.command](args)
     except (ValueError, RuntimeError, OSError) as error:
         print(f"lminf: error: {error}", file=sys.stderr)
         return 2
@@ -98,6 +99,11 @@ def generate(args: argparse.Namespace) -> int:
         f"decode {new / max(decode_s, 1e-9):.1f} tok/s, peak memory {peak_mib(args.device) / 1024:.2f} GiB",
         file=sys.stderr,
     )
+    return 0
+
+
+def model_path(args: argparse.Namespace) -> int:
+    print(lminf.default_model.converted_folder())
     return 0
 
 

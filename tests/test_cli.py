@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lminf.default_model import converted_folder
 from lminf.eval.bench import prefill_pairs
 from lminf.eval.methods import Patched, Vanilla
 from lminf.eval.plots import plot_bench
@@ -130,3 +131,11 @@ def test_bench_json_from_before_the_registry_still_renders():
     table = bench_table(report)
     assert table.splitlines()[0].startswith("| tokens | prefill s vanilla | prefill s lminf | decode ms/token vanilla |")
     assert "| 32768 | not run | 353.0 (300.1) |" in table
+
+
+@pytest.mark.slow
+def test_model_path_prints_the_converted_default_model():
+    run = lminf_cli("model-path")
+    assert run.returncode == 0, run.stderr
+    folder = Path(run.stdout.strip())
+    assert (folder / "config.json").exists() and folder == converted_folder()
