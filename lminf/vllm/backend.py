@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from vllm.config import get_current_vllm_config
+from vllm.logger import init_logger
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
@@ -17,6 +18,8 @@ from lminf.families import rotary_inv_freq
 from lminf.layout import Layout
 from lminf.strategies import AttentionCall, Strategy, build
 from lminf.vllm import CONFIG_KEY
+
+logger = init_logger("vllm.lminf")  # under vLLM's logger, so it prints with vLLM's own lines
 
 
 def strategy_from_config(vllm_config) -> Strategy | None:
@@ -39,6 +42,7 @@ class LminfCPUAttentionImpl(CPUAttentionBackendImpl):
             if self.sliding_window != -1 or self.alibi_slopes is not None or self.logits_soft_cap:
                 raise ValueError("lminf in vLLM supports plain rotary full-attention layers only.")
             self.inv_freq = rotary_inv_freq(vllm_config.model_config.hf_config).float()
+            logger.info_once("lminf: attention runs %s", self.strategy)
         self._layout_checked = False
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None):
