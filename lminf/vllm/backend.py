@@ -43,17 +43,17 @@ class LminfCPUAttentionImpl(CPUAttentionBackendImpl):
                 raise ValueError("lminf in vLLM supports plain rotary full-attention layers only.")
             self.inv_freq = rotary_inv_freq(vllm_config.model_config.hf_config).float()
             logger.info_once("lminf: attention runs %s", self.strategy)
-        self._layout_checked = False
+        self._call: AttentionCall | None = None  # made at the first forward, when the layer's name is known
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None):
         if self.strategy is None or attn_metadata is None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
         num_blocks, num_kv_heads, block_size, _ = kv_cache.size()
         key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, block_size * 2, -1).chunk(2, dim=2)
-        if not self._layout_checked:
+        if self._call is None:
             check_cache_layout(layer.isa, block_size, self.head_size, query.dtype)
-            self._layout_checked = True
-        call = AttentionCall(layer=extract_layer_index(layer.layer_name), inv_freq=self.inv_freq, scaling=self.scale)
+            self._call = AttentionCall(layer=extract_layer_index(layer.layer_name), inv_freq=self.inv_freq, scaling=self.scale)
+        call = self._call
         starts = attn_metadata.query_start_loc.tolist()
         for r, total in enumerate(attn_metadata.seq_lens.tolist()):
             a, b = starts[r], starts[r + 1]
