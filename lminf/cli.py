@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import transformers
 from transformers import DynamicCache, TextStreamer
 
 import lminf
-from lminf.arguments import add_model_args, load
+from lminf.arguments import add_model_args, dtype_for, load, strategy_from
 from lminf.eval import cli as eval_cli
 from lminf.memory import peak_mib
 
@@ -42,8 +43,18 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require this bearer key (or set LMINF_API_KEY)")
-    serve.add_argument("--max-sessions", type=int, default=8, help="idle conversations kept for prefix reuse")
-    serve.add_argument("--max-body-bytes", type=int, default=8 * 2**20)
+    serve.add_argument(
+        "--engine",
+        choices=["auto", "transformers", "vllm"],
+        default="auto",
+        help=f"auto: vllm where it is installed, else transformers (here: {_auto_engine()})",
+    )
+    serve.add_argument(
+        "--max-sessions", type=int, default=8, help="transformers engine: idle conversations kept for prefix reuse"
+    )
+    serve.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="transformers engine: largest request body")
+    serve.add_argument("--max-model-len", type=int, default=131072, help="vllm engine: longest prompt plus reply, in tokens")
+    serve.add_argument("--vllm-args", default="", help='vllm engine: more options for its server, e.g. "--max-num-seqs 64"')
     add_model_args(serve)
 
     commands.add_parser("model-path", help="print the default model's local folder (converted on first use), e.g. for vLLM")
@@ -154,7 +165,15 @@ def chat_loop(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": turn.text})
 
 
+def _auto_engine() -> str:
+    from lminf.vllm.server import vllm_installed
+
+    return "vllm" if vllm_installed() else "transformers"
+
+
 def serve_http(args: argparse.Namespace) -> int:
+    if (args.engine if args.engine != "auto" else _auto_engine()) == "vllm":
+        return serve_vllm(args)
     import uvicorn
 
     from lminf.serve.engine import Engine
@@ -169,6 +188,39 @@ def serve_http(args: argparse.Namespace) -> int:
     print(f"lminf: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def serve_vllm(args: argparse.Namespace) -> int:
+    """vLLM's OpenAI server with the plugin running the strategy; replaces this process."""
+    import shlex
+
+    from lminf.serve.openai_api import api_key_from_env
+    from lminf.vllm.server import server_command, vllm_installed
+
+    if not vllm_installed():
+        raise ValueError("--engine vllm needs vLLM next to lminf (see the README's vLLM section).")
+    if args.vanilla:
+        raise ValueError("serve runs the patched model; --vanilla is for `lminf generate`.")
+    model_dir = args.model or str(lminf.default_model.converted_folder())
+    name = args.model.rstrip("/").split("/")[-1] if args.model else lminf.default_model.DEFAULT_NAME
+    extra = shlex.split(args.vllm_args)
+    if not torch.cuda.is_available() and "--gpu-memory-utilization" not in extra:
+        extra += ["--gpu-memory-utilization", "0.5"]  # on CPU the share of RAM vLLM reserves; its 0.92 fails on a busy machine
+    dtype = str(dtype_for(args.dtype, args.device)).removeprefix("torch.")
+    argv, env = server_command(
+        model_dir,
+        strategy_from(args),
+        host=args.host,
+        port=args.port,
+        max_model_len=args.max_model_len,
+        name=name,
+        api_key=api_key_from_env(args.api_key),
+        dtype=dtype,
+        extra=extra,
+    )
+    print(f"lminf: serving {name} with vLLM on http://{args.host}:{args.port}/v1: {shlex.join(argv)}", file=sys.stderr)
+    os.execve(argv[0], argv, env)
+    return 0  # not reached
 
 
 def _read_input(source: str) -> str:

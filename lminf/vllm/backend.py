@@ -8,16 +8,20 @@ the transformers path. Writing the cache and building the metadata stay vLLM's.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from vllm.config import get_current_vllm_config
 from vllm.logger import init_logger
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 
 from lminf.families import rotary_inv_freq
 from lminf.layout import Layout
 from lminf.strategies import AttentionCall, Strategy, build
 from lminf.vllm import CONFIG_KEY
+from lminf.vllm.kv_cache import KeepFirstLastSpec, kept_span
 
 logger = init_logger("vllm.lminf")  # under vLLM's logger, so it prints with vLLM's own lines
 
@@ -43,6 +47,8 @@ class LminfCPUAttentionImpl(CPUAttentionBackendImpl):
                 raise ValueError("lminf in vLLM supports plain rotary full-attention layers only.")
             self.inv_freq = rotary_inv_freq(vllm_config.model_config.hf_config).float()
             logger.info_once("lminf: attention runs %s", self.strategy)
+        LminfCPUAttentionBackend.layer_strategy = self.strategy
+        LminfCPUAttentionBackend.in_flight_tokens = vllm_config.max_in_flight_tokens
         self._call: AttentionCall | None = None  # made at the first forward, when the layer's name is known
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None):
@@ -102,6 +108,33 @@ def check_cache_layout(isa: str, block_size: int, head_size: int, dtype: torch.d
 
 
 class LminfCPUAttentionBackend(CPUAttentionBackend):
+    # vLLM calls customize_spec without its config (none is current then), after building
+    # the layers in the same worker process: their impl leaves the strategy here.
+    layer_strategy: Strategy | None = None
+    in_flight_tokens = 0
+
     @staticmethod
     def get_impl_cls() -> type[LminfCPUAttentionImpl]:
         return LminfCPUAttentionImpl
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """A full-attention layer under a strategy that reads only its first and last tokens
+        gets the KV policy that frees the blocks in between (lminf.vllm.kv_cache)."""
+        spec = super().customize_spec(spec)
+        strategy = cls.layer_strategy
+        span = kept_span(strategy) if strategy is not None else None
+        if span is None or type(spec) is not FullAttentionSpec:
+            return spec
+        keep_first, keep_last = span
+        fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+        spec = KeepFirstLastSpec(**fields, keep_first=keep_first, keep_last=keep_last, in_flight_tokens=cls.in_flight_tokens)
+        logger.info_once(
+            "lminf: KV cache per request bounded at %d blocks of %d tokens (first %d + last %d tokens + %d in flight)",
+            spec.max_admission_blocks_per_request(cls.in_flight_tokens, 1 << 62),
+            spec.block_size,
+            keep_first,
+            keep_last,
+            cls.in_flight_tokens,
+        )
+        return spec

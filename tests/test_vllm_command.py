@@ -1,0 +1,37 @@
+"""`lminf serve --engine vllm` builds vLLM's server command without importing vLLM (runs everywhere)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+import lminf
+from lminf.cli import main
+from lminf.vllm.server import server_command, vllm_installed
+from tests.conftest import tiny_model
+
+
+def test_settings_resolved_against_the_models_own_length(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path)  # max_position_embeddings 64
+    argv, env = server_command(
+        str(tmp_path), lminf.LMInfinite(n_global=4), host="0.0.0.0", port=9000, max_model_len=100_000, name="tiny"
+    )
+    flag = {argv[i]: argv[i + 1] for i in range(3, len(argv) - 1, 2)}
+    assert argv[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    # n_local is the training length (64), not the raised rotary table (100,000)
+    assert json.loads(flag["--additional-config"]) == {
+        "lminf": {"strategy": "lminf", "n_global": 4, "n_local": 64, "top_k": 0, "top_k_from_layer": 4}
+    }
+    assert json.loads(flag["--hf-overrides"]) == {"max_position_embeddings": 100_000}
+    assert flag["--max-model-len"] == "100000" and flag["--port"] == "9000" and flag["--dtype"] == "float32"
+    assert env["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] == "1"
+    with pytest.raises(ValueError, match="max-model-len"):
+        server_command(str(tmp_path), lminf.LMInfinite(), host="h", port=1, max_model_len=0, name="tiny")
+
+
+@pytest.mark.skipif(vllm_installed(), reason="vLLM is installed here")
+def test_engine_vllm_without_vllm_is_a_clear_error(capsys):
+    assert main(["serve", "--engine", "vllm"]) != 0
+    assert "--engine vllm needs vLLM" in capsys.readouterr().err
