@@ -142,6 +142,21 @@ def test_vllm_equals_transformers(tiny, case):
         assert seen["vllm:prefix_cache_hits"] > 0
 
 
+def test_tensor_parallel(tiny, monkeypatch):
+    """tensor_parallel_size=2 (each worker holds half the heads and its own KV pool): the same
+    greedy tokens and logprobs as lminf in transformers."""
+    model, folder = tiny
+    # vLLM binds each CPU worker's threads to a NUMA node; this machine has one: a core each.
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in LENGTHS[:3]]
+    # Each worker holds half of every block's heads, so a block costs it half the bytes.
+    llm = make_llm(folder, LMINF, 12, page_bytes=PAGE_BYTES // 2, tensor_parallel_size=2, distributed_executor_backend="mp")
+    results = greedy(llm, prompts)
+    del llm
+    assert_equals_transformers(model, LMINF, prompts, results)
+
+
 def test_bounded_memory_long_prompt(tiny):
     """A prompt 40x the window, through a KV pool that fits only the first tokens, the window
     and one prefill chunk: it completes, exactly, with the pool's use flat once the window is
