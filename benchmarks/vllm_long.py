@@ -131,6 +131,32 @@ def run_transformers(prompt: list[int], settings: dict, new_tokens: int) -> dict
     return {"tokens": tokens, "logprobs": logprobs, "total_s": time.perf_counter() - start}
 
 
+def table(result: dict) -> str:
+    got, used, chunk = result["lminf"], result["lminf"]["blocks_used_per_step"], result["chunk"]
+    n, n_local = result["prompt_tokens"], result["settings"]["n_local"]
+    prefill_steps, full = -(-n // chunk), -(-n_local // chunk) + 1  # steps; the first step after the window filled
+    rows = [
+        ("prompt tokens", f"{n:,}"),
+        ("KV pool", f"{result['pool_blocks']} blocks = {result['pool_tokens']:,} tokens = {result['pool_mib']:.0f} MiB"),
+        ("full attention would need", f"{result['full_attention_blocks_needed']:,} blocks"),
+        (
+            "blocks in use, prefill once the window is full",
+            f"{min(used[full - 1 : prefill_steps - 1])}-{max(used[full - 1 : prefill_steps - 1])}",
+        ),
+        ("blocks in use, decoding", f"{min(used[prefill_steps:-1])}-{max(used[prefill_steps:-1])}"),
+        ("prefill", f"{got['prefill_s']:.0f} s ({n / got['prefill_s']:.0f} tok/s)"),
+        ("decode", f"{got['decode_tokens_per_s']:.1f} tok/s"),
+        ("engine worker peak RSS", f"{got['worker_peak_rss_mib']:.0f} MiB"),
+        ("plain vLLM, same pool", result["plain_vllm_same_pool"][:60]),
+    ]
+    if "transformers" in result:
+        t = result["transformers"]
+        same = f"{t['identical_tokens']}/{len(t['tokens'])} tokens identical, max |logprob diff| {t['max_abs_logprob_diff']:.1e}"
+        rows.append(("vs lminf in transformers", same))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=100_000, help="prompt tokens")
@@ -140,7 +166,11 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=2048, help="prefill tokens per engine step")
     parser.add_argument("--compare", action="store_true", help="also run lminf in transformers and compare")
     parser.add_argument("--out", default="docs/measurements/vllm_long.json")
+    parser.add_argument("--report", action="store_true", help="print the table of an earlier run's JSON, run nothing")
     args = parser.parse_args()
+    if args.report:
+        print(table(json.loads(Path(args.out).read_text())))
+        return
 
     model, tokenizer = lminf.load_default()
     config = model.config
@@ -173,32 +203,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
-    got, used = result["lminf"], result["lminf"]["blocks_used_per_step"]
-    rows = [
-        ("prompt tokens", f"{len(prompt):,}"),
-        ("KV pool", f"{bound} blocks = {bound * BLOCK:,} tokens = {result['pool_mib']:.0f} MiB"),
-        ("full attention would need", f"{result['full_attention_blocks_needed']:,} blocks"),
-        (
-            "blocks in use, prefill (min-max after the 1st chunk)",
-            f"{min(used[1 : -args.new_tokens])}-{max(used[1 : -args.new_tokens])}",
-        ),
-        ("blocks in use, decoding (max)", f"{max(used[-args.new_tokens : -1])}"),
-        ("prefill", f"{got['prefill_s']:.0f} s ({len(prompt) / got['prefill_s']:.0f} tok/s)"),
-        ("decode", f"{got['decode_tokens_per_s']:.1f} tok/s"),
-        ("engine worker peak RSS", f"{got['worker_peak_rss_mib']:.0f} MiB"),
-        ("plain vLLM, same pool", result["plain_vllm_same_pool"][:90]),
-    ]
-    if args.compare:
-        t = result["transformers"]
-        rows.append(
-            (
-                "vs lminf in transformers",
-                f"{t['identical_tokens']}/{len(t['tokens'])} tokens identical, "
-                f"max |logprob diff| {t['max_abs_logprob_diff']:.1e}",
-            )
-        )
-    width = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    print(table(result))
 
 
 if __name__ == "__main__":

@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         "--max-sessions", type=int, default=8, help="transformers engine: idle conversations kept for prefix reuse"
     )
     serve.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="transformers engine: largest request body")
-    serve.add_argument("--max-model-len", type=int, default=131072, help="vllm engine: longest prompt plus reply, in tokens")
+    serve.add_argument(
+        "--max-model-len", type=int, default=131072, help="vllm engine: longest prompt plus reply, in tokens (default 131072)"
+    )
     serve.add_argument("--vllm-args", default="", help='vllm engine: more options for its server, e.g. "--max-num-seqs 64"')
     add_model_args(serve)
 

@@ -131,3 +131,13 @@ def test_keys_it_says_it_reads_are_enough(strategy, q_start, total):
     torch.testing.assert_close(strategy.attention(q, k[:, :, kept], v[:, :, kept], layout, call), full, rtol=1e-5, atol=1e-5)
     if strategy.cache_bound() is not None:
         assert len(kept) <= strategy.cache_bound() + (total - q_start)
+
+
+def test_plain_attention_up_to_where_it_says(strategy):
+    """Up to `plain_up_to` tokens the rule is plain causal attention (engines run their own
+    kernel there): every earlier key seen, at its true distance, none left to pick from."""
+    n = strategy.plain_up_to()
+    i, j = torch.arange(n)[None, :, None], torch.arange(n)[None, None, :]
+    rule, causal = strategy.rule(i, j, layer=2), j <= i
+    assert n > 0 and rule.seen[causal].all() and (rule.distance == i - j)[causal].all()
+    assert not rule.candidates[causal].any()

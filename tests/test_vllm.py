@@ -120,6 +120,8 @@ CASES = {
     "lminf-preempted": (LMINF, 9, {"scheduler_reserve_full_isl": False}),  # admitted beyond the pool: vLLM must preempt
     "lminf-top2": ({**LMINF, "top_k": 2, "top_k_from_layer": 1}, 160, {}),  # top-k reads the middle: every block kept
     "sinks": ({"strategy": "sinks", "n_global": N_GLOBAL, "n_local": N_LOCAL}, 12, {}),
+    # Prompt + reply within the window: the batch runs vLLM's own kernel (Strategy.plain_up_to).
+    "lminf-inside-window": (LMINF, 12, {"lengths": (37, 20, 50)}),
 }
 
 
@@ -127,9 +129,11 @@ CASES = {
 def test_vllm_equals_transformers(tiny, case):
     model, folder = tiny
     settings, kv_blocks, engine = CASES[case]
+    engine = dict(engine)
     gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in LENGTHS]
-    prompts[3][:200] = prompts[0][:200]  # a shared prefix, for the prefix cache
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in engine.pop("lengths", LENGTHS)]
+    if len(prompts) > 3:
+        prompts[3][:200] = prompts[0][:200]  # a shared prefix, for the prefix cache
     llm = make_llm(folder, settings, kv_blocks, **engine)
     results = greedy(llm, prompts)
     again = greedy(llm, prompts[:1]) if engine.get("enable_prefix_caching") else []  # served from cached blocks

@@ -83,6 +83,12 @@ class Strategy:
         positions [0, n_first) and [tail_start, total), n_first <= tail_start. Default: all."""
         return 0, 0
 
+    def plain_up_to(self) -> int:
+        """The longest input (in tokens) over which this strategy is plain causal attention: every
+        query sees every earlier key at its true distance. An engine may run its own attention
+        kernel up to it (vLLM's, for batches that fit). Default: 0, never claimed."""
+        return 0
+
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, call: AttentionCall) -> torch.Tensor:
         """q (B, Hq, Q, D), k and v (B, Hkv, K, D), rotated at their own positions -> (B, Hq, Q, D)."""
         raise NotImplementedError

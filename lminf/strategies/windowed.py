@@ -51,6 +51,9 @@ class WindowedStrategy(Strategy):
     def cache_bound(self) -> int | None:
         return None if self.keeps_middle else self.n_global + self.n_local
 
+    def plain_up_to(self) -> int:
+        return self.n_local  # every pair is inside the window: nothing capped, nothing picked
+
     def keys_for(self, q_start: int, total: int) -> tuple[int, int]:
         tail_start = 0 if self.keeps_middle else max(0, q_start - self.n_local + 1)
         return min(self.n_global, tail_start), tail_start

@@ -52,7 +52,9 @@ class LminfCPUAttentionImpl(CPUAttentionBackendImpl):
         self._call: AttentionCall | None = None  # made at the first forward, when the layer's name is known
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None):
-        if self.strategy is None or attn_metadata is None:
+        # Batches that fit where the strategy is plain attention run vLLM's own kernel.
+        plain = self.strategy is None or attn_metadata is None or int(attn_metadata.seq_lens.max()) <= self.strategy.plain_up_to()
+        if plain:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
         num_blocks, num_kv_heads, block_size, _ = kv_cache.size()
         key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, block_size * 2, -1).chunk(2, dim=2)

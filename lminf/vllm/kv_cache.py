@@ -32,8 +32,10 @@ def kept_span(strategy: Strategy) -> tuple[int, int] | None:
     for q in (FAR, FAR + 12345):
         n_first, tail = strategy.keys_for(q, q + 1)
         spans.add((n_first, q - tail + 1))
-    (span,) = spans if len(spans) == 1 else (None,)
-    return span if span is not None and span[1] <= FAR // 2 else None
+    if len(spans) != 1:
+        return None  # the shape moves with the position
+    span = spans.pop()
+    return span if span[1] <= FAR // 2 else None  # a "window" as long as the input: it keeps everything
 
 
 @dataclass(frozen=True, kw_only=True)
