@@ -16,8 +16,9 @@ from tests.conftest import tiny_model
 def test_settings_resolved_against_the_models_own_length(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path)  # max_position_embeddings 64
     argv, env = server_command(
-        str(tmp_path), lminf.LMInfinite(n_global=4), host="0.0.0.0", port=9000, max_model_len=100_000, name="tiny"
+        str(tmp_path), lminf.LMInfinite(n_global=4), host="0.0.0.0", port=9000, max_model_len=100_000, name="tiny", api_key="k1"
     )
+    assert env["VLLM_API_KEY"] == "k1" and "k1" not in argv  # not visible in `ps`
     flag = {argv[i]: argv[i + 1] for i in range(3, len(argv) - 1, 2)}
     assert argv[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
     # n_local is the training length (64), not the raised rotary table (100,000)

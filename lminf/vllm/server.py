@@ -44,7 +44,7 @@ def server_command(
     argv += ["--host", host, "--port", str(port), "--dtype", "float32" if dtype == "auto" else dtype]
     argv += ["--max-model-len", str(max_model_len), "--hf-overrides", json.dumps({"max_position_embeddings": max_model_len})]
     argv += ["--additional-config", json.dumps({CONFIG_KEY: settings})]
-    if api_key:
-        argv += ["--api-key", api_key]
     env = {**os.environ, "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
+    if api_key:
+        env["VLLM_API_KEY"] = api_key  # vLLM reads it there; on the command line it would show in `ps`
     return argv + list(extra or []), env
