@@ -30,19 +30,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server():
     port = free_port()
-    args = [
-        "serve",
-        "--engine",
-        "transformers",
-        "--port",
-        str(port),
-        "--api-key",
-        KEY,
-        "--n-local",
-        str(N_LOCAL),
-        "--max-sessions",
-        str(MAX_SESSIONS),
-    ]
+    args = ["serve", "--engine", "transformers", "--port", str(port), "--api-key", KEY]
+    args += ["--n-local", str(N_LOCAL), "--max-sessions", str(MAX_SESSIONS)]
     proc = subprocess.Popen([sys.executable, "-m", "lminf.cli", *args], stderr=subprocess.PIPE, text=True, env={**os.environ})
     base = f"http://127.0.0.1:{port}"
     for _ in range(240):
