@@ -25,7 +25,6 @@ import platform
 import socket
 import subprocess
 import sys
-import sysconfig
 import threading
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from pathlib import Path
 import httpx
 import openai
 import psutil
+from vllm_long import stdlib_ids  # benchmarks/ is on the path when a script in it runs
 
 import lminf
 
@@ -108,12 +108,7 @@ class Server:
 
 
 def prompts(tokenizer, clients: int, length: int) -> list[str]:
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"), key=lambda p: -p.stat().st_size)
-    ids: list[int] = []
-    for path in files:
-        ids += tokenizer(path.read_text(encoding="utf-8", errors="replace")).input_ids
-        if len(ids) >= clients * length:
-            break
+    ids = stdlib_ids(tokenizer, clients * length)
     return [tokenizer.decode(ids[i * length : (i + 1) * length]) for i in range(clients)]
 
 

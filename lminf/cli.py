@@ -167,6 +167,10 @@ def chat_loop(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": turn.text})
 
 
+def _served_name(args: argparse.Namespace) -> str:
+    return args.model.rstrip("/").split("/")[-1] if args.model else lminf.default_model.DEFAULT_NAME
+
+
 def _auto_engine() -> str:
     from lminf.vllm.server import vllm_installed
 
@@ -174,6 +178,8 @@ def _auto_engine() -> str:
 
 
 def serve_http(args: argparse.Namespace) -> int:
+    if args.vanilla:
+        raise ValueError("serve runs the patched model; --vanilla is for `lminf generate`.")
     if (args.engine if args.engine != "auto" else _auto_engine()) == "vllm":
         return serve_vllm(args)
     import uvicorn
@@ -181,10 +187,8 @@ def serve_http(args: argparse.Namespace) -> int:
     from lminf.serve.engine import Engine
     from lminf.serve.openai_api import api_key_from_env, create_app
 
-    if args.vanilla:
-        raise ValueError("serve runs the patched model; --vanilla is for `lminf generate`.")
     model, tokenizer = load(args)
-    name = args.model.rstrip("/").split("/")[-1] if args.model else lminf.default_model.DEFAULT_NAME
+    name = _served_name(args)
     engine = Engine(model, tokenizer, name, max_sessions=args.max_sessions)
     app = create_app(engine, api_key_from_env(args.api_key), args.max_body_bytes)
     print(f"lminf: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
@@ -201,10 +205,8 @@ def serve_vllm(args: argparse.Namespace) -> int:
 
     if not vllm_installed():
         raise ValueError("--engine vllm needs vLLM next to lminf (see the README's vLLM section).")
-    if args.vanilla:
-        raise ValueError("serve runs the patched model; --vanilla is for `lminf generate`.")
     model_dir = args.model or str(lminf.default_model.converted_folder())
-    name = args.model.rstrip("/").split("/")[-1] if args.model else lminf.default_model.DEFAULT_NAME
+    name = _served_name(args)
     extra = shlex.split(args.vllm_args)
     if not torch.cuda.is_available() and "--gpu-memory-utilization" not in extra:
         extra += ["--gpu-memory-utilization", "0.5"]  # on CPU the share of RAM vLLM reserves; its 0.92 fails on a busy machine

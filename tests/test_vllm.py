@@ -56,13 +56,12 @@ def make_llm(
     chunk: int = 100,
     max_model_len: int = 4096,
     page_bytes: int = PAGE_BYTES,
-    skip_tokenizer_init: bool = True,
     **engine,
 ):
     """A vLLM engine over the folder with a pool of `kv_blocks` usable KV blocks."""
     return vllm.LLM(
         folder,
-        skip_tokenizer_init=skip_tokenizer_init,
+        skip_tokenizer_init=True,  # prompts are token ids
         dtype="float32",
         enforce_eager=True,
         max_model_len=max_model_len,
@@ -202,6 +201,14 @@ def test_bad_settings_fail_at_start(tiny, capfd):
     assert "n_local must be >= 1" in seen.out + seen.err  # the cause, in the engine's log
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def long_text_ids(tokenizer, n: int) -> list[int]:
     import _pydecimal  # an offline long text: Python's own decimal module
 
@@ -237,7 +244,7 @@ def test_lminf_serve_engine_vllm(tmp_path):
     import httpx
 
     model, tokenizer = lminf.load_default()
-    n_local, port = 256, 8765
+    n_local, port = 256, free_port()
     prompt = tokenizer.decode(long_text_ids(tokenizer, 1500))
     log = open(tmp_path / "server.log", "w")
     cmd = [sys.executable, "-m", "lminf.cli", "serve", "--engine", "vllm", "--port", str(port), "--n-local", str(n_local)]
