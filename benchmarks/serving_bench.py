@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 import openai
 import psutil
-from vllm_long import stdlib_ids  # benchmarks/ is on the path when a script in it runs
+from vllm_long import cpu_name, stdlib_ids  # benchmarks/ is on the path when a script in it runs
 
 import lminf
 
@@ -44,13 +44,6 @@ ENGINES = {  # what each row of the table ran
     "vllm-plain": "vLLM's own server, no lminf settings, `--max-model-len 8192`",
 }
 TRAINING_LENGTH = 8192
-
-
-def cpu_name() -> str:
-    names = [
-        line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")
-    ]
-    return names[0] if names else platform.machine()
 
 
 def free_port() -> int:

@@ -32,6 +32,13 @@ import lminf  # noqa: E402
 BLOCK = 32
 
 
+def cpu_name() -> str:
+    names = [
+        line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")
+    ]
+    return names[0] if names else platform.machine()
+
+
 def stdlib_ids(tokenizer, n: int) -> list[int]:
     """`n` tokens of the standard library's sources, largest files first (always on disk)."""
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"), key=lambda p: -p.stat().st_size)
@@ -180,7 +187,7 @@ def main() -> None:
     settings = {"strategy": "lminf", "n_global": args.n_global, "n_local": args.n_local}
     prompt = stdlib_ids(tokenizer, args.tokens)
     result = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, float32",
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, float32",
         "model": lminf.default_model.DEFAULT_NAME,
         "settings": settings,
         "prompt_tokens": len(prompt),
