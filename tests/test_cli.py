@@ -16,7 +16,7 @@ from lminf.default_model import converted_folder
 from lminf.eval.bench import prefill_pairs
 from lminf.eval.methods import Patched, Vanilla
 from lminf.eval.plots import plot_bench
-from lminf.eval.tables import bench_table
+from lminf.eval.tables import bench_table, write_section
 from lminf.strategies import LMInfinite
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -62,6 +62,8 @@ def test_bad_setting_is_a_clear_error(tmp_path):
 @pytest.mark.slow
 def test_bench_writes_table_json_plot_and_page(tmp_path):
     out, doc = tmp_path / "bench.json", tmp_path / "docs" / "benchmarks.md"
+    doc.parent.mkdir()
+    write_section(doc, "serving", "## Serving\n\nthe serving benchmark's table")  # another tool's section of the page
     args = ["--lengths", "64,128", "--decode-tokens", "3", "--vanilla-up-to", "64", "--n-local", "32", "--threads", "1"]
     run = lminf_cli("bench", *args, "--out", str(out), "--doc", str(doc))
     assert run.returncode == 0, run.stderr
@@ -73,6 +75,7 @@ def test_bench_writes_table_json_plot_and_page(tmp_path):
     assert cells["lminf/128"]["cache_mib"] < cells["vanilla/64"]["cache_mib"]  # bounded: 10 + 32 tokens vs 64 + 3
     assert "| 128 |" in run.stdout and "not run" in run.stdout
     assert doc.exists() and doc.with_suffix(".png").exists() and "benchmarks.png" in doc.read_text()
+    assert "the serving benchmark's table" in doc.read_text()  # kept
     report = json.loads(out.read_text())
     assert report["rates"]["bandwidth_gb_s"] > 0 and report["rates"]["matmul_tflop_s"] > 0
     assert cells["lminf/128"]["decode_bytes"] < cells["vanilla/64"]["decode_bytes"]  # same weights, 42 cached tokens vs 65
@@ -139,3 +142,13 @@ def test_model_path_prints_the_converted_default_model():
     assert run.returncode == 0, run.stderr
     folder = Path(run.stdout.strip())
     assert (folder / "config.json").exists() and folder == converted_folder()
+
+
+def test_write_section_replaces_only_its_own(tmp_path):
+    doc = tmp_path / "page.md"
+    write_section(doc, "bench", "# Benchmarks\n\nold table")
+    write_section(doc, "serving", "## Serving\n\nserving table")
+    write_section(doc, "bench", "# Benchmarks\n\nnew table")
+    text = doc.read_text()
+    assert "new table" in text and "old table" not in text and "serving table" in text
+    assert text.index("new table") < text.index("serving table")  # a section keeps its place

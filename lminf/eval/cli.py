@@ -24,7 +24,7 @@ from lminf.eval.plots import plot_bench, plot_grid, plot_ppl, plot_stream
 from lminf.eval.report import write_report
 from lminf.eval.retrieval import Needle, Passkey, run_grid
 from lminf.eval.runs import machine
-from lminf.eval.tables import bench_page, bench_table, grid_table, ppl_table, stream_table
+from lminf.eval.tables import bench_page, bench_table, grid_table, ppl_table, stream_table, write_section
 
 # Default method lists: every method name is accepted (lminf.eval.methods.method_names).
 PPL_METHODS, STREAM_METHODS, BENCH_METHODS = "vanilla,lminf,sinks,window", "lminf,sinks", "vanilla,lminf"
@@ -208,7 +208,7 @@ def bench_command(args: argparse.Namespace) -> int:
         args.doc.parent.mkdir(parents=True, exist_ok=True)
         args.doc.with_suffix(".json").write_text(json.dumps(report, indent=2))
         plot_bench(report, args.doc.with_suffix(".png"))
-        args.doc.write_text(bench_page(report, args.doc, table))
+        write_section(args.doc, "bench", bench_page(report, args.doc, table))
     print(f"wrote {args.out} and {png}" + (f" and {args.doc}" if args.doc else ""), file=sys.stderr)
     return 0
 

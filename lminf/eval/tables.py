@@ -102,6 +102,20 @@ def _bench_notes(report: dict) -> list[str]:
     return [""] + notes if notes else []
 
 
+def write_section(doc: Path, name: str, text: str) -> None:
+    """Write `text` as the section `name` of a generated page and keep its other sections:
+    docs/benchmarks.md holds `lminf bench`'s section and the serving benchmark's."""
+    begin, end = f"<!-- {name}: generated, do not edit -->", f"<!-- /{name} -->"
+    old = doc.read_text() if doc.exists() else ""
+    block = f"{begin}\n{text.strip()}\n{end}\n"
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        new = head + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        new = old + ("\n" if old else "") + block
+    doc.write_text(new)
+
+
 def bench_page(report: dict, doc: Path, table: str) -> str:
     """The markdown page `lminf bench --doc` writes, beside its JSON and PNG copies."""
     settings = settings_line(report)
