@@ -36,6 +36,7 @@ from vllm_long import cpu_name, stdlib_ids  # benchmarks/ is on the path when a 
 
 import lminf
 from lminf.eval.tables import write_section
+from lminf.vllm.server import small_cpu_env
 
 MODEL = lminf.default_model.DEFAULT_NAME
 ENGINES = {  # what each row of the table ran
@@ -69,7 +70,9 @@ class Server:
     def __init__(self, engine: str, max_model_len: int):
         self.port = free_port()
         self.log = open(f"/tmp/serving-bench-{engine}.log", "w")
-        self.proc = subprocess.Popen(server_argv(engine, self.port, max_model_len), stdout=self.log, stderr=subprocess.STDOUT)
+        env = small_cpu_env(os.environ)  # what `lminf serve --engine vllm` does, for plain vLLM too
+        argv = server_argv(engine, self.port, max_model_len)
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.peak = 0.0
         for _ in range(600):
             if self.proc.poll() is not None:
@@ -171,7 +174,8 @@ def plot(data: dict, path: Path) -> None:
         ax.set(title=f"prompts of {length:,} tokens", xlabel="concurrent clients", ylabel="generated tokens/s", xscale="log")
         ax.set_xticks([1, 8, 32], ["1", "8", "32"])
         ax.set_ylim(bottom=0)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -187,6 +191,8 @@ def main() -> None:
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.exists() else {"engines": {}}
     data["machine"] = f"{cpu_name()}, {os.cpu_count()} cores, float32, {platform.system()}"
+    reserved = small_cpu_env(os.environ).get("VLLM_CPU_NUM_OF_RESERVED_CPU", "vLLM's default (1)")
+    data["note"] = f"vLLM's servers ran with VLLM_CPU_NUM_OF_RESERVED_CPU={reserved} (cores kept off the model)."
     data["settings"] = {"n_global": 10, "n_local": TRAINING_LENGTH, "max_tokens": args.max_tokens, "model": MODEL}
     _, tokenizer = lminf.load_default()
     workloads = [tuple(int(x) for x in w.split("x")) for w in args.workloads.split(",")]

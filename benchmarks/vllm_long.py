@@ -28,8 +28,11 @@ import psutil  # noqa: E402  (vLLM depends on it)
 import torch  # noqa: E402
 
 import lminf  # noqa: E402
+from lminf.vllm.server import small_cpu_env  # noqa: E402
 
-BLOCK = 32
+os.environ.update(small_cpu_env(os.environ))  # as `lminf serve --engine vllm` does; read when the engine starts
+
+BLOCK = 128  # vLLM's default on CPU
 
 
 def cpu_name() -> str:

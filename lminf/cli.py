@@ -201,7 +201,7 @@ def serve_vllm(args: argparse.Namespace) -> int:
     import shlex
 
     from lminf.serve.openai_api import api_key_from_env
-    from lminf.vllm.server import server_command, vllm_installed
+    from lminf.vllm.server import server_command, small_cpu_env, vllm_installed
 
     if not vllm_installed():
         raise ValueError("--engine vllm needs vLLM next to lminf (see the README's vLLM section).")
@@ -222,6 +222,8 @@ def serve_vllm(args: argparse.Namespace) -> int:
         dtype=dtype,
         extra=extra,
     )
+    if not torch.cuda.is_available():
+        env = small_cpu_env(env)
     print(f"lminf: serving {name} with vLLM on http://{args.host}:{args.port}/v1: {shlex.join(argv)}", file=sys.stderr)
     os.execve(argv[0], argv, env)
     return 0  # not reached

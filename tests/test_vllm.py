@@ -193,12 +193,30 @@ def test_bounded_memory_long_prompt(tiny):
         make_llm(folder, None, bound, chunk=chunk, max_model_len=16384)  # full attention needs 512 blocks for 16,384 tokens
 
 
-def test_bad_settings_fail_at_start(tiny, capfd):
-    _, folder = tiny
+def save_tiny(folder, config) -> str:
+    import transformers
+
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("case", ["n_local 0", "no rotary positions (GPT-2)", "unsupported family (GPT-NeoX)"])
+def test_bad_settings_fail_at_start(tiny, tmp_path, capfd, case):
+    import transformers
+
+    folder, settings, cause = tiny[1], {"n_local": 0}, "n_local must be >= 1"
+    if case.startswith("no rotary"):
+        config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=128, n_head=2, n_layer=2, n_positions=4096)
+        folder, settings, cause = save_tiny(tmp_path, config), {"n_local": 64}, "lminf does not support model type 'gpt2'"
+    elif case.startswith("unsupported"):
+        config = transformers.GPTNeoXConfig(
+            vocab_size=VOCAB, hidden_size=128, num_attention_heads=2, num_hidden_layers=2, intermediate_size=256
+        )
+        folder, settings, cause = save_tiny(tmp_path, config), {"n_local": 64}, "lminf does not support model type 'gpt_neox'"
     with pytest.raises(RuntimeError, match="Engine core initialization failed"):
-        make_llm(folder, {"n_local": 0}, 64)
+        make_llm(folder, settings, 64)
     seen = capfd.readouterr()
-    assert "n_local must be >= 1" in seen.out + seen.err  # the cause, in the engine's log
+    assert cause in seen.out + seen.err  # the cause, in the engine's log
 
 
 def free_port() -> int:

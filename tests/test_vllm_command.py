@@ -9,7 +9,7 @@ import pytest
 
 import lminf
 from lminf.cli import main
-from lminf.vllm.server import server_command, vllm_installed
+from lminf.vllm.server import server_command, small_cpu_env, vllm_installed
 from tests.conftest import tiny_model
 
 
@@ -36,3 +36,11 @@ def test_settings_resolved_against_the_models_own_length(tmp_path):
 def test_engine_vllm_without_vllm_is_a_clear_error(capsys):
     assert main(["serve", "--engine", "vllm"]) != 0
     assert "--engine vllm needs vLLM" in capsys.readouterr().err
+
+
+def test_small_cpu_machines_compute_on_every_core(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert small_cpu_env({})["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    assert small_cpu_env({"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"})["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"  # the user's stays
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in small_cpu_env({})  # vLLM's default on big machines

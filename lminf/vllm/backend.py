@@ -78,6 +78,7 @@ class StepPlan:
 
     kernel: KernelRows | None
     gathered: list[int]  # requests that take the gather path
+    lengths: torch.Tensor  # the batch it was made for (seq_lens, then query_start_loc)
 
 
 class LminfCPUAttentionImpl(CPUAttentionBackendImpl):
@@ -112,9 +113,11 @@ class LminfCPUAttentionImpl(CPUAttentionBackendImpl):
         return output
 
     def _plan(self, meta, isa: str, block_size: int, dtype: torch.dtype) -> StepPlan:
-        # Every layer of a forward gets the same metadata object: plan once, reuse.
+        # Every layer of a forward gets the same metadata object: plan once, reuse (checked
+        # against the batch, should a vLLM version ever reuse the object for another step).
+        lengths = torch.cat((meta.seq_lens, meta.query_start_loc))
         cached = getattr(meta, "_lminf_plan", None)
-        if cached is not None:
+        if cached is not None and torch.equal(cached.lengths, lengths):
             return cached
         strategy = self.strategy
         n_global = strategy.n_global if isinstance(strategy, WindowedStrategy) and not strategy.keeps_middle else None
@@ -133,7 +136,7 @@ class LminfCPUAttentionImpl(CPUAttentionBackendImpl):
         kernel = None
         if plain or placed:
             kernel = self._kernel_rows(meta, plain, placed, n_global or 0, isa, block_size, dtype, whole=not gathered)
-        plan = StepPlan(kernel=kernel, gathered=gathered)
+        plan = StepPlan(kernel=kernel, gathered=gathered, lengths=lengths)
         meta._lminf_plan = plan
         return plan
 
@@ -244,11 +247,11 @@ class LminfCPUAttentionImpl(CPUAttentionBackendImpl):
 
 def fits_placed(strategy: WindowedStrategy, total: int, block_size: int) -> bool:
     """Whether a decoding step at position total - 1 can run in vLLM's kernel: it reads all
-    n_global first tokens as far keys (none is in its window), and its last block has room
-    for them past the query."""
-    n_first, tail = strategy.keys_for(total - 1, total)
+    n_global first tokens as far keys (none is inside its window yet), and its last block
+    has room for them past the query."""
+    n_first, _ = strategy.keys_for(total - 1, total)
     room = block_size - 1 - (total - 1) % block_size
-    return n_first == strategy.n_global and tail >= n_first and room >= strategy.n_global
+    return n_first == strategy.n_global and room >= strategy.n_global
 
 
 def placed_shift(strategy: WindowedStrategy, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
@@ -269,8 +272,6 @@ def read_keys(key_cache: torch.Tensor, blocks: torch.Tensor, slots: torch.Tensor
 def check_cache_layout(isa: str, block_size: int, head_size: int, dtype: torch.dtype) -> None:
     """Write known keys and values with vLLM's own cache writer and read them back as
     `forward` does: a vLLM whose CPU cache layout differs fails here, loudly, not silently."""
-    from vllm import _custom_ops as ops
-
     heads, n = 2, block_size + 3
     kv = torch.zeros(3, heads, block_size, 2 * head_size, dtype=dtype)
     key_cache, value_cache = kv.view(3, heads, block_size * 2, -1).chunk(2, dim=2)
