@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import sys
+from collections.abc import Mapping
 
 from transformers import AutoConfig
 
@@ -19,7 +20,7 @@ from lminf.strategies import Strategy
 from lminf.vllm import CONFIG_KEY
 
 
-def small_cpu_env(environ: dict[str, str]) -> dict[str, str]:
+def small_cpu_env(environ: Mapping[str, str]) -> dict[str, str]:
     """`environ` with vLLM's CPU build told to compute on every core of a small machine.
 
     It keeps one core for its engine process by default (VLLM_CPU_NUM_OF_RESERVED_CPU),
