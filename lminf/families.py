@@ -13,7 +13,10 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 # Decoder families whose attention layers are checked against the reference in the tests.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
+SUPPORTED_MODEL_TYPES = (
+    *("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo2", "granite", "stablelm", "phi"),
+    *("mixtral", "qwen2_moe", "qwen3_moe"),  # mixtures of experts: the attention is a plain rotary one
+)
 # RoPE variants whose frequencies do not change with the input length.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 

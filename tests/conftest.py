@@ -13,6 +13,16 @@ FAMILIES = {
     "qwen3": (transformers.Qwen3Config, {"head_dim": 16}),
     "phi3": (transformers.Phi3Config, {"partial_rotary_factor": 0.5}),  # only half the channels rotate
     "gemma": (transformers.GemmaConfig, {"head_dim": 16}),
+    "olmo2": (transformers.Olmo2Config, {}),  # norms on q and k before the rotation
+    "granite": (transformers.GraniteConfig, {"attention_multiplier": 0.2}),  # its own attention scale
+    "stablelm": (transformers.StableLmConfig, {}),  # a quarter of the channels rotate
+    "phi": (transformers.PhiConfig, {}),  # half of the channels rotate
+    "mixtral": (transformers.MixtralConfig, {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
+    "qwen2_moe": (
+        transformers.Qwen2MoeConfig,
+        {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32},
+    ),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
 }
 
 

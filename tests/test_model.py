@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lminf
-from tests.conftest import tiny_model
+from tests.conftest import FAMILIES, tiny_model
 
 torch.set_grad_enabled(False)
 FP32 = dict(rtol=1e-4, atol=1e-4)
@@ -69,15 +69,13 @@ ROPES = {
 }
 
 
-@pytest.mark.parametrize(
-    "family, rope", [("llama", r) for r in ROPES] + [("phi3", "default"), ("gemma", "default"), ("qwen3", "yarn")]
-)
+@pytest.mark.parametrize("family, rope", [("llama", r) for r in ROPES] + [(f, "default") for f in FAMILIES] + [("qwen3", "yarn")])
 def test_distance_cap_equals_vanilla_with_global_tokens_moved(family, rope):
     """Independent of lminf's rotation code: in a one-layer model, the last query's Lambda output
     equals the vanilla model's on a shortened input where the global tokens sit exactly n_local back."""
-    rope_parameters = dict(ROPES[rope])
-    if family == "phi3":
-        rope_parameters["partial_rotary_factor"] = 0.5
+    config_class, extra = FAMILIES[family]
+    own = config_class(**extra).rope_parameters or {}  # keep the family's partial rotary
+    rope_parameters = {**ROPES[rope], **{k: v for k, v in own.items() if k == "partial_rotary_factor"}}
     model = tiny_model(family, num_hidden_layers=1, rope_parameters=rope_parameters)
     n_global, n_local, n = 3, 8, 30
     ids = tokens(n)
