@@ -208,7 +208,8 @@ def serve_vllm(args: argparse.Namespace) -> int:
     model_dir = args.model or str(lminf.default_model.converted_folder())
     name = _served_name(args)
     extra = shlex.split(args.vllm_args)
-    if not torch.cuda.is_available() and "--gpu-memory-utilization" not in extra:
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu and "--gpu-memory-utilization" not in extra:
         extra += ["--gpu-memory-utilization", "0.5"]  # on CPU the share of RAM vLLM reserves; its 0.92 fails on a busy machine
     dtype = str(dtype_for(args.dtype, args.device)).removeprefix("torch.")
     argv, env = server_command(
@@ -222,7 +223,7 @@ def serve_vllm(args: argparse.Namespace) -> int:
         dtype=dtype,
         extra=extra,
     )
-    if not torch.cuda.is_available():
+    if on_cpu:
         env = small_cpu_env(env)
     print(f"lminf: serving {name} with vLLM on http://{args.host}:{args.port}/v1: {shlex.join(argv)}", file=sys.stderr)
     os.execve(argv[0], argv, env)
