@@ -30,7 +30,11 @@ def add_model_args(
     """--model, --dtype, --device, --strategy and one flag per strategy setting; `n_local` and
     `top_k` set a command's own defaults for those settings. strategy=False: no --strategy
     (commands that compare the methods of --methods)."""
-    parser.add_argument("--model", default=None, help="local HF model folder or cached hub id (default: SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a built-in model (smollm2-135m, the default; gemma3-270m), a local HF model folder or a cached hub id",
+    )
     parser.add_argument(
         "--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="auto: bfloat16 on GPU, float32 on CPU"
     )

@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--vllm-args", default="", help='vllm engine: more options for its server, e.g. "--max-num-seqs 64"')
     add_model_args(serve)
 
-    commands.add_parser("model-path", help="print the default model's local folder (converted on first use), e.g. for vLLM")
+    path = commands.add_parser("model-path", help="print a built-in model's local folder (converted on first use), e.g. for vLLM")
+    path.add_argument("name", nargs="?", default=lminf.default_model.DEFAULT_MODEL, choices=sorted(lminf.default_model.BUILT_IN))
     eval_cli.add_commands(commands)
 
     args = parser.parse_args(argv)
@@ -116,7 +117,7 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def model_path(args: argparse.Namespace) -> int:
-    print(lminf.default_model.converted_folder())
+    print(lminf.default_model.converted_folder(args.name))
     return 0
 
 
@@ -168,7 +169,7 @@ def chat_loop(args: argparse.Namespace) -> int:
 
 
 def _served_name(args: argparse.Namespace) -> str:
-    return args.model.rstrip("/").split("/")[-1] if args.model else lminf.default_model.DEFAULT_NAME
+    return lminf.default_model.model_name(args.model)
 
 
 def _auto_engine() -> str:
@@ -205,7 +206,7 @@ def serve_vllm(args: argparse.Namespace) -> int:
 
     if not vllm_installed():
         raise ValueError("--engine vllm needs vLLM next to lminf (see the README's vLLM section).")
-    model_dir = args.model or str(lminf.default_model.converted_folder())
+    model_dir = lminf.default_model.model_source(args.model)
     name = _served_name(args)
     extra = shlex.split(args.vllm_args)
     on_cpu = not torch.cuda.is_available()

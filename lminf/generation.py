@@ -78,6 +78,9 @@ def token_nll(
 def target_nll(model: PreTrainedModel, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """NLL of `targets` (n,) under the output layer applied to the first n rows of `hidden` (>= n, hidden)."""
     logits = model.lm_head(hidden[: len(targets)]).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is not None:  # Gemma 2 caps its output logits, as its own forward does
+        logits = cap * torch.tanh(logits / cap)
     return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
 
 

@@ -18,11 +18,22 @@ import torch
 from transformers import AttentionInterface, Cache, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
-from lminf.families import attention_modules, check_supported, rotary_embedding
+from lminf.caches.lambda_cache import LambdaCache
+from lminf.families import (
+    FAMILIES,
+    Family,
+    LayerKind,
+    attention_modules,
+    check_supported,
+    layer_inv_freq,
+    layer_kinds,
+    rotary_embedding,
+)
 from lminf.generation import PREFILL_CHUNK, prefill
 from lminf.kernels.sdpa import KERNELS
 from lminf.layout import Layout, lambda_mask
 from lminf.strategies import AttentionCall, Strategy, build
+from lminf.strategies.windowed import ModelWindow
 
 IMPLEMENTATION = "lminf"
 GLOBAL_DISTANCES = {"capped": "lminf", "reindexed": "sinks"}  # the older spelling of a strategy choice
@@ -33,14 +44,20 @@ Backend = Callable[[Strategy, torch.Tensor, torch.Tensor, torch.Tensor, Layout, 
 @dataclass
 class _PatchState:
     strategy: Strategy
-    rotary: torch.nn.Module  # the model's rotary embedding: its inv_freq moves with the model
+    family: Family
+    kinds: list[LayerKind]  # what each attention layer is (lminf.families)
+    rotary: torch.nn.Module  # the model's rotary embedding: its frequencies move with the model
     kernel: str
     backend: Backend | None
     previous_implementation: str
+    prepared: object | None = None  # what the family's `prepare` did, undone by unpatch
     _pinned: dict[int, Strategy] = field(default_factory=dict)
 
-    def strategy_for(self, n_global: int | None) -> Strategy:
-        """The strategy, or the same with `n_global` first tokens pinned (worked out once per value)."""
+    def strategy_for(self, n_global: int | None, layer: int | None = None) -> Strategy:
+        """What runs in `layer` (None: the global layers): the strategy, with `n_global` first
+        tokens pinned if given (worked out once per value); in a sliding layer the model's own window."""
+        if layer is not None and not self.kinds[layer].is_global:
+            return ModelWindow(n_local=self.kinds[layer].window)
         if n_global is None:
             return self.strategy
         if n_global not in self._pinned:
@@ -67,10 +84,17 @@ def lminf_attention_forward(
             "lminf attention needs the Layout built by its own mask function, got "
             f"{type(attention_mask).__name__}; pass a 2D attention_mask (batch, tokens), not a 4D one."
         )
+    layer, kind = module.layer_idx, state.kinds[module.layer_idx]
+    if kwargs.get("sliding_window") != kind.window:  # the model disagrees with lminf's description of its family
+        raise RuntimeError(
+            f"lminf: layer {layer} was described as window {kind.window} (lminf.families), but the model "
+            f"passed sliding_window={kwargs.get('sliding_window')}; please report this model."
+        )
     # A forward call may pin a longer prefix as global (e.g. a chat's system prompt).
-    strategy = state.strategy_for(kwargs.get("lminf_n_global"))
-    scaling = module.head_dim**-0.5 if scaling is None else scaling
-    call = AttentionCall(layer=module.layer_idx, inv_freq=state.rotary.inv_freq, scaling=scaling, kernel=state.kernel)
+    strategy = state.strategy_for(kwargs.get("lminf_n_global"), layer)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    inv_freq = layer_inv_freq(state.family, state.rotary, kind)
+    call = AttentionCall(layer, inv_freq, scaling, state.kernel, kwargs.get("softcap"), state.family.interleaved)
     attend = strategy.attention if state.backend is None else functools.partial(state.backend, strategy)
     out = attend(query, key, value, attention_mask, call)
     return out.transpose(1, 2).contiguous(), None
@@ -105,6 +129,8 @@ def patch(
     strategy = _strategy(strategy, settings).resolve(model.config)
     state = _PatchState(
         strategy=strategy,
+        family=FAMILIES[model.config.model_type],
+        kinds=layer_kinds(model.config),
         rotary=rotary_embedding(model),
         kernel=backend if isinstance(backend, str) else "auto",
         backend=None if isinstance(backend, str) else backend,
@@ -112,6 +138,8 @@ def patch(
     )
     for module in attention_modules(model):
         module._lminf = state
+    if state.family.prepare is not None:
+        state.prepared = state.family.prepare(model)
     model._lminf = state
     model.set_attn_implementation(IMPLEMENTATION)
     model.generate = _generate_with_strategy_cache(model)
@@ -142,6 +170,8 @@ def unpatch(model: PreTrainedModel) -> PreTrainedModel:
         raise RuntimeError("this model is not patched by lminf.")
     for module in attention_modules(model):
         del module._lminf
+    if state.prepared is not None:
+        state.prepared.remove()
     del model._lminf
     del model.generate  # the instance attribute; the class method shows through again
     model.set_attn_implementation(state.previous_implementation)
@@ -165,7 +195,14 @@ def make_cache(model: PreTrainedModel, attention_mask: torch.Tensor | None = Non
     left_pad = 0
     if attention_mask is not None:
         left_pad = int((attention_mask.cumsum(-1) == 0).sum(-1).max())
-    return model._lminf.strategy_for(n_global).make_cache(model.config.num_hidden_layers, extra_sinks=left_pad)
+    state: _PatchState = model._lminf
+    return LambdaCache.of([state.strategy_for(n_global, i).cache_layer(left_pad) for i in range(len(state.kinds))])
+
+
+def layer_strategy(model: PreTrainedModel, layer: int) -> Strategy:
+    """What a patched model runs in one layer: its strategy, or the model's own window in a sliding layer."""
+    settings_of(model)
+    return model._lminf.strategy_for(None, layer)
 
 
 def _generate_with_strategy_cache(model: PreTrainedModel) -> Callable:

@@ -6,6 +6,8 @@ import pytest
 import torch
 import transformers
 
+SLIDING_THEN_GLOBAL = ["sliding_attention", "full_attention"]
+# Test label -> (config class, settings of its tiny config); a label is a model type, or one with a variant.
 FAMILIES = {
     "llama": (transformers.LlamaConfig, {}),
     "mistral": (transformers.MistralConfig, {"sliding_window": None}),
@@ -23,6 +25,20 @@ FAMILIES = {
         {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32},
     ),
     "qwen3_moe": (transformers.Qwen3MoeConfig, {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
+    "gpt_neox": (transformers.GPTNeoXConfig, {}),  # a quarter of the channels rotate
+    "gptj": (transformers.GPTJConfig, {"rotary_dim": 8}),  # half of the channels, interleaved pairs
+    # The model's own sliding layers (window 12: past the test strategies' n_local 8, inside 64 positions).
+    "mistral-sliding": (transformers.MistralConfig, {"sliding_window": 12}),  # every layer slides
+    "starcoder2": (transformers.Starcoder2Config, {"sliding_window": 12}),
+    "gemma2": (  # soft-capped logits (eager: transformers' sdpa cannot soft-cap)
+        transformers.Gemma2Config,
+        {"head_dim": 16, "sliding_window": 12, "layer_types": SLIDING_THEN_GLOBAL, "attn_implementation": "eager"}
+        | {"attn_logit_softcapping": 1.0, "initializer_range": 0.2},  # logits large enough to feel the cap
+    ),
+    "gemma3_text": (transformers.Gemma3TextConfig, {"head_dim": 16, "sliding_window": 12, "layer_types": SLIDING_THEN_GLOBAL}),
+    "olmo3": (transformers.Olmo3Config, {"sliding_window": 12, "layer_types": SLIDING_THEN_GLOBAL}),
+    "cohere2": (transformers.Cohere2Config, {"sliding_window": 12, "layer_types": SLIDING_THEN_GLOBAL}),  # global layers NoPE
+    "smollm3": (transformers.SmolLM3Config, {"no_rope_layers": [1, 0]}),  # layer 1 is NoPE
 }
 
 

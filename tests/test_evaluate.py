@@ -27,8 +27,9 @@ def tokens(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-def test_token_nll_is_cross_entropy_of_one_forward():
-    model, ids = tiny_model(), tokens(50)
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # Gemma 2 soft-caps its output logits
+def test_token_nll_is_cross_entropy_of_one_forward(family):
+    model, ids = tiny_model(family), tokens(50)
     logits = model(ids, use_cache=False).logits[0, :-1]
     want = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
     torch.testing.assert_close(token_nll(model, ids, DynamicCache(), chunk_size=7, progress=False), want, rtol=1e-4, atol=1e-4)
@@ -236,9 +237,13 @@ def test_cli_eval_stream_and_report(tmp_path):
     assert set(cells) == {"lminf", "sinks"} and cells["sinks"]["tokens"] == 700
     ppl = [*cli, "ppl", str(doc), "--tokens", "300", "--bucket", "100", "--n-local", "64", "--methods", "lminf,window"]
     assert subprocess.run([*ppl, "--out", str(runs / "ppl.json")], capture_output=True, timeout=600).returncode == 0
+    other = json.loads((runs / "ppl.json").read_text()) | {"model": "other-model", "model_about": "its weights, described"}
+    (runs / "ppl-other.json").write_text(json.dumps(other))  # a second model's run: a section of its own
     report = subprocess.run([*cli, "report", "--runs", str(runs), "--out", str(tmp_path / "docs" / "results.md")], timeout=600)
     assert report.returncode == 0
     text = (tmp_path / "docs" / "results.md").read_text()
     assert "## Perplexity, one pass" in text and "## Streaming" in text and "| lminf | 700 |" in text
     assert "- lminf minus sinks over their 3 common buckets" in text
+    assert "## Perplexity, one pass, other-model" in text and "The model: its weights, described." in text
+    assert (tmp_path / "docs" / "results" / "ppl-other.png").exists()
     assert (tmp_path / "docs" / "results" / "stream.png").exists() and (tmp_path / "docs" / "results" / "ppl.json").exists()

@@ -74,15 +74,50 @@ def test_distance_cap_equals_vanilla_with_global_tokens_moved(family, rope):
     """Independent of lminf's rotation code: in a one-layer model, the last query's Lambda output
     equals the vanilla model's on a shortened input where the global tokens sit exactly n_local back."""
     config_class, extra = FAMILIES[family]
-    own = config_class(**extra).rope_parameters or {}  # keep the family's partial rotary
-    rope_parameters = {**ROPES[rope], **{k: v for k, v in own.items() if k == "partial_rotary_factor"}}
-    model = tiny_model(family, num_hidden_layers=1, rope_parameters=rope_parameters)
+    own = getattr(config_class(**{**extra, "num_hidden_layers": 2}), "rope_parameters", None)  # None: GPT-J's own table
+    rope_parameters = {**ROPES[rope], **{k: v for k, v in (own or {}).items() if k == "partial_rotary_factor"}}
+    one_global_layer = dict(num_hidden_layers=1) | ({} if own is None else {"rope_parameters": rope_parameters})
+    if "layer_types" in extra:
+        one_global_layer["layer_types"] = ["full_attention"]
+    if own and "full_attention" in own:  # rope parameters per layer type (Gemma 3)
+        one_global_layer["rope_parameters"] = {"full_attention": {**own["full_attention"], **ROPES[rope]}}
+    if "sliding_window" in extra:  # a layer that slides runs the model's own window, not the cap
+        one_global_layer["sliding_window"] = None if "layer_types" not in extra else extra["sliding_window"]
+    if "no_rope_layers" in extra:
+        one_global_layer["no_rope_layers"] = [1]
+    model = tiny_model(family, **one_global_layer)
     n_global, n_local, n = 3, 8, 30
     ids = tokens(n)
     last = n - 1
     short = torch.cat((ids[:, :n_global], ids[:, n - n_local :]), dim=1)
     positions = torch.tensor([[last - n_local] * n_global + list(range(n - n_local, n))])
     want = model(short, position_ids=positions).logits[0, -1]
+    lminf.patch(model, n_global=n_global, n_local=n_local)
+    torch.testing.assert_close(model(ids).logits[0, -1], want, **FP32)
+
+
+def test_gptj_past_its_position_table():
+    """GPT-J's sinusoid table stops at its training length (64 here); lminf grows it. At 100 tokens
+    the last query equals a vanilla GPT-J with a longer table on the shortened input."""
+    n_global, n_local, n = 3, 8, 100
+    ids = tokens(n)
+    longer = tiny_model("gptj", num_hidden_layers=1, max_position_embeddings=128)  # the same weights, a table of 128
+    short = torch.cat((ids[:, :n_global], ids[:, n - n_local :]), dim=1)
+    positions = torch.tensor([[n - 1 - n_local] * n_global + list(range(n - n_local, n))])
+    want = longer(short, position_ids=positions).logits[0, -1]
+    model = lminf.patch(tiny_model("gptj", num_hidden_layers=1), n_global=n_global, n_local=n_local)
+    torch.testing.assert_close(model(ids).logits[0, -1], want, **FP32)
+    lminf.unpatch(model)
+    assert not model.transformer.rotary_emb._forward_pre_hooks  # unpatch removes the growing hook
+
+
+def test_a_position_free_layer_sees_the_first_tokens_and_the_window_unrotated():
+    """SmolLM3's NoPE layers: the last query's output equals the vanilla model's on the
+    shortened input [first tokens | window], whatever the positions (a NoPE logit has none)."""
+    model = tiny_model("smollm3", num_hidden_layers=1, no_rope_layers=[0])
+    n_global, n_local, n = 3, 8, 30
+    ids = tokens(n)
+    want = model(torch.cat((ids[:, :n_global], ids[:, n - n_local :]), dim=1)).logits[0, -1]
     lminf.patch(model, n_global=n_global, n_local=n_local)
     torch.testing.assert_close(model(ids).logits[0, -1], want, **FP32)
 

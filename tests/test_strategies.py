@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import lminf
+from lminf.patching import layer_strategy
 from lminf.strategies import STRATEGIES, Strategy
 from tests.conftest import tiny_model
 from tests.reference import reference_attention
@@ -56,6 +57,9 @@ def test_cached_decoding_equals_one_full_forward(family, strategy, prompt):
     steps += [model(ids[:, 30:41], past_key_values=cache).logits, model(ids[:, 41:], past_key_values=cache).logits]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, **FP32)
     assert cache.get_seq_length() == 50
+    for i, layer in enumerate(cache.layers):  # each layer within its own bound (a sliding layer: the model's window)
+        bound = layer_strategy(model, i).cache_bound()
+        assert bound is None or layer.keys.shape[-2] <= bound < 50
 
 
 def test_left_padded_rows_equal_rows_alone(strategy):

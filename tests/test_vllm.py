@@ -200,7 +200,10 @@ def save_tiny(folder, config) -> str:
     return str(folder)
 
 
-@pytest.mark.parametrize("case", ["n_local 0", "no rotary positions (GPT-2)", "unsupported family (GPT-NeoX)"])
+BAD_CASES = ["n_local 0", "no rotary positions (GPT-2)", "unsupported family (Falcon)", "sliding layers (Gemma 3)"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_settings_fail_at_start(tiny, tmp_path, capfd, case):
     import transformers
 
@@ -209,10 +212,14 @@ def test_bad_settings_fail_at_start(tiny, tmp_path, capfd, case):
         config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=128, n_head=2, n_layer=2, n_positions=4096)
         folder, settings, cause = save_tiny(tmp_path, config), {"n_local": 64}, "lminf does not support model type 'gpt2'"
     elif case.startswith("unsupported"):
-        config = transformers.GPTNeoXConfig(
-            vocab_size=VOCAB, hidden_size=128, num_attention_heads=2, num_hidden_layers=2, intermediate_size=256
-        )
-        folder, settings, cause = save_tiny(tmp_path, config), {"n_local": 64}, "lminf does not support model type 'gpt_neox'"
+        config = transformers.FalconConfig(vocab_size=VOCAB, hidden_size=128, num_attention_heads=2, num_hidden_layers=2)
+        folder, settings, cause = save_tiny(tmp_path, config), {"n_local": 64}, "lminf does not support model type 'falcon'"
+    elif case.startswith("sliding"):  # lminf runs those layers through transformers, not yet inside vLLM
+        config = transformers.Gemma3TextConfig(
+            vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=64, sliding_window=32, layer_types=["sliding_attention", "full_attention"],
+        )  # fmt: skip
+        folder, settings, cause = save_tiny(tmp_path, config), {"n_local": 64}, "supports plain rotary full-attention layers only"
     with pytest.raises(RuntimeError, match="Engine core initialization failed"):
         make_llm(folder, settings, 64)
     seen = capfd.readouterr()

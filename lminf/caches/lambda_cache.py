@@ -156,6 +156,13 @@ class LambdaCache(Cache):
             raise ValueError(f"LambdaCache needs n_sink >= 0 and n_local >= 1 (or None); got {n_sink}, {n_local}.")
         super().__init__(layers=[LambdaLayer(n_sink, n_local) for _ in range(num_layers)])
 
+    @classmethod
+    def of(cls, layers: list[LambdaLayer]) -> LambdaCache:
+        """A cache of given layers, which may differ (a model with sliding and global layers)."""
+        cache = cls.__new__(cls)
+        Cache.__init__(cache, layers=layers)
+        return cache
+
     def memory_bytes(self) -> int:
         """Bytes held by the stored keys and values of all layers."""
         return sum(layer.nbytes() for layer in self.layers)

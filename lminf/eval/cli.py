@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lminf.arguments import add_model_args, dtype_for, load
-from lminf.default_model import DEFAULT_NAME
+from lminf.default_model import BUILT_IN, DEFAULT_MODEL, model_name
 from lminf.eval.bench import run_bench
 from lminf.eval.data import available, data_dir, extract, find_document, sources
 from lminf.eval.methods import method_names, methods_from
@@ -196,7 +196,7 @@ def bench_command(args: argparse.Namespace) -> int:
     }
     if args.threads:
         torch.set_num_threads(args.threads)  # so that the machine line says what the children use
-    meta = {"model": args.model or DEFAULT_NAME, "machine": machine()}
+    meta = {"model": model_name(args.model), "machine": machine()}
     if args.note:
         meta["note"] = args.note
     report = run_bench(args.model, methods, lengths, settings, args.vanilla_up_to, args.out, meta)
@@ -237,4 +237,8 @@ def numbers(text: str, kind, flag: str) -> list:
 
 
 def _meta(args: argparse.Namespace, model) -> dict:
-    return {"model": args.model or DEFAULT_NAME, "dtype": str(model.dtype), "machine": machine()}
+    meta = {"model": model_name(args.model), "dtype": str(model.dtype), "machine": machine()}
+    built_in = BUILT_IN.get(args.model or DEFAULT_MODEL)
+    if built_in is not None:  # what the weights are (e.g. de-quantized GGUF), beside every figure
+        meta["model_about"] = built_in.about
+    return meta

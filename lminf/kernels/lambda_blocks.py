@@ -50,8 +50,10 @@ def lambda_attention(
     n_global: int,
     n_local: int,
     far: Far,
-    inv_freq: torch.Tensor,
+    inv_freq: torch.Tensor | None,
     scaling: float,
+    softcap: float | None = None,
+    interleaved: bool = False,
     top_k: int = 0,
     block_size: int | None = None,
     kernel: str = "auto",
@@ -61,6 +63,9 @@ def lambda_attention(
     Keys are in physical order and the queries are the last Q keys (see lminf.layout).
     Grouped-query attention: Hq must be a multiple of Hkv; top-k is chosen per query head.
     kernel: "torch" (plain matmuls), "flash_cpu" (torch's fused CPU kernel), or "auto".
+    inv_freq None: a position-free layer, far and middle keys are read without any rotation.
+    softcap: the model's logit soft-capping (Gemma 2), None for none.
+    interleaved: the rotary pairs are GPT-J's (2f, 2f + 1), not Llama's (f, f + rot/2).
     """
     flash = use_flash(kernel, q.device)
     B, Hq, Q, D = q.shape
@@ -72,17 +77,17 @@ def lambda_attention(
     q_grouped = q.view(B, Hkv, rep, Q, D)
     # What depends only on positions is the same in every layer: layout.once works it out once per forward.
     n_lead, consecutive = layout.once(("windows", K, n_global, n_local), _windows, layout, K, n_global, n_local)
-    q_far, k_lead, k_all = _far_views(q, k, layout, far, n_lead, top_k, inv_freq)
+    q_far, k_lead, k_all = _far_views(q, k, layout, far, n_lead, top_k, inv_freq, interleaved)
 
     out = torch.empty(B, Hkv, rep, Q, D, dtype=q.dtype, device=q.device)
     for a in range(0, Q, block):
         b = min(a + block, Q)
-        parts = _window_parts(q_grouped[:, :, :, a:b], k, v, layout, a, offset, n_local, consecutive, scaling, flash)
+        parts = _window_parts(q_grouped[:, :, :, a:b], k, v, layout, a, offset, n_local, consecutive, scaling, flash, softcap)
         qb_far = None if q_far is None else rows(q_far.view(B, Hkv, rep, Q, D)[:, :, :, a:b])
         if n_lead:
             shape = (a, b, n_lead, n_global, n_local, rep)
             mask = layout.once(("far", *shape), _far_mask, layout, *shape)
-            parts.append(attend(qb_far, k_lead, v[:, :, :n_lead], mask, scaling, flash))
+            parts.append(attend(qb_far, k_lead, v[:, :, :n_lead], mask, scaling, flash, softcap=softcap))
         mid_hi = offset + b - n_local  # no middle key of this block lies at or past here
         if top_k and mid_hi > 0:
             # From key 0: with padding, a leading key can be a middle key of another row.
@@ -90,30 +95,37 @@ def lambda_attention(
                 i, j, valid = layout.q_pos[:, a:b, None], layout.k_pos[:, None, c:d], layout.k_valid[:, None, c:d]
                 return valid & (i - j >= n_local) & (j >= n_global)
 
-            parts.append(top_k_attention(qb_far, k_all, v, middle, mid_hi, top_k, rep, scaling))
+            parts.append(top_k_attention(qb_far, k_all, v, middle, mid_hi, top_k, rep, scaling, softcap))
         out[:, :, :, a:b] = merge(parts).view(B, Hkv, rep, b - a, D).to(q.dtype)
     return out.view(B, Hq, Q, D)
 
 
-def _far_views(q, k, layout: Layout, far: Far, n_lead: int, top_k: int, inv_freq: torch.Tensor):
+def _far_views(q, k, layout: Layout, far: Far, n_lead: int, top_k: int, inv_freq: torch.Tensor | None, interleaved: bool):
     """(queries placed where they read far keys, the leading keys placed, all keys placed
-    for top-k), each None when nothing needs it."""
+    for top-k), each None when nothing needs it. Without rotary positions (inv_freq None)
+    placing changes nothing: a NoPE logit does not depend on the distance."""
     if not (n_lead or top_k):
         return None, None, None
+    if inv_freq is None:
+        return q, k[:, :, :n_lead], k
     freqs, q_pos, k_pos = id(inv_freq), layout.q_pos, layout.k_pos
     q_at, k_at = layout.once(("far at", far, n_lead), far, q_pos, k_pos[:, :n_lead])
-    q_far = rotate(q, layout.once(("far q", far, freqs), rotation, q_at - q_pos, inv_freq))
-    k_lead = k[:, :, :n_lead]
-    if k_at is not None:
-        k_lead = rotate(k_lead, layout.once(("far lead", far, n_lead, freqs), rotation, k_at - k_pos[:, :n_lead], inv_freq))
+
+    def placed(x, name, delta):  # x rotated by delta, with the rotation table worked out once per forward
+        return rotate(
+            x, layout.once((name, far, n_lead, freqs, interleaved), rotation, delta, inv_freq, interleaved), interleaved
+        )
+
+    q_far = placed(q, "far q", q_at - q_pos)
+    k_lead = k[:, :, :n_lead] if k_at is None else placed(k[:, :, :n_lead], "far lead", k_at - k_pos[:, :n_lead])
     k_all = None
     if top_k:
         k_all_at = layout.once(("far at all", far), far, q_pos, k_pos)[1]
-        k_all = k if k_all_at is None else rotate(k, layout.once(("far all", far, freqs), rotation, k_all_at - k_pos, inv_freq))
+        k_all = k if k_all_at is None else placed(k, "far all", k_all_at - k_pos)
     return q_far, k_lead, k_all
 
 
-def _window_parts(q_block, k, v, layout: Layout, a: int, offset: int, n_local: int, consecutive: bool, scaling, flash):
+def _window_parts(q_block, k, v, layout: Layout, a: int, offset: int, n_local: int, consecutive: bool, scaling, flash, softcap):
     """The passes of queries [a, a + n) (q_block (B, Hkv, rep, n, D)) over their local windows."""
     B, _, rep, n, _ = q_block.shape
     K = k.shape[2]
@@ -122,18 +134,20 @@ def _window_parts(q_block, k, v, layout: Layout, a: int, offset: int, n_local: i
     lo, hi = max(0, s - n_local + 1), s + n  # the block's window
     if not (consecutive and n <= n_local):  # padding: decide each pair from real positions
         local = layout.once(("local", K, a, a + n, n_local, rep), _local_mask, layout, a, a + n, lo, hi, n_local, rep)
-        return [attend(qb, k[:, :, lo:hi], v[:, :, lo:hi], local, scaling, flash)]
+        return [attend(qb, k[:, :, lo:hi], v[:, :, lo:hi], local, scaling, flash, softcap=softcap)]
     # Key index arithmetic is the mask here: most of the window needs none.
     parts = []
     full_lo = max(0, s + n - n_local)
     seen_by_all = hi if n == 1 else s  # keys every query of the block sees; decoding (n == 1) sees its own as well
     if seen_by_all > full_lo:
-        parts.append(attend(qb, k[:, :, full_lo:seen_by_all], v[:, :, full_lo:seen_by_all], None, scaling, flash))
+        parts.append(
+            attend(qb, k[:, :, full_lo:seen_by_all], v[:, :, full_lo:seen_by_all], None, scaling, flash, softcap=softcap)
+        )
     if n > 1:
-        parts.append(attend_causal_grouped(q_block, k[:, :, s:hi], v[:, :, s:hi], scaling, flash))
+        parts.append(attend_causal_grouped(q_block, k[:, :, s:hi], v[:, :, s:hi], scaling, flash, softcap))
     if full_lo > lo:  # the trailing edge: query t sees key j iff j >= s + t - n_local + 1
         edge = layout.once(("edge", K, a, a + n, n_local, rep), _edge_mask, B, lo, full_lo, s, n, n_local, rep, q_block.device)
-        parts.append(attend(qb, k[:, :, lo:full_lo], v[:, :, lo:full_lo], edge, scaling, flash))
+        parts.append(attend(qb, k[:, :, lo:full_lo], v[:, :, lo:full_lo], edge, scaling, flash, softcap=softcap))
     return parts
 
 

@@ -23,13 +23,16 @@ def use_flash(kernel: str, device: torch.device) -> bool:
     return kernel == "flash_cpu" or (kernel == "auto" and device.type == "cpu" and _FLASH_CPU is not None)
 
 
-def attend(q, k, v, mask, scaling: float, flash: bool, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def attend(
+    q, k, v, mask, scaling: float, flash: bool, causal: bool = False, softcap: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of q (B, H, M, D) over k, v (B, H, L, D) under a boolean mask
     (B, 1, M, L) or none -> (output (B, H, M, D) float32, log-sum-exp (B, H, M) float32).
-    causal: query m sees keys 0..m (M == L)."""
+    causal: query m sees keys 0..m (M == L). softcap: logits become softcap * tanh(logits /
+    softcap) (Gemma 2); the fused kernel cannot, so the plain path runs."""
     if causal:
         mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()[None, None]
-    if flash:
+    if flash and softcap is None:
         bias = None
         if mask is not None and not causal:
             bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, -torch.inf)
@@ -37,7 +40,7 @@ def attend(q, k, v, mask, scaling: float, flash: bool, causal: bool = False) -> 
         if bias is not None:  # the kernel reports lse 0, not -inf, for a row with no visible key
             lse = torch.where(mask.any(-1), lse, -torch.inf)
         return o.float(), lse.float()
-    s = (q @ k.transpose(-1, -2)).float() * scaling
+    s = capped((q @ k.transpose(-1, -2)).float() * scaling, softcap)
     if mask is not None:
         s = s.masked_fill(~mask, -torch.inf)
     lse = torch.logsumexp(s, dim=-1)
@@ -45,13 +48,26 @@ def attend(q, k, v, mask, scaling: float, flash: bool, causal: bool = False) -> 
     return (p.to(v.dtype) @ v).float(), lse
 
 
-def attend_causal_grouped(q, k, v, scaling: float, flash: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+def attend_causal_grouped(
+    q, k, v, scaling: float, flash: bool, softcap: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A block's own keys, causally: q (B, Hkv, rep, n, D), k and v (B, Hkv, n, D)
     -> (output, lse) as rows (B, Hkv, rep*n, ...)."""
     B, Hkv, rep, n, D = q.shape
     # A causal mask is per head, so the grouped heads cannot be folded into rows here.
     o, lse = attend(
-        q.reshape(B, Hkv * rep, n, D), k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), None, scaling, flash, True
+        q.reshape(B, Hkv * rep, n, D),
+        k.repeat_interleave(rep, 1),
+        v.repeat_interleave(rep, 1),
+        None,
+        scaling,
+        flash,
+        True,
+        softcap,
     )
     return o.reshape(B, Hkv, rep * n, D), lse.reshape(B, Hkv, rep * n)
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from lminf.kernels.sdpa import rows_mask
+from lminf.kernels.sdpa import capped, rows_mask
 
 KEY_CHUNK = 4096  # candidate keys scored at once
 
 
-def top_k_attention(q, k, v, candidates, hi: int, top_k: int, rep: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k_attention(
+    q, k, v, candidates, hi: int, top_k: int, rep: int, scaling: float, softcap: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, Hkv, M, D) as grouped rows, k and v (B, Hkv, K, D); keys [0, hi) are scored.
     candidates(c, d) -> (B, M/rep, d - c) bool: which keys of chunk [c, d) each query may pick.
     -> (output (B, Hkv, M, D) float32, log-sum-exp (B, Hkv, M)) over the picked keys."""
@@ -17,7 +19,7 @@ def top_k_attention(q, k, v, candidates, hi: int, top_k: int, rep: int, scaling:
     best_s = best_idx = None
     for c in range(0, hi, KEY_CHUNK):
         d = min(c + KEY_CHUNK, hi)
-        s = (q @ k[:, :, c:d].transpose(-1, -2)).float() * scaling
+        s = capped((q @ k[:, :, c:d].transpose(-1, -2)).float() * scaling, softcap)
         s = s.masked_fill(~rows_mask(candidates(c, d), rep), -torch.inf)
         idx = torch.arange(c, d, device=s.device).expand_as(s)
         if best_s is not None:

@@ -16,7 +16,9 @@ from typing import ClassVar
 
 import torch
 from transformers import Cache, PretrainedConfig
+from transformers.cache_utils import CacheLayerMixin
 
+from lminf.caches.lambda_cache import LambdaCache
 from lminf.layout import Layout
 
 STRATEGIES: dict[str, type[Strategy]] = {}
@@ -38,9 +40,11 @@ class AttentionCall:
     """What one layer's attention call knows besides q, k, v and the Layout."""
 
     layer: int
-    inv_freq: torch.Tensor  # the model's rotary frequencies (moves with the model)
+    inv_freq: torch.Tensor | None  # the layer's rotary frequencies (move with the model); None: a NoPE layer
     scaling: float
     kernel: str = "auto"  # lminf.kernels.sdpa.KERNELS
+    softcap: float | None = None  # the model's attention logit soft-capping (Gemma 2)
+    interleaved: bool = False  # rotary pairs (2f, 2f + 1) as in GPT-J, not (f, f + rot/2)
 
 
 @dataclass(frozen=True)
@@ -68,9 +72,14 @@ class Strategy:
         """The same strategy with `n_global` first tokens kept (a forward call's `lminf_n_global`)."""
         return self if n_global == self.n_global else dataclasses.replace(self, n_global=n_global)
 
-    def make_cache(self, num_layers: int, extra_sinks: int = 0) -> Cache:
-        """The cache this strategy's attention reads; `extra_sinks`: left padding kept with the first tokens."""
+    def cache_layer(self, extra_sinks: int = 0) -> CacheLayerMixin:
+        """One layer of the cache this strategy's attention reads; `extra_sinks`: left padding
+        kept with the first tokens. lminf.patching puts one per layer in a `LambdaCache`."""
         raise NotImplementedError
+
+    def make_cache(self, num_layers: int, extra_sinks: int = 0) -> Cache:
+        """A cache of `num_layers` such layers (a model whose layers all run this strategy)."""
+        return LambdaCache.of([self.cache_layer(extra_sinks) for _ in range(num_layers)])
 
     def cache_bound(self) -> int | None:
         """The most tokens per layer its cache holds (padding aside); None: every token, so memory

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PretrainedConfig
 
-from lminf.caches.lambda_cache import LambdaCache
+from lminf.caches.lambda_cache import LambdaLayer
 from lminf.kernels.lambda_blocks import lambda_attention
 from lminf.layout import Layout
 from lminf.strategies.base import AttentionCall, Rule, Strategy
@@ -58,8 +58,8 @@ class WindowedStrategy(Strategy):
         tail_start = 0 if self.keeps_middle else max(0, q_start - self.n_local + 1)
         return min(self.n_global, tail_start), tail_start
 
-    def make_cache(self, num_layers: int, extra_sinks: int = 0) -> LambdaCache:
-        return LambdaCache(num_layers, n_sink=self.n_global + extra_sinks, n_local=None if self.keeps_middle else self.n_local)
+    def cache_layer(self, extra_sinks: int = 0) -> LambdaLayer:
+        return LambdaLayer(n_sink=self.n_global + extra_sinks, n_local=None if self.keeps_middle else self.n_local)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, call: AttentionCall) -> torch.Tensor:
         return lambda_attention(
@@ -72,6 +72,8 @@ class WindowedStrategy(Strategy):
             far=self.far_positions,
             inv_freq=call.inv_freq,
             scaling=call.scaling,
+            softcap=call.softcap,
+            interleaved=call.interleaved,
             top_k=self.top_k_at(call.layer),
             kernel=call.kernel,
         )
@@ -94,3 +96,20 @@ class WindowedStrategy(Strategy):
         # Query p has max(0, p - n_local - n_global + 1) middle keys and picks min(top_k, that) of them.
         m, k = max(0, length - n_local - n_global), top_k
         return pairs + (m * (m + 1) // 2 if m <= k else k * (k + 1) // 2 + (m - k) * k)
+
+
+@dataclass(frozen=True)
+class ModelWindow(WindowedStrategy):
+    """A model's own sliding-window layer, kept as the model defines it (Gemma 2/3, Mistral...):
+    the last `n_local` tokens and no first tokens. Not a registered strategy: lminf.patching
+    runs it in the sliding layers of a model, whatever strategy the global layers run."""
+
+    n_global: int = 0
+
+    def far_positions(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return q_pos, None  # never asked: without first tokens no key is far
+
+    def cache_layer(self, extra_sinks: int = 0) -> LambdaLayer:
+        layer = super().cache_layer(extra_sinks)
+        layer.is_sliding = True  # transformers builds the sliding layers' mask from this layer's sizes
+        return layer

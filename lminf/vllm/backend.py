@@ -88,7 +88,10 @@ class LminfCPUAttentionImpl(CPUAttentionBackendImpl):
         self.strategy = strategy_from_config(vllm_config)
         if self.strategy is not None:
             if self.sliding_window != -1 or self.alibi_slopes is not None or self.logits_soft_cap or self.sinks is not None:
-                raise ValueError("lminf in vLLM supports plain rotary full-attention layers only.")
+                raise ValueError(
+                    "lminf in vLLM supports plain rotary full-attention layers only; this model has sliding-window, "
+                    "ALiBi, soft-capped or sink layers: run it through transformers (lminf.patch)."
+                )
             self.inv_freq = rotary_inv_freq(vllm_config.model_config.hf_config).float()
             logger.info_once("lminf: attention runs %s", self.strategy)
         LminfCPUAttentionBackend.layer_strategy = self.strategy
