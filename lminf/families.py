@@ -4,13 +4,15 @@ A family is described once (`Family`, in `FAMILIES`); everything else is read fr
 model's own config fields, as transformers does: `layer_types` and `sliding_window` (which
 layers are sliding), `rope_parameters` (per layer type when it differs, partial rotary),
 `no_rope_layers` (position-free layers). Every supported family routes attention through
-transformers' attention interface, has one rotary embedding module (its frequencies move
-with the model) and one attention module per layer (with its `layer_idx`).
+transformers' attention interface (MPT through a small adapter, lminf.adapters), has at most
+one rotary embedding module (its frequencies move with the model) and one attention module
+per layer (with its `layer_idx`).
 
 Each layer is one `LayerKind`, and lminf treats each kind by its own rule (lminf.patching):
 - a global rotary layer runs the strategy (Lambda attention for LM-Infinite);
 - a sliding layer keeps the model's own window (it is already bounded), cache of that window;
-- a position-free (NoPE) global layer runs the strategy's keys without any rotation.
+- a position-free (NoPE) global layer runs the strategy's keys without any rotation;
+- an ALiBi layer (MPT) runs them with ALiBi's bias at the strategy's distances (capped for LM-Infinite).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
+
+from lminf.adapters import grow_gptj_table, mpt_attention
 
 
 @dataclass(frozen=True)
@@ -49,12 +53,17 @@ class Family:
     interleaved: bool = False  # rotary pairs (2f, 2f + 1) as in GPT-J, not Llama's (f, f + rot/2)
     # For a rotary module that holds a table, not frequencies: the module -> its frequencies.
     inv_freq: Callable[[torch.nn.Module], torch.Tensor] | None = None
-    # model -> a handle whose .remove() undoes it: work `patch` does first (e.g. grow a position table).
+    # model -> a handle whose .remove() undoes it: a family's adapter, applied by `patch` (lminf.adapters).
     prepare: Callable[[PreTrainedModel], object] | None = None
+    alibi: bool = False  # ALiBi biases (MPT): the cache keeps its keys in order (each key's distance counts)
 
 
 def _no_rope_layers(config: PretrainedConfig, layer: int) -> bool:
     return not config.no_rope_layers[layer]  # SmolLM3: 0 marks a NoPE layer
+
+
+def _every_layer(config: PretrainedConfig, layer: int) -> bool:
+    return True  # ALiBi models have no rotary positions at all
 
 
 def _global_when_sliding(config: PretrainedConfig, layer: int) -> bool:
@@ -65,21 +74,6 @@ def _global_when_sliding(config: PretrainedConfig, layer: int) -> bool:
 def _gptj_inv_freq(rotary: torch.nn.Module) -> torch.Tensor:
     dim = rotary.pos_embd_dim  # the frequencies its sinusoid table was made of
     return 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-
-
-def _gptj_growing_table(model: PreTrainedModel) -> object:
-    """GPT-J looks its rotary angles up in a sinusoid table sized to its training length; past
-    it the lookup fails. Grow the table (with transformers' own function) before a forward needs it."""
-    from transformers.models.gptj.modeling_gptj import create_sinusoidal_positions
-
-    def grow(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        positions = kwargs["position_ids"] if "position_ids" in kwargs else args[1]
-        needed, table = int(positions.max()) + 1, module.embed_positions
-        if needed > table.shape[0]:
-            grown = create_sinusoidal_positions(max(needed, 2 * table.shape[0]), module.pos_embd_dim)
-            module.embed_positions = grown.to(table.device, table.dtype)
-
-    return rotary_embedding(model).register_forward_pre_hook(grow, with_kwargs=True)
 
 
 FAMILIES = {
@@ -104,12 +98,32 @@ FAMILIES = {
             "partial rotary in interleaved pairs, a position table grown past the training length",
             interleaved=True,
             inv_freq=_gptj_inv_freq,
-            prepare=_gptj_growing_table,
+            prepare=grow_gptj_table,
+        ),
+        Family(
+            "mpt",
+            "ALiBi (an adapter: attention inside its module); the first tokens get the bias of distance n_local",
+            position_free=_every_layer,
+            prepare=mpt_attention,
+            alibi=True,
         ),
         Family("starcoder2", "sliding_window (if set) on every layer", sliding_everywhere=True),
         Family("cohere2", "sliding rotary layers, global NoPE layers", position_free=_global_when_sliding),
         Family("smollm3", "every 4th layer NoPE", position_free=_no_rope_layers),
+        Family("exaone4", "sliding rotary layers, global NoPE layers", position_free=_global_when_sliding),
+        Family("cohere", "interleaved rotary pairs", interleaved=True),
+        Family("glm", "partial rotary in interleaved pairs", interleaved=True),
+        Family("glm4", "partial rotary in interleaved pairs", interleaved=True),
+        Family("olmo"),
+        Family("nemotron", "partial rotary"),
+        Family("persimmon", "partial rotary, norms on q and k"),
+        Family("arcee"),
+        Family("seed_oss"),
+        Family("ernie4_5", "interleaved rotary pairs", interleaved=True),
+        Family("apertus"),
         Family("mixtral", "mixture of experts; sliding_window (if set) on every layer", sliding_everywhere=True),
+        Family("olmoe", "mixture of experts"),
+        Family("granitemoe", "mixture of experts"),
         Family("qwen2_moe", "mixture of experts"),
         Family("qwen3_moe", "mixture of experts"),
     )
@@ -122,10 +136,17 @@ REFUSED = {
     "deepseek_v2": "multi-head latent attention",
     "deepseek_v3": "multi-head latent attention",
     "gpt2": "no rotary positions",
-    "mpt": "ALiBi computed inside its attention module",
-    "bloom": "ALiBi computed inside its attention module",
+    "bloom": "ALiBi computed inside its attention module; MPT has an adapter, BLOOM not yet",
     "falcon": "attention outside transformers' attention interface",
 }
+
+
+def training_length(config: PretrainedConfig) -> int:
+    """The longest input the model was trained on (MPT calls it `max_seq_len`)."""
+    length = getattr(config, "max_position_embeddings", None) or getattr(config, "max_seq_len", None)
+    if not length:
+        raise ValueError(f"this {config.model_type} config says no training length (max_position_embeddings); give n_local.")
+    return int(length)
 
 
 def check_supported(model: PreTrainedModel) -> None:

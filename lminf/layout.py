@@ -38,6 +38,10 @@ class Layout:
     # (rotation tables, masks, the shape of the windows) is worked out once, here.
     _memo: dict = field(default_factory=dict, compare=False, repr=False)
 
+    def to(self, *args, **kwargs) -> Layout:
+        """Itself: a model that casts the mask it gets (MPT: `.to(torch.bool)`) keeps the Layout."""
+        return self
+
     def once(self, key: tuple, make: Callable[..., T], *args) -> T:
         """make(*args), computed on the first call with this key and reused after."""
         if key not in self._memo:

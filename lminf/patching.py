@@ -46,7 +46,7 @@ class _PatchState:
     strategy: Strategy
     family: Family
     kinds: list[LayerKind]  # what each attention layer is (lminf.families)
-    rotary: torch.nn.Module  # the model's rotary embedding: its frequencies move with the model
+    rotary: torch.nn.Module | None  # the model's rotary embedding (frequencies move with it); None: no rotary layer
     kernel: str
     backend: Backend | None
     previous_implementation: str
@@ -94,7 +94,8 @@ def lminf_attention_forward(
     strategy = state.strategy_for(kwargs.get("lminf_n_global"), layer)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     inv_freq = layer_inv_freq(state.family, state.rotary, kind)
-    call = AttentionCall(layer, inv_freq, scaling, state.kernel, kwargs.get("softcap"), state.family.interleaved)
+    alibi = getattr(module, "_lminf_alibi", None)  # ALiBi slopes, put there by the family's adapter (MPT)
+    call = AttentionCall(layer, inv_freq, scaling, state.kernel, kwargs.get("softcap"), state.family.interleaved, alibi)
     attend = strategy.attention if state.backend is None else functools.partial(state.backend, strategy)
     out = attend(query, key, value, attention_mask, call)
     return out.transpose(1, 2).contiguous(), None
@@ -131,7 +132,7 @@ def patch(
         strategy=strategy,
         family=FAMILIES[model.config.model_type],
         kinds=layer_kinds(model.config),
-        rotary=rotary_embedding(model),
+        rotary=rotary_embedding(model) if any(kind.rotary for kind in layer_kinds(model.config)) else None,
         kernel=backend if isinstance(backend, str) else "auto",
         backend=None if isinstance(backend, str) else backend,
         previous_implementation=model.config._attn_implementation,
@@ -141,7 +142,8 @@ def patch(
     if state.family.prepare is not None:
         state.prepared = state.family.prepare(model)
     model._lminf = state
-    model.set_attn_implementation(IMPLEMENTATION)
+    if model.config._attn_implementation != IMPLEMENTATION:  # an adapter may have set it (MPT cannot switch)
+        model.set_attn_implementation(IMPLEMENTATION)
     model.generate = _generate_with_strategy_cache(model)
     return model
 
@@ -196,7 +198,10 @@ def make_cache(model: PreTrainedModel, attention_mask: torch.Tensor | None = Non
     if attention_mask is not None:
         left_pad = int((attention_mask.cumsum(-1) == 0).sum(-1).max())
     state: _PatchState = model._lminf
-    return LambdaCache.of([state.strategy_for(n_global, i).cache_layer(left_pad) for i in range(len(state.kinds))])
+    layers = [state.strategy_for(n_global, i).cache_layer(left_pad) for i in range(len(state.kinds))]
+    for layer in layers:
+        layer.in_order = state.family.alibi
+    return LambdaCache.of(layers)
 
 
 def layer_strategy(model: PreTrainedModel, layer: int) -> Strategy:

@@ -27,6 +27,10 @@ FAMILIES = {
     "qwen3_moe": (transformers.Qwen3MoeConfig, {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
     "gpt_neox": (transformers.GPTNeoXConfig, {}),  # a quarter of the channels rotate
     "gptj": (transformers.GPTJConfig, {"rotary_dim": 8}),  # half of the channels, interleaved pairs
+    "mpt": (
+        transformers.MptConfig,
+        {"n_heads": 4, "max_seq_len": 64, "attn_config": {"attn_impl": "torch"}},
+    ),  # ALiBi, an adapter
     # The model's own sliding layers (window 12: past the test strategies' n_local 8, inside 64 positions).
     "mistral-sliding": (transformers.MistralConfig, {"sliding_window": 12}),  # every layer slides
     "starcoder2": (transformers.Starcoder2Config, {"sliding_window": 12}),
@@ -39,6 +43,19 @@ FAMILIES = {
     "olmo3": (transformers.Olmo3Config, {"sliding_window": 12, "layer_types": SLIDING_THEN_GLOBAL}),
     "cohere2": (transformers.Cohere2Config, {"sliding_window": 12, "layer_types": SLIDING_THEN_GLOBAL}),  # global layers NoPE
     "smollm3": (transformers.SmolLM3Config, {"no_rope_layers": [1, 0]}),  # layer 1 is NoPE
+    "exaone4": (transformers.Exaone4Config, {"sliding_window": 12, "layer_types": SLIDING_THEN_GLOBAL}),  # global layers NoPE
+    "cohere": (transformers.CohereConfig, {}),  # interleaved rotary pairs
+    "glm": (transformers.GlmConfig, {}),  # half of the channels, interleaved
+    "glm4": (transformers.Glm4Config, {}),
+    "olmo": (transformers.OlmoConfig, {}),
+    "nemotron": (transformers.NemotronConfig, {}),
+    "persimmon": (transformers.PersimmonConfig, {}),
+    "arcee": (transformers.ArceeConfig, {}),
+    "seed_oss": (transformers.SeedOssConfig, {}),
+    "ernie4_5": (transformers.Ernie4_5Config, {}),
+    "apertus": (transformers.ApertusConfig, {}),
+    "olmoe": (transformers.OlmoeConfig, {"num_experts": 4, "num_experts_per_tok": 2}),
+    "granitemoe": (transformers.GraniteMoeConfig, {"num_local_experts": 4, "num_experts_per_tok": 2}),
 }
 
 

@@ -37,6 +37,8 @@ def reference_attention(strategy, q, k, v, layout, call):
     logits = (zq[:, :, :, None, :] * zk.conj()[:, :, None, :, :] * phase).real.sum(-1)
     logits = logits + q[..., 2 * F :] @ k[..., 2 * F :].transpose(-1, -2)  # channels RoPE leaves alone
     logits = logits * call.scaling
+    if call.alibi is not None:  # ALiBi: -slope x the distance the rule scores the pair at
+        logits = logits - call.alibi.double()[None, :, None, None] * rule.distance.double()[:, None]
     if call.softcap is not None:
         logits = call.softcap * torch.tanh(logits / call.softcap)
 

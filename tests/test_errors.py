@@ -43,8 +43,8 @@ def test_unsupported_model_names_what_is_supported():
 
 
 def test_a_refused_family_says_why():
-    config = transformers.MptConfig(vocab_size=64, d_model=32, n_heads=2, n_layers=1)
-    with pytest.raises(ValueError, match=r"model type 'mpt' \(ALiBi computed inside its attention module\)"):
+    config = transformers.BloomConfig(vocab_size=64, hidden_size=32, n_head=2, n_layer=1)
+    with pytest.raises(ValueError, match=r"model type 'bloom' \(ALiBi computed inside its attention module"):
         lminf.patch(transformers.AutoModelForCausalLM.from_config(config))
 
 

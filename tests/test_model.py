@@ -69,7 +69,10 @@ ROPES = {
 }
 
 
-@pytest.mark.parametrize("family, rope", [("llama", r) for r in ROPES] + [(f, "default") for f in FAMILIES] + [("qwen3", "yarn")])
+ROTARY = [f for f in FAMILIES if f != "mpt"]  # MPT's ALiBi: test_alibi_reads_the_first_token_at_distance_n_local
+
+
+@pytest.mark.parametrize("family, rope", [("llama", r) for r in ROPES] + [(f, "default") for f in ROTARY] + [("qwen3", "yarn")])
 def test_distance_cap_equals_vanilla_with_global_tokens_moved(family, rope):
     """Independent of lminf's rotation code: in a one-layer model, the last query's Lambda output
     equals the vanilla model's on a shortened input where the global tokens sit exactly n_local back."""
@@ -94,6 +97,20 @@ def test_distance_cap_equals_vanilla_with_global_tokens_moved(family, rope):
     want = model(short, position_ids=positions).logits[0, -1]
     lminf.patch(model, n_global=n_global, n_local=n_local)
     torch.testing.assert_close(model(ids).logits[0, -1], want, **FP32)
+
+
+def test_alibi_reads_the_first_token_at_distance_n_local():
+    """MPT's ALiBi bias depends on a key's distance from the last key, whatever the positions.
+    With one global token the shortened input [first token | window] puts it exactly n_local back,
+    so vanilla MPT on it is the capped rule, independently of lminf's bias code."""
+    model = tiny_model("mpt", num_hidden_layers=1)
+    n_local, n = 8, 30
+    ids = tokens(n)
+    want = model(torch.cat((ids[:, :1], ids[:, n - n_local :]), dim=1)).logits[0, -1]
+    lminf.patch(model, n_global=1, n_local=n_local)
+    torch.testing.assert_close(model(ids).logits[0, -1], want, **FP32)
+    lminf.unpatch(model)
+    assert model.config._attn_implementation == "eager" and "forward" not in vars(model.transformer.blocks[0].attn)
 
 
 def test_gptj_past_its_position_table():

@@ -32,6 +32,9 @@ class LambdaLayer(DynamicLayer):
     """
 
     is_croppable = False
+    # True: no ring, keys stay in order (a decoding step then copies the window). ALiBi reads
+    # each key's true distance from the Layout, which assumes the physical order.
+    in_order = False
     key_room: torch.Tensor | None = None  # storage whose first tokens are self.keys (see _append)
     value_room: torch.Tensor | None = None
 
@@ -51,7 +54,7 @@ class LambdaLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if key_states.shape[-2] == 1 and self._full():
+        if key_states.shape[-2] == 1 and self._full() and not self.in_order:
             self.cumulative_length += 1
             ring = self.n_local - 1
             if ring:
@@ -122,7 +125,7 @@ class LambdaLayer(DynamicLayer):
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """(number of keys the next update returns, physical index where its tail starts)"""
-        if query_length == 1 and self._full():  # a ring step: the oldest key is dropped first
+        if query_length == 1 and self._full() and not self.in_order:  # a ring step: the oldest key is dropped first
             return self.n_sink + self.n_local, self.cumulative_length + 1 - self.n_local
         stored = self.keys.shape[-2] if self.is_initialized else 0
         n_sinks = min(self.n_sink, self.cumulative_length)

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from transformers import Cache, DynamicCache, PreTrainedModel
 
 from lminf.arguments import strategy_from
+from lminf.families import training_length
 from lminf.generation import check_ids, greedy, target_nll, token_nll
 from lminf.patching import make_cache, patch, settings_of, unpatch
 from lminf.strategies import STRATEGIES, Strategy, build
@@ -83,7 +84,7 @@ class Window(Method):
         return dataclasses.asdict(self)
 
     def resolved(self, model: PreTrainedModel) -> Window:
-        window = self.n_local or model.config.max_position_embeddings
+        window = self.n_local or training_length(model.config)
         stride = self.stride or max(1, window // 4)
         if not 1 <= stride < window:
             raise ValueError(f"window stride must be in 1..{window - 1}, got {stride}.")
@@ -106,7 +107,7 @@ class Window(Method):
         return torch.cat(nll)
 
     def complete(self, model: PreTrainedModel, ids: torch.Tensor, max_new_tokens: int) -> list[int]:
-        window = self.n_local or model.config.max_position_embeddings
+        window = self.n_local or training_length(model.config)
         if max_new_tokens >= window:
             raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for input in a window of {window}.")
         # The prompt is cut so that the last generated token still sees only `window` tokens.

@@ -19,6 +19,7 @@ from transformers import Cache, PreTrainedModel
 
 from lminf.eval.methods import Method, resolve_all
 from lminf.eval.runs import RunStore
+from lminf.families import training_length
 from lminf.generation import check_ids, target_nll
 from lminf.memory import cache_mib, rss_mib
 
@@ -40,7 +41,7 @@ def run_ppl(
     """Every (document, method) cell not already in `out_json`; the JSON is rewritten after each."""
     methods = resolve_all(methods, model)
     store = RunStore(out_json, {"bucket": bucket}, "holds a run with bucket {bucket}; use another --out or the same bucket.")
-    store.report.update({"training_length": model.config.max_position_embeddings, **(meta or {})})
+    store.report.update({"training_length": training_length(model.config), **(meta or {})})
     store.record_methods(methods)
     for doc, ids in documents.items():
         for method in methods:
@@ -89,7 +90,7 @@ def run_stream(
     check_ids(ids)
     (method,) = resolve_all([method], model)
     store = RunStore(out_json, {"regime": "stream"})
-    store.report.update({"training_length": model.config.max_position_embeddings, **(meta or {})})
+    store.report.update({"training_length": training_length(model.config), **(meta or {})})
     if store.results.get(method.name, {}).get("bucket", bucket) != bucket:
         raise ValueError(f"{out_json} holds a {method.name} run with another bucket; use another --out or the same bucket.")
     store.record_methods([method])

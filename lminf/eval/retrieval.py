@@ -26,6 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lminf.eval.methods import Method, resolve_all
 from lminf.eval.runs import RunStore
+from lminf.families import training_length
 
 NAMES = ["Anna", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kofi", "Lena"]
 WORDS = [
@@ -126,7 +127,7 @@ def run_grid(
     """Every (method, length, depth, sample) cell not already in `out_json`; the JSON is rewritten after each."""
     methods = resolve_all(methods, model)
     store = RunStore(out_json, {"task": task.name, "seed": seed, "document": getattr(task, "document", None)})
-    store.report.update({"training_length": model.config.max_position_embeddings, **(meta or {})})
+    store.report.update({"training_length": training_length(model.config), **(meta or {})})
     store.record_methods(methods)
     todo = [(m, n, d, s) for m in methods for n in lengths for d in depths for s in range(samples)]
     bar = tqdm(todo, desc=task.name, unit="prompt", disable=not progress)

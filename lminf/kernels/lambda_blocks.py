@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from lminf.kernels.sdpa import attend, attend_causal_grouped, merge, rows, rows_mask, use_flash
+from lminf.kernels.sdpa import alibi_bias, attend, attend_causal_grouped, merge, rows, rows_mask, use_flash
 from lminf.kernels.topk import top_k_attention
 from lminf.layout import Layout
 from lminf.rope import rotate, rotation
@@ -54,6 +54,7 @@ def lambda_attention(
     scaling: float,
     softcap: float | None = None,
     interleaved: bool = False,
+    alibi: torch.Tensor | None = None,
     top_k: int = 0,
     block_size: int | None = None,
     kernel: str = "auto",
@@ -66,6 +67,8 @@ def lambda_attention(
     inv_freq None: a position-free layer, far and middle keys are read without any rotation.
     softcap: the model's logit soft-capping (Gemma 2), None for none.
     interleaved: the rotary pairs are GPT-J's (2f, 2f + 1), not Llama's (f, f + rot/2).
+    alibi: ALiBi slopes (Hq,) of a layer without rotary positions (MPT): every kept logit gets
+    -slope * its distance, the capped one for far and middle keys.
     """
     flash = use_flash(kernel, q.device)
     B, Hq, Q, D = q.shape
@@ -82,11 +85,16 @@ def lambda_attention(
     out = torch.empty(B, Hkv, rep, Q, D, dtype=q.dtype, device=q.device)
     for a in range(0, Q, block):
         b = min(a + block, Q)
-        parts = _window_parts(q_grouped[:, :, :, a:b], k, v, layout, a, offset, n_local, consecutive, scaling, flash, softcap)
+        qb = q_grouped[:, :, :, a:b]
+        parts = _window_parts(qb, k, v, layout, a, offset, n_local, consecutive, scaling, flash, softcap, alibi)
         qb_far = None if q_far is None else rows(q_far.view(B, Hkv, rep, Q, D)[:, :, :, a:b])
         if n_lead:
             shape = (a, b, n_lead, n_global, n_local, rep)
             mask = layout.once(("far", *shape), _far_mask, layout, *shape)
+            if alibi is not None:
+                q_at, k_at = layout.once(("far at", far, n_lead), far, layout.q_pos, layout.k_pos[:, :n_lead])
+                distance = q_at[:, a:b, None] - (layout.k_pos[:, :n_lead] if k_at is None else k_at)[:, None, :]
+                mask = alibi_bias(distance, _far_seen(layout, a, b, n_lead, n_global, n_local), alibi, rep)
             parts.append(attend(qb_far, k_lead, v[:, :, :n_lead], mask, scaling, flash, softcap=softcap))
         mid_hi = offset + b - n_local  # no middle key of this block lies at or past here
         if top_k and mid_hi > 0:
@@ -95,7 +103,15 @@ def lambda_attention(
                 i, j, valid = layout.q_pos[:, a:b, None], layout.k_pos[:, None, c:d], layout.k_valid[:, None, c:d]
                 return valid & (i - j >= n_local) & (j >= n_global)
 
-            parts.append(top_k_attention(qb_far, k_all, v, middle, mid_hi, top_k, rep, scaling, softcap))
+            bias = None
+            if alibi is not None:  # middle keys are read where far keys are: at the placed distance
+
+                def bias(c, d, a=a, b=b):
+                    q_at, k_at = layout.once(("far at all", far), far, layout.q_pos, layout.k_pos)
+                    distance = q_at[:, a:b, None] - (layout.k_pos if k_at is None else k_at)[:, None, c:d]
+                    return alibi_bias(distance, torch.ones_like(distance, dtype=torch.bool), alibi, rep)
+
+            parts.append(top_k_attention(qb_far, k_all, v, middle, mid_hi, top_k, rep, scaling, softcap, bias))
         out[:, :, :, a:b] = merge(parts).view(B, Hkv, rep, b - a, D).to(q.dtype)
     return out.view(B, Hq, Q, D)
 
@@ -125,13 +141,17 @@ def _far_views(q, k, layout: Layout, far: Far, n_lead: int, top_k: int, inv_freq
     return q_far, k_lead, k_all
 
 
-def _window_parts(q_block, k, v, layout: Layout, a: int, offset: int, n_local: int, consecutive: bool, scaling, flash, softcap):
+def _window_parts(q_block, k, v, layout: Layout, a, offset, n_local: int, consecutive: bool, scaling, flash, softcap, alibi):
     """The passes of queries [a, a + n) (q_block (B, Hkv, rep, n, D)) over their local windows."""
     B, _, rep, n, _ = q_block.shape
     K = k.shape[2]
     qb = rows(q_block)
     s = offset + a  # key index of the block's first query
     lo, hi = max(0, s - n_local + 1), s + n  # the block's window
+    if alibi is not None:  # ALiBi: a bias for every pair (not memoized: it is per head and large)
+        i, j = layout.q_pos[:, a : a + n, None], layout.k_pos[:, None, lo:hi]
+        seen = layout.k_valid[:, None, lo:hi] & (i - j >= 0) & (i - j < n_local)
+        return [attend(qb, k[:, :, lo:hi], v[:, :, lo:hi], alibi_bias(i - j, seen, alibi, rep), scaling, flash, softcap=softcap)]
     if not (consecutive and n <= n_local):  # padding: decide each pair from real positions
         local = layout.once(("local", K, a, a + n, n_local, rep), _local_mask, layout, a, a + n, lo, hi, n_local, rep)
         return [attend(qb, k[:, :, lo:hi], v[:, :, lo:hi], local, scaling, flash, softcap=softcap)]
@@ -177,8 +197,13 @@ def _local_mask(layout: Layout, a, b, lo, hi, n_local, rep):
     return rows_mask(valid & (i - j >= 0) & (i - j < n_local), rep)
 
 
+def _far_seen(layout: Layout, a, b, n_lead, n_global, n_local) -> torch.Tensor:
+    """(B, b - a, n_lead): which leading keys each query of the block reads as far keys."""
+    i, j, valid = layout.q_pos[:, a:b, None], layout.k_pos[:, None, :n_lead], layout.k_valid[:, None, :n_lead]
+    return valid & (i - j >= n_local) & (j < n_global)
+
+
 def _far_mask(layout: Layout, a, b, n_lead, n_global, n_local, rep):
     """Which leading keys each query reads as far keys; None when every query reads all of them."""
-    i, j, valid = layout.q_pos[:, a:b, None], layout.k_pos[:, None, :n_lead], layout.k_valid[:, None, :n_lead]
-    far = valid & (i - j >= n_local) & (j < n_global)
+    far = _far_seen(layout, a, b, n_lead, n_global, n_local)
     return None if bool(far.all()) else rows_mask(far, rep)

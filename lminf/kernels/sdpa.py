@@ -27,21 +27,25 @@ def attend(
     q, k, v, mask, scaling: float, flash: bool, causal: bool = False, softcap: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of q (B, H, M, D) over k, v (B, H, L, D) under a boolean mask
-    (B, 1, M, L) or none -> (output (B, H, M, D) float32, log-sum-exp (B, H, M) float32).
+    (B, 1, M, L), an additive float bias (B, H or 1, M, L) that is -inf where masked (ALiBi),
+    or none -> (output (B, H, M, D) float32, log-sum-exp (B, H, M) float32).
     causal: query m sees keys 0..m (M == L). softcap: logits become softcap * tanh(logits /
     softcap) (Gemma 2); the fused kernel cannot, so the plain path runs."""
     if causal:
         mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()[None, None]
+    additive = mask is not None and mask.dtype != torch.bool
     if flash and softcap is None:
-        bias = None
-        if mask is not None and not causal:
+        bias = mask.to(q.dtype) if additive else None
+        if mask is not None and not causal and not additive:
             bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, -torch.inf)
         o, lse = _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=bias, scale=scaling)
         if bias is not None:  # the kernel reports lse 0, not -inf, for a row with no visible key
-            lse = torch.where(mask.any(-1), lse, -torch.inf)
+            lse = torch.where(torch.isfinite(bias).any(-1), lse, -torch.inf)
         return o.float(), lse.float()
     s = capped((q @ k.transpose(-1, -2)).float() * scaling, softcap)
-    if mask is not None:
+    if additive:
+        s = s + mask
+    elif mask is not None:
         s = s.masked_fill(~mask, -torch.inf)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
@@ -95,3 +99,12 @@ def rows_mask(mask: torch.Tensor, rep: int) -> torch.Tensor:
     """(B, n, L) -> (B, 1, rep*n, L), the same mask for every grouped head"""
     B, n, L = mask.shape
     return mask[:, None, None].expand(B, 1, rep, n, L).reshape(B, 1, rep * n, L)
+
+
+def alibi_bias(distance: torch.Tensor, seen: torch.Tensor, slopes: torch.Tensor, rep: int) -> torch.Tensor:
+    """ALiBi's additive bias as grouped rows: -slope * distance where seen, -inf elsewhere.
+    distance, seen (B, n, L); slopes (Hq,) -> (B, Hkv, rep*n, L)."""
+    B, n, L = distance.shape
+    per_head = -slopes.view(-1, rep, 1, 1).float() * distance[:, None, None].float()  # (B, Hkv, rep, n, L)
+    bias = per_head.masked_fill(~seen[:, None, None], -torch.inf)
+    return bias.reshape(B, -1, rep * n, L)

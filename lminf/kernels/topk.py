@@ -10,7 +10,7 @@ KEY_CHUNK = 4096  # candidate keys scored at once
 
 
 def top_k_attention(
-    q, k, v, candidates, hi: int, top_k: int, rep: int, scaling: float, softcap: float | None = None
+    q, k, v, candidates, hi: int, top_k: int, rep: int, scaling: float, softcap: float | None = None, bias=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, Hkv, M, D) as grouped rows, k and v (B, Hkv, K, D); keys [0, hi) are scored.
     candidates(c, d) -> (B, M/rep, d - c) bool: which keys of chunk [c, d) each query may pick.
@@ -20,6 +20,8 @@ def top_k_attention(
     for c in range(0, hi, KEY_CHUNK):
         d = min(c + KEY_CHUNK, hi)
         s = capped((q @ k[:, :, c:d].transpose(-1, -2)).float() * scaling, softcap)
+        if bias is not None:  # bias(c, d) -> (B, Hkv, M, d - c) added to the logits (ALiBi)
+            s = s + bias(c, d)
         s = s.masked_fill(~rows_mask(candidates(c, d), rep), -torch.inf)
         idx = torch.arange(c, d, device=s.device).expand_as(s)
         if best_s is not None:

@@ -45,6 +45,7 @@ class AttentionCall:
     kernel: str = "auto"  # lminf.kernels.sdpa.KERNELS
     softcap: float | None = None  # the model's attention logit soft-capping (Gemma 2)
     interleaved: bool = False  # rotary pairs (2f, 2f + 1) as in GPT-J, not (f, f + rot/2)
+    alibi: torch.Tensor | None = None  # ALiBi slopes per query head (MPT), for a layer without rotary positions
 
 
 @dataclass(frozen=True)

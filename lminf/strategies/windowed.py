@@ -15,6 +15,7 @@ import torch
 from transformers import PretrainedConfig
 
 from lminf.caches.lambda_cache import LambdaLayer
+from lminf.families import training_length
 from lminf.kernels.lambda_blocks import lambda_attention
 from lminf.layout import Layout
 from lminf.strategies.base import AttentionCall, Rule, Strategy
@@ -31,7 +32,7 @@ class WindowedStrategy(Strategy):
         super().__post_init__()
 
     def resolve(self, config: PretrainedConfig) -> WindowedStrategy:
-        return self if self.n_local is not None else dataclasses.replace(self, n_local=config.max_position_embeddings)
+        return self if self.n_local is not None else dataclasses.replace(self, n_local=training_length(config))
 
     def far_positions(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Where a query (positions q_pos) and a first token outside its window (k_pos) are
@@ -74,6 +75,7 @@ class WindowedStrategy(Strategy):
             scaling=call.scaling,
             softcap=call.softcap,
             interleaved=call.interleaved,
+            alibi=call.alibi,
             top_k=self.top_k_at(call.layer),
             kernel=call.kernel,
         )
