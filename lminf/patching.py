@@ -52,12 +52,16 @@ class _PatchState:
     previous_implementation: str
     prepared: object | None = None  # what the family's `prepare` did, undone by unpatch
     _pinned: dict[int, Strategy] = field(default_factory=dict)
+    _windows: dict[int, Strategy] = field(default_factory=dict)  # the sliding layers', one per window size
 
     def strategy_for(self, n_global: int | None, layer: int | None = None) -> Strategy:
         """What runs in `layer` (None: the global layers): the strategy, with `n_global` first
         tokens pinned if given (worked out once per value); in a sliding layer the model's own window."""
         if layer is not None and not self.kinds[layer].is_global:
-            return ModelWindow(n_local=self.kinds[layer].window)
+            window = self.kinds[layer].window
+            if window not in self._windows:
+                self._windows[window] = ModelWindow(n_local=window)
+            return self._windows[window]
         if n_global is None:
             return self.strategy
         if n_global not in self._pinned:
@@ -128,11 +132,12 @@ def patch(
     if isinstance(backend, str) and backend not in KERNELS:
         raise ValueError(f"backend must be one of {KERNELS} or an attention function, got {backend!r}.")
     strategy = _strategy(strategy, settings).resolve(model.config)
+    kinds = layer_kinds(model.config)
     state = _PatchState(
         strategy=strategy,
         family=FAMILIES[model.config.model_type],
-        kinds=layer_kinds(model.config),
-        rotary=rotary_embedding(model) if any(kind.rotary for kind in layer_kinds(model.config)) else None,
+        kinds=kinds,
+        rotary=rotary_embedding(model) if any(kind.rotary for kind in kinds) else None,
         kernel=backend if isinstance(backend, str) else "auto",
         backend=None if isinstance(backend, str) else backend,
         previous_implementation=model.config._attn_implementation,
