@@ -70,14 +70,15 @@ def token_nll(
     n = ids.shape[1]
     for a in tqdm(range(0, n - 1, chunk_size), desc="nll", unit="chunk", disable=not progress):
         b = min(a + chunk_size, n - 1)
-        hidden = model.model(ids[:, a:b], past_key_values=cache, use_cache=True).last_hidden_state
+        hidden = model.get_decoder()(ids[:, a:b], past_key_values=cache, use_cache=True).last_hidden_state
         nll.append(target_nll(model, hidden[0], ids[0, a + 1 : b + 1]))
     return torch.cat(nll)
 
 
 def target_nll(model: PreTrainedModel, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """NLL of `targets` (n,) under the output layer applied to the first n rows of `hidden` (>= n, hidden)."""
-    logits = model.lm_head(hidden[: len(targets)]).float()
+    """NLL of `targets` (n,) under the output layer applied to the first n rows of `hidden` (>= n, hidden).
+    The decoder and output layer are found by transformers' own accessors (GPT-NeoX calls its head embed_out)."""
+    logits = model.get_output_embeddings()(hidden[: len(targets)]).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap is not None:  # Gemma 2 caps its output logits, as its own forward does
         logits = cap * torch.tanh(logits / cap)

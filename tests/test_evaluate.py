@@ -27,7 +27,8 @@ def tokens(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])  # Gemma 2 soft-caps its output logits
+# Gemma 2 soft-caps its output logits; GPT-NeoX, GPT-J and MPT name their decoder and head differently.
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_neox", "gptj", "mpt"])
 def test_token_nll_is_cross_entropy_of_one_forward(family):
     model, ids = tiny_model(family), tokens(50)
     logits = model(ids, use_cache=False).logits[0, :-1]

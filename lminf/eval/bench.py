@@ -97,7 +97,8 @@ def prefill_flops(model, length: int, method: Method) -> int:
     token per chunk: left out), plus 4 * heads * head_dim per query-key pair kept."""
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    layer_params = sum(p.numel() for p in model.model.layers.parameters())
+    layers = next(m for m in model.get_decoder().children() if isinstance(m, torch.nn.ModuleList))  # the decoder layers
+    layer_params = sum(p.numel() for p in layers.parameters())
     attention = 4 * c.num_attention_heads * head_dim * prefill_pairs(method, length, c.num_hidden_layers)
     return 2 * layer_params * length + attention
 

@@ -102,7 +102,7 @@ class Window(Method):
         for a in tqdm(range(1, n, stride), desc="window", unit="step", disable=not progress):
             b = min(a + stride, n)  # score targets a .. b-1
             start = max(0, b - window)  # the last target reads window - 1 tokens before it
-            hidden = model.model(ids[:, start : b - 1], use_cache=False).last_hidden_state
+            hidden = model.get_decoder()(ids[:, start : b - 1], use_cache=False).last_hidden_state
             nll.append(target_nll(model, hidden[0, a - 1 - start :], ids[0, a:b]))
         return torch.cat(nll)
 

@@ -119,7 +119,7 @@ def _stream_bucket(model: PreTrainedModel, ids: torch.Tensor, state: StreamState
     total, count, start = 0.0, 0, time.perf_counter()
     while pos < end_of_bucket:
         end = min(pos + chunk_size, end_of_bucket)
-        hidden = model.model(ids[:, pos:end], past_key_values=state.cache, use_cache=True).last_hidden_state
+        hidden = model.get_decoder()(ids[:, pos:end], past_key_values=state.cache, use_cache=True).last_hidden_state
         nll = target_nll(model, hidden[0], ids[0, pos + 1 : end + 1])
         total, count = total + float(nll.sum()), count + len(nll)
         bar.update(end - pos)
