@@ -15,6 +15,7 @@ from transformers import DynamicCache, TextStreamer
 import lminf
 from lminf.arguments import add_model_args, dtype_for, load, strategy_from
 from lminf.eval import cli as eval_cli
+from lminf.generation import cache_kwarg
 from lminf.memory import peak_mib
 
 
@@ -95,7 +96,7 @@ def generate(args: argparse.Namespace) -> int:
         out = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            past_key_values=cache,
+            **cache_kwarg(model, cache),
             max_new_tokens=args.max_new_tokens,
             do_sample=args.sample,
             temperature=args.temperature if args.sample else None,

@@ -7,6 +7,8 @@ bounded cache, or the vanilla model with a `DynamicCache`.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 
 import torch
@@ -14,6 +16,17 @@ from tqdm import tqdm
 from transformers import Cache, PreTrainedModel
 
 PREFILL_CHUNK = 2048  # prompt tokens per forward call
+
+
+def cache_kwarg(module: torch.nn.Module, cache: Cache | None) -> dict:
+    """{keyword: cache} for a forward or generate call: transformers 5.2x renamed `past_key_values`
+    to `cache` (the old name warns, and goes in 5.40); the vLLM venv's 5.19 knows only the old one."""
+    return {_cache_keyword(type(module)): cache}
+
+
+@functools.cache
+def _cache_keyword(module_type: type) -> str:
+    return "cache" if "cache" in inspect.signature(module_type.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
@@ -38,7 +51,7 @@ def prefill(
             input_ids[:, a:b],
             attention_mask=None if attention_mask is None else attention_mask[:, :b],
             position_ids=None if position_ids is None else position_ids[:, a:b],
-            past_key_values=cache,
+            **cache_kwarg(model, cache),
             use_cache=True,
             logits_to_keep=1,
         )
@@ -55,7 +68,7 @@ def greedy(
     prefill(model, ids[:, :-1], cache, chunk_size=chunk_size)
     token, out = ids[:, -1:], []
     for _ in range(max_new_tokens):
-        token = model(token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        token = model(token, **cache_kwarg(model, cache), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
         out.append(int(token))
     return out
 
@@ -70,7 +83,8 @@ def token_nll(
     n = ids.shape[1]
     for a in tqdm(range(0, n - 1, chunk_size), desc="nll", unit="chunk", disable=not progress):
         b = min(a + chunk_size, n - 1)
-        hidden = model.get_decoder()(ids[:, a:b], past_key_values=cache, use_cache=True).last_hidden_state
+        decoder = model.get_decoder()
+        hidden = decoder(ids[:, a:b], **cache_kwarg(decoder, cache), use_cache=True).last_hidden_state
         nll.append(target_nll(model, hidden[0], ids[0, a + 1 : b + 1]))
     return torch.cat(nll)
 

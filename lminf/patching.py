@@ -29,7 +29,7 @@ from lminf.families import (
     layer_kinds,
     rotary_embedding,
 )
-from lminf.generation import PREFILL_CHUNK, prefill
+from lminf.generation import PREFILL_CHUNK, cache_kwarg, prefill
 from lminf.kernels.sdpa import KERNELS
 from lminf.layout import Layout, lambda_mask
 from lminf.strategies import AttentionCall, Strategy, build
@@ -222,9 +222,12 @@ def _generate_with_strategy_cache(model: PreTrainedModel) -> Callable:
     def generate(*args, prefill_chunk: int = PREFILL_CHUNK, **kwargs):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}.")
-        if kwargs.get("past_key_values") is None:
+        if kwargs.get("cache", kwargs.get("past_key_values")) is None:  # either name, as the installed transformers takes
+            kwargs.pop("cache", None)
+            kwargs.pop("past_key_values", None)
             mask = kwargs.get("attention_mask")
-            cache = kwargs["past_key_values"] = make_cache(model, mask)
+            cache = make_cache(model, mask)
+            kwargs.update(cache_kwarg(model, cache))
             ids = kwargs.get("input_ids", args[0] if args else None)
             if isinstance(ids, torch.Tensor) and ids.ndim == 2 and ids.shape[1] - 1 > prefill_chunk:
                 prefill(model, ids[:, :-1], cache, None if mask is None else mask[:, :-1], prefill_chunk)

@@ -29,7 +29,7 @@ import torch
 from lminf.default_model import load_model
 from lminf.eval.methods import Method, check_distinct
 from lminf.eval.runs import RunStore
-from lminf.generation import prefill
+from lminf.generation import cache_kwarg, prefill
 from lminf.memory import cache_mib, peak_mib
 
 
@@ -70,7 +70,7 @@ def _decode_steps(model, token: torch.Tensor, cache, n: int, device) -> list[flo
     steps = []
     for _ in range(n):
         start = time.perf_counter()
-        token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        token = model(token, **cache_kwarg(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
         _sync(device)
         steps.append(time.perf_counter() - start)
     return steps

@@ -20,7 +20,7 @@ from transformers import Cache, PreTrainedModel
 from lminf.eval.methods import Method, resolve_all
 from lminf.eval.runs import RunStore
 from lminf.families import training_length
-from lminf.generation import check_ids, target_nll
+from lminf.generation import cache_kwarg, check_ids, target_nll
 from lminf.memory import cache_mib, rss_mib
 
 
@@ -119,7 +119,8 @@ def _stream_bucket(model: PreTrainedModel, ids: torch.Tensor, state: StreamState
     total, count, start = 0.0, 0, time.perf_counter()
     while pos < end_of_bucket:
         end = min(pos + chunk_size, end_of_bucket)
-        hidden = model.get_decoder()(ids[:, pos:end], past_key_values=state.cache, use_cache=True).last_hidden_state
+        decoder = model.get_decoder()
+        hidden = decoder(ids[:, pos:end], **cache_kwarg(decoder, state.cache), use_cache=True).last_hidden_state
         nll = target_nll(model, hidden[0], ids[0, pos + 1 : end + 1])
         total, count = total + float(nll.sum()), count + len(nll)
         bar.update(end - pos)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, TopPLogitsWarper
 
+from lminf.generation import cache_kwarg
 from lminf.patching import make_cache, settings_of
 
 
@@ -105,7 +106,8 @@ def stream_tokens(
         while session.fed < len(session.tokens):
             a, b = session.fed, min(session.fed + chunk_size, len(session.tokens))
             ids = torch.tensor([session.tokens[a:b]], device=device)
-            logits = model(ids, past_key_values=session.cache, lminf_n_global=session.n_global, logits_to_keep=1).logits
+            cache = cache_kwarg(model, session.cache)
+            logits = model(ids, **cache, lminf_n_global=session.n_global, logits_to_keep=1).logits
             session.fed = b
             if b < len(session.tokens):
                 yield None
