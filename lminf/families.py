@@ -138,6 +138,7 @@ REFUSED = {
     "gpt2": "no rotary positions",
     "bloom": "ALiBi computed inside its attention module; MPT has an adapter, BLOOM not yet",
     "falcon": "attention outside transformers' attention interface",
+    "gemma3": "the multimodal wrapper; its text model (Gemma3ForCausalLM, model type gemma3_text) is supported",
 }
 
 
@@ -159,9 +160,9 @@ def check_config(config: PretrainedConfig) -> None:
     if model_type not in FAMILIES:
         why = f" ({REFUSED[model_type]})" if model_type in REFUSED else ""
         raise ValueError(
-            f"lminf does not support model type {model_type!r}{why}. Supported decoders with rotary positions "
-            f"through transformers' attention interface: {', '.join(SUPPORTED_MODEL_TYPES)}. "
-            "Models without rotary positions (GPT-2, ...) cannot be patched."
+            f"lminf does not support model type {model_type!r}{why}. Supported decoder families (rotary, NoPE "
+            f"or ALiBi positions): {', '.join(SUPPORTED_MODEL_TYPES)}. "
+            "Models with learned absolute positions (GPT-2, ...) cannot be patched."
         )
     for layer_type, rope in _rope_parameters(config).items():
         rope_type = rope.get("rope_type", "default")
