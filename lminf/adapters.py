@@ -9,7 +9,8 @@ import types
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 IMPLEMENTATION = "lminf"  # the name lminf.patching registers its attention function under
 
@@ -73,6 +74,5 @@ def _mpt_forward(self, hidden_states: torch.Tensor, position_bias=None, cache=No
     q, k, v = (x.reshape(batch, length, self.n_heads, self.head_dim).transpose(1, 2) for x in qkv.chunk(3, dim=2))
     if cache is not None:
         k, v = cache.update(k, v, self.layer_idx)
-    attention = AttentionInterface()[IMPLEMENTATION]
-    out, _ = attention(self, q, k, v, attention_mask, scaling=self.softmax_scale, **kwargs)
+    out, _ = ALL_ATTENTION_FUNCTIONS[IMPLEMENTATION](self, q, k, v, attention_mask, scaling=self.softmax_scale, **kwargs)
     return self.out_proj(out.reshape(batch, length, -1)), None

@@ -17,6 +17,7 @@ Each layer is one `LayerKind`, and lminf treats each kind by its own rule (lminf
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,7 +73,11 @@ def _global_when_sliding(config: PretrainedConfig, layer: int) -> bool:
 
 
 def _gptj_inv_freq(rotary: torch.nn.Module) -> torch.Tensor:
-    dim = rotary.pos_embd_dim  # the frequencies its sinusoid table was made of
+    return _sinusoid_inv_freq(rotary.pos_embd_dim)  # the frequencies its sinusoid table was made of
+
+
+@functools.cache  # one tensor per size: every layer's call sees the same one, so per-forward tables are reused
+def _sinusoid_inv_freq(dim: int) -> torch.Tensor:
     return 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
 
 
