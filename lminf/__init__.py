@@ -11,11 +11,12 @@ from lminf.default_model import load_default, load_model
 from lminf.families import SUPPORTED_MODEL_TYPES
 from lminf.generation import prefill
 from lminf.patching import make_cache, patch, settings_of, unpatch
-from lminf.strategies import STRATEGIES, LMInfinite, Sinks, Strategy
+from lminf.strategies import STRATEGIES, InfLLM, LMInfinite, Sinks, Strategy
 
 __all__ = [
     "STRATEGIES",
     "SUPPORTED_MODEL_TYPES",
+    "InfLLM",
     "LMInfinite",
     "LambdaCache",
     "Sinks",

@@ -51,6 +51,8 @@ class _PatchState:
     backend: Backend | None
     previous_implementation: str
     prepared: object | None = None  # what the family's `prepare` did, undone by unpatch
+    cache: Cache | None = None  # the cache of the forward call running now (for a stateful strategy)
+    hooks: list = field(default_factory=list)
     _pinned: dict[int, Strategy] = field(default_factory=dict)
     _windows: dict[int, Strategy] = field(default_factory=dict)  # the sliding layers', one per window size
 
@@ -99,7 +101,10 @@ def lminf_attention_forward(
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     inv_freq = layer_inv_freq(state.family, state.rotary, kind)
     alibi = getattr(module, "_lminf_alibi", None)  # ALiBi slopes, put there by the family's adapter (MPT)
-    call = AttentionCall(layer, inv_freq, scaling, state.kernel, kwargs.get("softcap"), state.family.interleaved, alibi)
+    memory = None
+    if strategy.stateful and state.cache is not None and len(getattr(state.cache, "layers", ())) > layer:
+        memory = state.cache.layers[layer]  # the strategy checks it is its own kind of layer
+    call = AttentionCall(layer, inv_freq, scaling, state.kernel, kwargs.get("softcap"), state.family.interleaved, alibi, memory)
     attend = strategy.attention if state.backend is None else functools.partial(state.backend, strategy)
     out = attend(query, key, value, attention_mask, call)
     return out.transpose(1, 2).contiguous(), None
@@ -146,6 +151,8 @@ def patch(
         module._lminf = state
     if state.family.prepare is not None:
         state.prepared = state.family.prepare(model)
+    if strategy.stateful:  # its attention reads its own cache layer: note which cache each forward call uses
+        state.hooks = _note_cache(model, state)
     model._lminf = state
     if model.config._attn_implementation != IMPLEMENTATION:  # an adapter may have set it (MPT cannot switch)
         model.set_attn_implementation(IMPLEMENTATION)
@@ -179,6 +186,8 @@ def unpatch(model: PreTrainedModel) -> PreTrainedModel:
         del module._lminf
     if state.prepared is not None:
         state.prepared.remove()
+    for hook in state.hooks:
+        hook.remove()
     del model._lminf
     del model.generate  # the instance attribute; the class method shows through again
     model.set_attn_implementation(state.previous_implementation)
@@ -213,6 +222,22 @@ def layer_strategy(model: PreTrainedModel, layer: int) -> Strategy:
     """What a patched model runs in one layer: its strategy, or the model's own window in a sliding layer."""
     settings_of(model)
     return model._lminf.strategy_for(None, layer)
+
+
+def _note_cache(model: PreTrainedModel, state: _PatchState) -> list:
+    """Hooks on the decoder that keep the cache of the running forward call in `state.cache`."""
+
+    def before(module, args, kwargs):
+        state.cache = kwargs.get("cache", kwargs.get("past_key_values"))
+
+    def after(module, args, kwargs, output):
+        state.cache = None
+
+    decoder = model.get_decoder()
+    return [
+        decoder.register_forward_pre_hook(before, with_kwargs=True),
+        decoder.register_forward_hook(after, with_kwargs=True, always_call=True),
+    ]
 
 
 def _generate_with_strategy_cache(model: PreTrainedModel) -> Callable:

@@ -23,16 +23,18 @@ def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
 
 
-def rotation(delta: torch.Tensor, inv_freq: torch.Tensor, interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def rotation(
+    delta: torch.Tensor, inv_freq: torch.Tensor, interleaved: bool = False, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (B, 1, N, 2 * len(inv_freq)) that rotate forward by `delta` (B, N) positions,
     laid out for the pairing (`interleaved`: GPT-J's).
 
     The angle is formed in float64 from the integer delta, so large positions do not lose
-    precision; the rotation itself runs in float32.
+    precision; the rotation itself runs in `dtype` (float32; float64 for exact runs).
     """
     angle = delta.to(torch.float64)[:, None, :, None] * inv_freq.to(delta.device, torch.float64)
     angle = angle.repeat_interleave(2, dim=-1) if interleaved else torch.cat((angle, angle), dim=-1)
-    return angle.cos().float(), angle.sin().float()
+    return angle.cos().to(dtype), angle.sin().to(dtype)
 
 
 def rotate(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], interleaved: bool = False) -> torch.Tensor:
@@ -43,7 +45,7 @@ def rotate(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], interlea
     """
     cos, sin = cos_sin
     rot = cos.shape[-1]
-    x_rot = x[..., :rot].float()
+    x_rot = x[..., :rot].to(torch.promote_types(x.dtype, cos.dtype))
     turned = rotate_every_two(x_rot) if interleaved else rotate_half(x_rot)
     out = (x_rot * cos + turned * sin).to(x.dtype)
     if rot == x.shape[-1]:

@@ -39,8 +39,10 @@ def reference_attention(strategy, q, k, v, layout, call):
     logits = logits * call.scaling
     if call.alibi is not None:  # ALiBi: -slope x the distance the rule scores the pair at
         logits = logits - call.alibi.double()[None, :, None, None] * rule.distance.double()[:, None]
-    if call.softcap is not None:
-        logits = call.softcap * torch.tanh(logits / call.softcap)
+
+    if rule.block is not None:
+        return _with_block_memory(rule, logits, capped_logits(logits, call), valid, v, layout.q_pos).to(dtype)
+    logits = capped_logits(logits, call)
 
     keep = (valid & rule.seen)[:, None].expand(-1, Hq, -1, -1)
     if rule.top_k:
@@ -52,3 +54,35 @@ def reference_attention(strategy, q, k, v, layout, call):
     logits = logits.masked_fill(~keep, -torch.inf)
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a query with no key outputs zeros
     return (probs @ v).to(dtype)
+
+
+def capped_logits(logits, call):
+    return logits if call.softcap is None else call.softcap * torch.tanh(logits / call.softcap)
+
+
+def _with_block_memory(rule, logits, capped, valid, v, q_pos):
+    """A block memory, query by query in order of position (each query's choice needs the
+    attention earlier queries gave): a block's representative score against a query is the
+    mean, over heads and over its `repr_topk` most attended keys, of the query's logits with
+    those keys at the rule's distance (before soft-capping), which is the query's logit with
+    their mean vector; the query sees its `top_blocks` best blocks, all while there are no more."""
+    B, Hq, Q, K = logits.shape
+    out = torch.zeros(B, Hq, Q, v.shape[-1], dtype=torch.float64)
+    received = torch.zeros(B, Hq, K, dtype=torch.float64)  # attention each key got from its scored pairs
+    for b in range(B):
+        for t in q_pos[b].argsort().tolist():  # queries in order of position
+            block = rule.block[b, t]
+            keep = (valid[b, t] & rule.seen[b, t]).clone()
+            n_blocks = int(block.max()) + 1
+            if n_blocks > 0:
+                scores = []
+                for c in range(n_blocks):
+                    keys = (block == c).nonzero().flatten()
+                    best = received[b][:, keys].topk(rule.repr_topk, dim=-1).indices  # (Hq, r)
+                    scores.append(logits[b, :, t][torch.arange(Hq)[:, None], keys[best]].mean())
+                chosen = torch.stack(scores).topk(min(rule.top_blocks, n_blocks)).indices
+                keep |= torch.isin(block, chosen) & valid[b, t]
+            probs = torch.softmax(capped[b, :, t].masked_fill(~keep, -torch.inf), dim=-1).nan_to_num(0.0)
+            out[b, :, t] = torch.einsum("hk,hkd->hd", probs, v[b])
+            received[b] += probs * (rule.scored[b, t] & valid[b, t])
+    return out

@@ -200,7 +200,7 @@ def save_tiny(folder, config) -> str:
     return str(folder)
 
 
-BAD_CASES = ["n_local 0", "no rotary positions (GPT-2)", "unsupported family (Falcon)", "sliding layers (Gemma 3)"]
+BAD_CASES = ["n_local 0", "no rotary positions (GPT-2)", "unsupported family (Falcon)", "sliding layers (Gemma 3)", "infllm"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -220,6 +220,8 @@ def test_bad_settings_fail_at_start(tiny, tmp_path, capfd, case):
             num_key_value_heads=1, head_dim=64, sliding_window=32, layer_types=["sliding_attention", "full_attention"],
         )  # fmt: skip
         folder, settings, cause = save_tiny(tmp_path, config), {"n_local": 64}, "supports plain rotary full-attention layers only"
+    elif case == "infllm":  # a block memory lives in lminf's cache, not in vLLM's blocks
+        settings, cause = {"strategy": "infllm", "n_local": 64}, "runs through lminf.patch, not vLLM yet"
     with pytest.raises(RuntimeError, match="Engine core initialization failed"):
         make_llm(folder, settings, 64)
     seen = capfd.readouterr()

@@ -28,7 +28,7 @@ def attend(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of q (B, H, M, D) over k, v (B, H, L, D) under a boolean mask
     (B, 1, M, L), an additive float bias (B, H or 1, M, L) that is -inf where masked (ALiBi),
-    or none -> (output (B, H, M, D) float32, log-sum-exp (B, H, M) float32).
+    or none -> (output (B, H, M, D) float32, log-sum-exp (B, H, M) float32; float64 inputs stay float64).
     causal: query m sees keys 0..m (M == L). softcap: logits become softcap * tanh(logits /
     softcap) (Gemma 2); the fused kernel cannot, so the plain path runs."""
     if causal:
@@ -41,15 +41,20 @@ def attend(
         o, lse = _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=bias, scale=scaling)
         if bias is not None:  # the kernel reports lse 0, not -inf, for a row with no visible key
             lse = torch.where(torch.isfinite(bias).any(-1), lse, -torch.inf)
-        return o.float(), lse.float()
-    s = capped((q @ k.transpose(-1, -2)).float() * scaling, softcap)
+        return wide(o), wide(lse)
+    s = capped(wide(q @ k.transpose(-1, -2)) * scaling, softcap)
     if additive:
         s = s + mask
     elif mask is not None:
         s = s.masked_fill(~mask, -torch.inf)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
-    return (p.to(v.dtype) @ v).float(), lse
+    return wide(p.to(v.dtype) @ v), lse
+
+
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 for softmax arithmetic; float64 stays float64 (the tests' exact runs)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:

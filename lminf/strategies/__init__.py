@@ -10,12 +10,14 @@ takes for patch, the CLI (`--strategy`), `lminf eval` and `lminf bench` to know 
 import importlib
 import pkgutil
 
+from lminf.strategies import lm_infinite, sinks  # noqa: E402, F401  (first: the order the CLI lists them in)
 from lminf.strategies.base import STRATEGIES, AttentionCall, Rule, Strategy, build, get, register
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-from lminf.strategies.lm_infinite import LMInfinite  # noqa: E402  (re-exported for users)
+from lminf.strategies.infllm import InfLLM  # noqa: E402  (re-exported for users)
+from lminf.strategies.lm_infinite import LMInfinite  # noqa: E402
 from lminf.strategies.sinks import Sinks  # noqa: E402
 
-__all__ = ["STRATEGIES", "AttentionCall", "LMInfinite", "Rule", "Sinks", "Strategy", "build", "get", "register"]
+__all__ = ["STRATEGIES", "AttentionCall", "InfLLM", "LMInfinite", "Rule", "Sinks", "Strategy", "build", "get", "register"]

@@ -33,6 +33,14 @@ class Rule:
     distance: torch.Tensor  # long: the rotary distance each pair is scored at (its logit's position gap)
     candidates: torch.Tensor  # bool: pairs from which each query head adds its `top_k` best (by that logit)
     top_k: int = 0
+    # A block memory (InfLLM): the block of a key that is in the query's memory, -1 for none (long);
+    # the query sees the `top_blocks` blocks whose representative vectors score best (all while
+    # there are no more). A block's representative per query head is the mean of its
+    # `repr_topk` keys that received the most attention from the `scored` pairs (bool) before it.
+    block: torch.Tensor | None = None
+    top_blocks: int = 0
+    repr_topk: int = 0
+    scored: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,7 @@ class AttentionCall:
     softcap: float | None = None  # the model's attention logit soft-capping (Gemma 2)
     interleaved: bool = False  # rotary pairs (2f, 2f + 1) as in GPT-J, not (f, f + rot/2)
     alibi: torch.Tensor | None = None  # ALiBi slopes per query head (MPT), for a layer without rotary positions
+    memory: object | None = None  # a `stateful` strategy's cache layer in this call (another cache's, or None: no cache)
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,10 @@ class Strategy:
     # The evaluation methods a strategy offers: method name -> settings fixed for it (the
     # rest come from the command line). Default: one method named after the strategy.
     presets: ClassVar[dict[str, dict]] = {}
+    # True: its attention keeps state in its own cache layer (`AttentionCall.memory`), so it runs
+    # only through lminf's cache, not from keys an engine gathers (vLLM). False: a pure function of q, k, v.
+    stateful: ClassVar[bool] = False
+    pads: ClassVar[bool] = True  # False: a padded batch is refused (with a clear error)
 
     # First tokens every query sees; a chat pins its system prompt here (`pinned`). The help
     # text of each setting is its command-line help (lminf.arguments makes one flag per setting).
@@ -83,8 +96,9 @@ class Strategy:
         return LambdaCache.of([self.cache_layer(extra_sinks) for _ in range(num_layers)])
 
     def cache_bound(self) -> int | None:
-        """The most tokens per layer its cache holds (padding aside); None: every token, so memory
-        grows with the input. A promise the tests hold `make_cache` to."""
+        """The most tokens per layer its cache holds on the compute device (padding aside); None:
+        every token, so memory grows with the input. A promise the tests hold `make_cache` to.
+        (A block memory also keeps every block in host memory, which grows: InfLLM.)"""
         return None
 
     def keys_for(self, q_start: int, total: int) -> tuple[int, int]:
@@ -116,6 +130,9 @@ class Strategy:
             rule, causal = self.rule(i, j, layer), j <= i
             total += int((rule.seen & causal).sum())
             total += int((rule.candidates & ~rule.seen & causal).sum(-1).clamp(max=rule.top_k).sum())
+            if rule.block is not None:  # equal blocks: min(top_blocks, blocks) of them
+                n_blocks, keys = rule.block.max(-1).values + 1, ((rule.block >= 0) & causal).sum(-1)
+                total += int((keys * n_blocks.clamp(max=rule.top_blocks) // n_blocks.clamp(min=1)).sum())
         return total
 
     def settings(self) -> dict:

@@ -50,7 +50,10 @@ def strategy_from_config(vllm_config) -> Strategy | None:
     if not settings:
         return None
     hf_config = vllm_config.model_config.hf_config
-    return build(settings.pop("strategy", "lminf"), **settings).resolve(hf_config)
+    strategy = build(settings.pop("strategy", "lminf"), **settings).resolve(hf_config)
+    if strategy.stateful:  # its memory lives in lminf's own cache, which vLLM's paged blocks are not
+        raise ValueError(f"strategy {strategy.name!r} keeps state in lminf's cache and runs through lminf.patch, not vLLM yet.")
+    return strategy
 
 
 @dataclass

@@ -1,0 +1,181 @@
+"""Attention with a block memory (InfLLM, Xiao et al. 2024, arXiv 2402.04617), on the frame
+of LM-Infinite: for a query at position i and an earlier key at position j,
+
+    local    i - j <  n_local                        normal rotary logit at distance i - j
+    initial  i - j >= n_local, j < n_global           logit at the capped distance n_local
+    memory   i - j >= n_local, j in a block that      capped too, if the block is one of the
+             lies wholly outside the window           query's `top_blocks` best (all of them
+                                                      while there are no more than that)
+    edge     i - j >= n_local, j in the block the     capped too, always (fewer than one
+             window is leaving                        block of them: nothing is skipped)
+    All kept logits share one softmax.
+
+Blocks are `block_size` tokens on a fixed grid from position n_global: block c holds
+[n_global + c * block_size, n_global + (c + 1) * block_size), and is in memory for every
+query from n_global + n_local + (c + 1) * block_size - 1 on. Its representative vector, per
+query head, is the mean of its `repr_topk` keys that received the most attention (summed
+probability) from the queries that saw them in their window; all those queries come before
+the block enters memory, so this is causal and does not depend on how the input is split
+into calls. A block's score for a query is the query's capped logit against that vector,
+summed over heads; one choice of blocks per query, shared by its heads (as InfLLM does).
+
+InfLLM chooses blocks once per chunk of 512 queries from their mean query, which lets a
+query's attention depend on later queries of its chunk; here each query chooses its own,
+so that the result is causal and decoding equals one forward. Queries go in groups between
+two points where a block enters memory; a group attends to the union of its queries'
+blocks under a mask, read from the hot-block cache at most `hot` blocks at a time.
+
+Keys are placed at position 0 once (memory blocks are stored placed), queries at n_local.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lminf.kernels.sdpa import alibi_bias, attend, capped, merge, rows, rows_mask, use_flash, wide
+from lminf.layout import Layout
+from lminf.rope import rotate, rotation
+
+
+def block_memory_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: Layout,
+    memory,
+    *,
+    n_global: int,
+    n_local: int,
+    block_size: int,
+    top_blocks: int,
+    repr_topk: int,
+    inv_freq: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+    interleaved: bool = False,
+    alibi: torch.Tensor | None = None,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """q (B, Hq, Q, D), k and v (B, Hkv, K, D) as `memory` (a lminf.caches.BlockMemoryLayer
+    after its update) returned them -> (B, Hq, Q, D). Updates the memory: attention masses,
+    new blocks, recent tokens dropped. alibi: ALiBi slopes (Hq,) of a layer without rotary
+    positions (MPT): -slope * distance on every logit, the capped distance outside the window."""
+
+    def seen_as(seen: torch.Tensor, distance: torch.Tensor | int) -> torch.Tensor:
+        """Which pairs a pass sees, (B or 1, n, L), as its mask, or as ALiBi's bias at `distance`."""
+        seen = seen.expand(B, -1, -1)
+        if alibi is None:
+            return rows_mask(seen, rep)
+        return alibi_bias(torch.as_tensor(distance, device=seen.device).expand(seen.shape), seen, alibi, rep)
+
+    flash = use_flash(kernel, q.device)
+    B, Hq, Q, D = q.shape
+    Hkv = k.shape[1]
+    rep = Hq // Hkv
+    p0 = int(layout.q_pos[0, 0])
+    total, S, R0 = p0 + Q, memory.n_stored_sinks(), memory.recent_start
+    layout.once(("block memory layout", S, R0), _check_layout, layout, S, R0)
+
+    def phys(p: int) -> int:  # physical index of the key at position p
+        return p if p < S else S + p - R0
+
+    last_far = total - 1 - n_local  # the last position any query of this call reads capped
+    n_place = max(S, phys(last_far) + 1) if last_far >= 0 else 0  # the first tokens, and recent ones read capped
+    k_placed = q_far = None
+    if n_place:
+        k_placed, q_far = k[:, :, :n_place], q
+        if inv_freq is not None:
+            exact = wide(q[..., :0]).dtype
+            delta = -layout.k_pos[:, :n_place]
+            k_placed = rotate(k_placed, rotation(delta, inv_freq, interleaved, exact), interleaved)
+            q_far = rotate(q, rotation(n_local - layout.q_pos, inv_freq, interleaved, exact), interleaved)
+    mass = memory.masses(Hq)
+    q_grouped = q.view(B, Hkv, rep, Q, D)
+    out = torch.empty_like(q_grouped)
+    first_block_at = n_global + n_local - 1  # blocks enter memory at first_block_at + m * block_size
+
+    a = p0
+    while a < total:
+        b = min(total, a + block_size - (a - first_block_at) % block_size)
+        m = max(0, (a - first_block_at) // block_size)  # blocks in memory for every query of [a, b)
+        while memory.n_blocks < m:
+            _form_block(memory, k, k_placed, v, mass, phys, n_global, block_size, repr_topk, rep)
+        ia, ib = a - p0, b - p0
+        qb = rows(q_grouped[:, :, :, ia:ib])
+        i = torch.arange(a, b, device=q.device)
+
+        lo, hi = phys(max(0, a - n_local + 1)), phys(b - 1) + 1  # the group's window
+        d = i[:, None] - layout.k_pos[0, lo:hi][None, :]
+        local = seen_as(((d >= 0) & (d < n_local))[None], d[None])
+        s = capped(wide(qb @ k[:, :, lo:hi].transpose(-1, -2)) * scaling, softcap)
+        s = s.masked_fill(~local, -torch.inf) if alibi is None else s + local
+        lse = torch.logsumexp(s, dim=-1)
+        parts = [(wide(torch.exp(s - lse[..., None]).to(v.dtype) @ v[:, :, lo:hi]), lse)]
+
+        qb_far = None if q_far is None else rows(q_far.view(B, Hkv, rep, Q, D)[:, :, :, ia:ib])
+        if b - 1 - n_local >= 0:  # initial tokens and the edge, capped
+            e0, e1 = phys(n_global + m * block_size), phys(b - 1 - n_local) + 1
+            far = torch.cat((torch.arange(S, device=q.device), torch.arange(e0, max(e0, e1), device=q.device)))
+            seen = i[:, None] - layout.k_pos[0, far][None, :] >= n_local
+            mask = seen_as(seen[None], n_local)
+            parts.append(attend(qb_far, k_placed[:, :, far], v[:, :, far], mask, scaling, flash, softcap=softcap))
+        if m and top_blocks:
+            q_group = q_far.view(B, Hkv, rep, Q, D)[:, :, :, ia:ib]
+            parts += _memory_parts(memory, q_group, m, top_blocks, block_size, scaling, flash, softcap, seen_as, n_local, k)
+
+        out[:, :, :, ia:ib] = merge(parts).view(B, Hkv, rep, b - a, D).to(q.dtype)
+        total_lse = torch.stack([part[1] for part in parts]).logsumexp(dim=0)
+        # The attention each window key received, for the representatives of its block.
+        received = torch.exp(s - total_lse[..., None]).view(B, Hkv, rep, b - a, -1).sum(3).view(B, Hq, -1)
+        if hi > S:  # first tokens never go into blocks: only recent ones are scored
+            start = max(lo, S)
+            mass[:, :, start - S : hi - S] += received[:, :, start - lo :]
+        a = b
+
+    memory.drop_recent(n_global + memory.n_blocks * block_size)
+    return out.view(B, Hq, Q, D)
+
+
+def _check_layout(layout: Layout, S: int, R0: int) -> None:
+    """The keys must be the cache's [first S | recent from R0], with no padding."""
+    if not bool(layout.k_valid.all()):
+        raise ValueError("a block memory does not support padded batches: run rows of different lengths one at a time.")
+    total = int(layout.q_pos[0, -1]) + 1
+    device = layout.k_pos.device
+    expected = torch.cat((torch.arange(S, device=device), torch.arange(min(R0, total), total, device=device)))
+    q_expected = torch.arange(total - layout.q_pos.shape[1], total, device=device)
+    same = layout.k_pos.shape[1] == len(expected) and bool((layout.k_pos == expected).all())
+    if not (same and bool((layout.q_pos == q_expected).all())):
+        raise RuntimeError("infllm: the keys are not the ones its cache keeps; please report this.")
+
+
+def _form_block(memory, k, k_placed, v, mass, phys, n_global: int, block_size: int, repr_topk: int, rep: int) -> None:
+    """Cut the next block out of the recent tokens: its keys (placed), values and representatives."""
+    c, S = memory.n_blocks, memory.n_stored_sinks()
+    lo = phys(n_global + c * block_size)
+    hi = lo + block_size
+    keys = k_placed[:, :, lo:hi]
+    best = mass[:, :, lo - S : hi - S].topk(repr_topk, dim=-1).indices  # (B, Hq, r)
+    per_head = keys.repeat_interleave(rep, 1)  # (B, Hq, block, D)
+    picked = per_head.gather(2, best[..., None].expand(-1, -1, -1, keys.shape[-1]))
+    memory.add_block(torch.stack((keys, v[:, :, lo:hi])), wide(picked).mean(2).to(k.dtype))
+
+
+def _memory_parts(memory, q_far, m: int, top_blocks: int, block_size: int, scaling, flash, softcap, seen_as, n_local, like):
+    """The passes of a group (q_far (B, Hkv, rep, n, D), placed) over its queries' chosen blocks."""
+    B, Hkv, rep, n, D = q_far.shape
+    reps = wide(memory.reps[:, :, :m])  # (B, Hq, m, D)
+    score = torch.einsum("bhnd,bhmd->bnm", wide(q_far.reshape(B, Hkv * rep, n, D)), reps)
+    if m > top_blocks:
+        chosen = torch.zeros(B, n, m, dtype=torch.bool, device=q_far.device)
+        chosen.scatter_(-1, score.topk(top_blocks, dim=-1).indices, True)
+    else:
+        chosen = torch.ones(B, n, m, dtype=torch.bool, device=q_far.device)
+    union = chosen.flatten(0, 1).any(0).nonzero().flatten().tolist()
+    qb, parts = rows(q_far), []
+    for c in range(0, len(union), memory.store.hot):
+        blocks = union[c : c + memory.store.hot]
+        keys, values = memory.store.load(blocks, like)
+        seen = chosen[:, :, blocks].repeat_interleave(block_size, dim=-1)  # (B, n, len(blocks) * block)
+        parts.append(attend(qb, keys, values, seen_as(seen, n_local), scaling, flash, softcap=softcap))
+    return parts

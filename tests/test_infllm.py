@@ -1,0 +1,116 @@
+"""InfLLM's block memory beyond what the conformance suite (tests/test_strategies.py) checks
+for every strategy: retrieval finds the block that matches, the memory tiers hold what they
+say, and their sizes or medium do not change a single logit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import lminf
+from lminf.caches.block_memory import CHUNK_BLOCKS, BlockStore
+from lminf.layout import Layout
+from lminf.strategies import AttentionCall
+from lminf.strategies.infllm import InfLLM
+from tests.conftest import tiny_model
+
+torch.set_grad_enabled(False)
+SMALL = InfLLM(n_global=3, n_local=8, block_size=4, top_blocks=2, repr_topk=2, hot_blocks=2)
+
+
+def tokens(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def stream(model, ids, cache, prompt: int = 20):
+    """Logits of `ids` fed through `cache`: a prompt, then one token at a time."""
+    steps = [model(ids[:, :prompt], past_key_values=cache).logits]
+    steps += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(prompt, ids.shape[1])]
+    return torch.cat(steps, dim=1)
+
+
+def test_a_query_reads_the_block_whose_keys_match_it():
+    """Keys of one block far back point where the last query points: the query finds that
+    block among many, and its output is that block's values; without memory it cannot."""
+    strategy = InfLLM(n_global=2, n_local=16, block_size=8, top_blocks=1, repr_topk=2)
+    gen = torch.Generator().manual_seed(0)
+    n, D = 200, 16
+    q, k = torch.randn(1, 2, n, D, generator=gen) * 0.1, torch.randn(1, 1, n, D, generator=gen) * 0.1
+    v = torch.zeros(1, 1, n, D)
+    target = range(2 + 5 * 8, 2 + 6 * 8)  # block 5, long out of the last query's window
+    direction = torch.nn.functional.normalize(torch.randn(D, generator=gen), dim=0)
+    k[0, 0, list(target)] += 4 * direction
+    v[0, 0, list(target)] = 1.0
+    q[0, :, -1] = 4 * direction
+    everything = torch.arange(n)[None]
+    layout = Layout(everything, everything, torch.ones(1, n, dtype=torch.bool))
+    call = AttentionCall(layer=0, inv_freq=None, scaling=1.0)  # no rotary positions: the logit is q . k
+    out = strategy.attention(q, k, v, layout, call)
+    assert out[0, :, -1].min() > 0.9  # nearly all its attention on block 5
+    without = InfLLM(n_global=2, n_local=16, block_size=8, top_blocks=0).attention(q, k, v, layout, call)
+    assert without[0, :, -1].max() < 0.01
+
+
+def test_memory_lives_in_host_memory_and_the_device_holds_a_bound():
+    model = lminf.patch(tiny_model("llama"), SMALL)
+    cache, ids = lminf.make_cache(model), tokens(400)
+    stream(model, ids, cache)
+    c = model.config
+    per_token = 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4  # K and V, float32
+    blocks = (400 - 1 - (3 + 8 - 1)) // 4  # in memory for the last query
+    for layer in cache.layers:
+        assert layer.n_blocks == blocks and layer.keys.shape[-2] <= 3 + 8 + 4
+        assert layer.device_bytes() <= SMALL.cache_bound() * per_token
+        assert layer.host_bytes() == -(-blocks // CHUNK_BLOCKS) * CHUNK_BLOCKS * 4 * per_token  # every block, whole chunks
+        assert layer.store.hits > 0  # the hot cache serves repeated reads
+    assert cache.memory_bytes() == sum(layer.device_bytes() for layer in cache.layers)
+
+
+def test_neither_the_hot_cache_size_nor_a_file_changes_the_output(tmp_path):
+    ids = tokens(120)
+    outputs = {}
+    variants = {"hot 2": {}, "hot 1": {"hot_blocks": 1}, "hot 64": {"hot_blocks": 64}, "file": {"memory_dir": str(tmp_path)}}
+    for name, settings in variants.items():
+        model = lminf.patch(tiny_model("llama"), SMALL, **settings)
+        cache = lminf.make_cache(model)
+        outputs[name] = stream(model, ids, cache)
+        if name == "file":
+            assert list(tmp_path.iterdir()) == []  # mapped, then unlinked: nothing left behind
+            assert cache.layers[0].host_bytes() > 0
+    for name, logits in outputs.items():
+        torch.testing.assert_close(logits, outputs["hot 2"], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_the_hot_cache_evicts_the_least_recently_used_block():
+    store = BlockStore(hot=2)
+    for b in range(4):
+        store.add(torch.full((2, 1, 1, 3, 2), float(b)))
+    like = torch.zeros(1)
+    store.load([0, 1], like)
+    store.load([0], like)  # 1 is now the least recently used
+    keys, values = store.load([2], like)
+    assert set(store.slot_of) == {0, 2} and torch.equal(keys, torch.full((1, 1, 3, 2), 2.0))
+    keys, _ = store.load([3, 2], like)  # 0 goes, not 2 that is asked for
+    assert set(store.slot_of) == {2, 3} and keys[0, 0, :, 0].tolist() == [3.0] * 3 + [2.0] * 3
+    with pytest.raises(ValueError, match="hot cache holds 2"):
+        store.load([0, 1, 2], like)
+
+
+def test_rows_of_a_batch_choose_their_own_blocks():
+    model = lminf.patch(tiny_model("llama"), SMALL)
+    ids = tokens(60, batch=2)
+    batched = model(ids).logits
+    for b in range(2):
+        torch.testing.assert_close(batched[b], model(ids[b : b + 1]).logits[0], rtol=1e-4, atol=1e-4)
+
+
+def test_clear_errors():
+    model = lminf.patch(tiny_model("llama"), SMALL)
+    cache = DynamicCache()
+    model(tokens(10), past_key_values=cache)  # one call holds every token: fine
+    with pytest.raises(ValueError, match="lminf.make_cache"):
+        model(tokens(1), past_key_values=cache)
+    for settings, message in (({"repr_topk": 5, "block_size": 4}, "cannot exceed"), ({"hot_blocks": 0}, "hot_blocks")):
+        with pytest.raises(ValueError, match=message):
+            InfLLM(**settings)
