@@ -44,7 +44,8 @@ def add_model_args(
     defaults = {"n_local": n_local, "top_k": top_k}
     for name, spec in _settings().items():
         default = defaults.get(name)
-        shown = default if default is not None else spec.default
+        own = {f.default for cls in STRATEGIES.values() for f in dataclasses.fields(cls) if f.name == name}
+        shown = default if default is not None else spec.default if len(own) == 1 else "each strategy's own"
         help = spec.metadata.get("help", "") + ("" if shown is None else f" (default {shown})")
         parser.add_argument(f"--{name.replace('_', '-')}", type=_flag_type(spec), default=default, help=help)
     if vanilla:

@@ -3,7 +3,9 @@
 - `peak_mib(device)`: the most memory the process has held so far: the CUDA allocator's
   peak on a GPU, the peak resident set (RSS) of the process otherwise.
 - `rss_mib()`: the resident set now (not the peak).
-- `cache_mib(cache)`: what a transformers `Cache` holds (a LambdaCache counts its spare room).
+- `cache_mib(cache)`: what a transformers `Cache` holds (a LambdaCache counts its spare room);
+  for a block memory (InfLLM) what it holds on the compute device.
+- `cache_tiers(cache)`: that, the host tier and the block index apart, and the resident set.
 """
 
 from __future__ import annotations
@@ -36,6 +38,21 @@ def cache_mib(cache) -> float:
         return cache.memory_bytes() / 2**20
     tensors = (t for layer in cache.layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None)))
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)) / 2**20
+
+
+def cache_tiers(cache) -> dict:
+    """A cache's memory by where it lives, in MiB: keys and values on the compute device, those
+    in host memory (a block memory's blocks: InfLLM), the block index (its representatives), and
+    the process's resident set now."""
+    layers = getattr(cache, "layers", [])
+    host = sum(layer.host_bytes() for layer in layers if hasattr(layer, "host_bytes"))
+    index = sum(layer.index_bytes() for layer in layers if hasattr(layer, "index_bytes"))
+    return {
+        "device_kv_mib": round(cache_mib(cache), 1),
+        "host_kv_mib": round(host / 2**20, 1),
+        "index_mib": round(index / 2**20, 1),
+        "rss_mib": round(rss_mib()),
+    }
 
 
 def _peak_rss_bytes() -> int:

@@ -50,6 +50,8 @@ def reference_attention(strategy, q, k, v, layout, call):
         scores = logits.masked_fill(~candidates, -torch.inf)
         n = min(rule.top_k, scores.shape[-1])
         chosen = torch.zeros_like(candidates).scatter(-1, scores.topk(n, dim=-1).indices, True)
+        if rule.top_k_all_or_none:  # fewer candidates than top_k: no pick
+            chosen = chosen & (candidates.sum(-1, keepdim=True) >= rule.top_k)
         keep = keep | (chosen & candidates)
     logits = logits.masked_fill(~keep, -torch.inf)
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a query with no key outputs zeros

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from lminf.strategies import LMInfinite, Sinks
 from lminf.strategies.infllm import InfLLM
+from lminf.strategies.lm_infinite_original import LMInfiniteOriginal
 
 CASES = {
     # blocks of 4 from position 3, in memory from position 14 on; 2 of them per query, 2 hot
@@ -14,4 +15,5 @@ CASES = {
     "lminf": LMInfinite(n_global=3, n_local=8),
     "lminf-top2": LMInfinite(n_global=3, n_local=8, top_k=2, top_k_from_layer=1),
     "sinks": Sinks(n_global=3, n_local=8),
+    "lminf-original": LMInfiniteOriginal(n_global=3, n_local=8, top_k=2, top_k_from_layer=1, top_k_insert_at=5),
 }

@@ -47,6 +47,8 @@ def test_methods_equal_vanilla_inside_the_window():
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_patched_scores_what_the_patched_model_computes_in_one_forward(case):
     """For every registered strategy: the cached, chunked NLL of Patched is the patched model's full forward."""
+    if not CASES[case].same_across_calls:
+        pytest.skip("its output depends on the split into calls by design; tests/test_strategies.py checks it call by call")
     model, ids = tiny_model(), tokens(100)
     method = Patched(CASES[case])
     got = method.nll(model, ids, progress=False)
@@ -202,7 +204,8 @@ def test_stream_runs_every_registered_strategy(tmp_path):
     for name, strategy in CASES.items():
         method = Patched(strategy, name)
         report = run_stream(model, ids, method, bucket=32, out_json=out, chunk_size=16, progress=False)
-        want = bucket_means(method.nll(model, ids, progress=False), 32)
+        with method.patched(model):  # the same chunks of 16: a strategy may depend on them (lminf-original)
+            want = bucket_means(token_nll(model, ids, method.new_cache(model), chunk_size=16, progress=False), 32)
         got = [b["nll"] for b in report["results"][name]["buckets"]]
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-5)
     assert set(report["results"]) == set(CASES)

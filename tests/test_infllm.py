@@ -11,6 +11,7 @@ from transformers import DynamicCache
 import lminf
 from lminf.caches.block_memory import CHUNK_BLOCKS, BlockStore
 from lminf.layout import Layout
+from lminf.memory import cache_tiers
 from lminf.strategies import AttentionCall
 from lminf.strategies.infllm import InfLLM
 from tests.conftest import tiny_model
@@ -65,6 +66,9 @@ def test_memory_lives_in_host_memory_and_the_device_holds_a_bound():
         assert layer.host_bytes() == -(-blocks // CHUNK_BLOCKS) * CHUNK_BLOCKS * 4 * per_token  # every block, whole chunks
         assert layer.store.hits > 0  # the hot cache serves repeated reads
     assert cache.memory_bytes() == sum(layer.device_bytes() for layer in cache.layers)
+    tiers = cache_tiers(cache)  # what the evaluations record
+    assert tiers["device_kv_mib"] == round(cache.memory_bytes() / 2**20, 1)
+    assert tiers["host_kv_mib"] == round(sum(layer.host_bytes() for layer in cache.layers) / 2**20, 1)
 
 
 def test_neither_the_hot_cache_size_nor_a_file_changes_the_output(tmp_path):

@@ -76,7 +76,7 @@ class Oracle(Method):
     def __init__(self, tokenizer, pattern):
         self.tokenizer, self.pattern, self.calls = tokenizer, pattern, 0
 
-    def complete(self, model, ids, max_new_tokens):
+    def complete(self, model, ids, max_new_tokens, measured=None):
         self.calls += 1
         found = re.findall(self.pattern, self.tokenizer.decode(ids[0]))[0]
         return self.tokenizer(found, add_special_tokens=False)["input_ids"][:max_new_tokens]
@@ -88,7 +88,7 @@ class Silent(Method):
     def settings(self) -> dict:
         return {"says": "nothing"}
 
-    def complete(self, model, ids, max_new_tokens):
+    def complete(self, model, ids, max_new_tokens, measured=None):
         return []
 
 
@@ -172,3 +172,33 @@ def test_cli_passkey_and_needle_on_the_default_model(tmp_path):
         timeout=600,
     )
     assert bad.returncode == 2 and "--depths" in bad.stderr
+
+
+def test_the_original_passkey_format_is_the_lm_infinite_repositorys(tokenizer):
+    ids, answer = build_prompt(Passkey(original=True), tokenizer, 400, 0.3, random.Random("0/400/0.3/0"))
+    text = tokenizer.decode(ids[0])
+    assert text.startswith("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it.")
+    assert "I will quiz you about the important information there." in text  # ours says "info there"
+    assert f"The pass key is {answer}. Remember it. {answer} is the pass key." in text
+    assert text.endswith(" What is the pass key? The pass key is") and 1 <= int(answer) <= 10_000_000
+    assert Passkey(original=True).name == "passkey-original" and Passkey().name == "passkey"
+
+
+def test_a_grid_records_time_and_memory_by_tier_and_the_report_shows_them(tmp_path, tokenizer):
+    """A real strategy on a tiny model with the real tokenizer: InfLLM's blocks land in host memory."""
+    from lminf.eval.methods import Patched
+    from lminf.eval.report import write_report
+    from lminf.strategies import InfLLM
+
+    model = tiny_model(vocab_size=len(tokenizer))
+    methods = [Patched(InfLLM(n_global=4, n_local=32, block_size=8, top_blocks=2)), Patched("sinks")]
+    runs = tmp_path / "runs"
+    grid = dict(lengths=[300], depths=[0.2], samples=1, seed=0, progress=False)
+    report = run_grid(model, tokenizer, Passkey(original=True), methods, out_json=runs / "passkey-original.json", **grid)
+    cells = {c["method"]: c for c in report["results"].values()}
+    assert cells["infllm"]["host_kv_mib"] > 0 and cells["sinks"]["host_kv_mib"] == 0
+    assert 0 < cells["infllm"]["device_kv_mib"] and cells["infllm"]["rss_mib"] > 0
+    text = write_report(runs, tmp_path / "docs" / "results.md").read_text()
+    assert "![Passkey-original retrieval](results/passkey-original.png)" in text
+    assert "| method | length | prompts | seconds | device KV MiB | host KV MiB | block index MiB | RSS MiB |" in text
+    assert "| infllm | 300 | 1 |" in text

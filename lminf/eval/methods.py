@@ -33,6 +33,7 @@ from transformers import Cache, DynamicCache, PreTrainedModel
 from lminf.arguments import strategy_from
 from lminf.families import training_length
 from lminf.generation import check_ids, greedy, target_nll, token_nll
+from lminf.memory import cache_tiers
 from lminf.patching import make_cache, patch, settings_of, unpatch
 from lminf.strategies import STRATEGIES, Strategy, build
 
@@ -64,9 +65,14 @@ class Method:
         with self.patched(model):
             return token_nll(model, ids, self.new_cache(model), progress=progress)
 
-    def complete(self, model: PreTrainedModel, ids: torch.Tensor, max_new_tokens: int) -> list[int]:
+    def complete(self, model: PreTrainedModel, ids: torch.Tensor, max_new_tokens: int, measured: dict | None = None) -> list[int]:
+        """Greedy continuation; `measured` (if given) gets the cache's memory at its fullest (cache_tiers)."""
         with self.patched(model):
-            return greedy(model, ids, self.new_cache(model), max_new_tokens)
+            cache = self.new_cache(model)
+            out = greedy(model, ids, cache, max_new_tokens)
+            if measured is not None:
+                measured.update(cache_tiers(cache))
+            return out
 
 
 class Vanilla(Method):
@@ -106,12 +112,16 @@ class Window(Method):
             nll.append(target_nll(model, hidden[0, a - 1 - start :], ids[0, a:b]))
         return torch.cat(nll)
 
-    def complete(self, model: PreTrainedModel, ids: torch.Tensor, max_new_tokens: int) -> list[int]:
+    def complete(self, model: PreTrainedModel, ids: torch.Tensor, max_new_tokens: int, measured: dict | None = None) -> list[int]:
         window = self.n_local or training_length(model.config)
         if max_new_tokens >= window:
             raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for input in a window of {window}.")
         # The prompt is cut so that the last generated token still sees only `window` tokens.
-        return greedy(model, ids[:, -(window - max_new_tokens) :], DynamicCache(), max_new_tokens)
+        cache = DynamicCache()
+        out = greedy(model, ids[:, -(window - max_new_tokens) :], cache, max_new_tokens)
+        if measured is not None:
+            measured.update(cache_tiers(cache))
+        return out
 
 
 @dataclass(frozen=True)

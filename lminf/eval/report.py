@@ -21,13 +21,16 @@ from lminf.eval.tables import grid_table, method_settings, ppl_table, settings_l
 from lminf.strategies import LMInfinite
 
 KINDS = ("ppl", "stream", "passkey", "needle")
+GRIDS = ("passkey", "needle")
 PLOTS = {"ppl": plot_ppl, "stream": plot_stream, "passkey": plot_grid, "needle": plot_grid}
 OURS = LMInfinite.name  # the strategy the report is about: each of its methods is held against every other method
 
 
 def write_report(runs: Path, out: Path) -> Path:
-    # ppl-<anything>.json: the one-pass NLL of another model (e.g. ppl-gemma3.json), a section of its own.
-    names = [kind for kind in KINDS if (runs / f"{kind}.json").exists()] + sorted(p.stem for p in runs.glob("ppl-*.json"))
+    # <kind>-<anything>.json: another run of a kind, a section of its own (ppl-gemma3.json: another
+    # model; passkey-original.json: the original prompt format, at longer lengths).
+    names = [kind for kind in KINDS if (runs / f"{kind}.json").exists()]
+    names += sorted(p.stem for kind in KINDS for p in runs.glob(f"{kind}-*.json"))
     found = {name: json.loads((runs / f"{name}.json").read_text()) for name in names}
     if not found:
         raise ValueError(f"no {', '.join(k + '.json' for k in KINDS)} in {runs}: run the evaluations first (see README).")
@@ -48,9 +51,8 @@ def write_report(runs: Path, out: Path) -> Path:
         lines += _ppl_section(found[name], assets.name, name)
     if "stream" in found:
         lines += _stream_section(found["stream"], assets.name)
-    for task in ("passkey", "needle"):
-        if task in found:
-            lines += _grid_section(found[task], assets.name)
+    for name in (n for n in found if n.split("-")[0] in GRIDS):
+        lines += _grid_section(found[name], assets.name, name)
     lines += _losses(found)
     out.write_text("\n".join(lines) + "\n")
     return out
@@ -152,9 +154,9 @@ def _stream_section(report: dict, assets: str) -> list[str]:
     return lines
 
 
-def _grid_section(report: dict, assets: str) -> list[str]:
+def _grid_section(report: dict, assets: str, name: str) -> list[str]:
     task = report["task"]
-    lines = _header(f"{task.capitalize()} retrieval", report, f"{assets}/{task}.png")
+    lines = _header(f"{task.capitalize()} retrieval", report, f"{assets}/{name}.png")
     samples = 1 + max(c["sample"] for c in report["results"].values())
     where = f" hidden in {report['document']}" if report.get("document") else ""
     lines.append(
@@ -164,6 +166,7 @@ def _grid_section(report: dict, assets: str) -> list[str]:
     )
     lines += ["", grid_table(report)]
     lines += _settings(report)
+    lines += _grid_costs(report)
     table = accuracy(report)
     lines += ["", "Where each method misses (cells below 0.5):", ""]
     for method, cells in table.items():
@@ -177,9 +180,7 @@ def _losses(found: dict) -> list[str]:
     lines = ["", f"## Where {OURS} loses", ""]
     for name in (n for n in found if n.split("-")[0] == "ppl"):
         lines += _ppl_losses(found[name], "NLL" if name == "ppl" else f"NLL ({found[name].get('model')})")
-    for task in ("passkey", "needle"):
-        if task not in found:
-            continue
+    for task in (n for n in found if n.split("-")[0] in GRIDS):
         table = accuracy(found[task])
         ours, others = ours_and_others(found[task], list(table))
         for a in ours:
@@ -225,3 +226,31 @@ def _why(found: dict) -> list[str]:
         "middle tokens back, at the price of keeping every key (memory grows with the input). On NLL, lminf only has to",
         "match the recomputed window: it scores with the same recent tokens plus the global ones, in one pass.",
     ]
+
+
+def _grid_costs(report: dict) -> list[str]:
+    """Time and memory per (method, length), from the cells that recorded them."""
+    rows: dict[tuple[str, int], list[dict]] = {}
+    for cell in report["results"].values():
+        rows.setdefault((cell["method"], cell["length"]), []).append(cell)
+    if not any("device_kv_mib" in c for cells in rows.values() for c in cells):
+        return []
+    lines = [
+        "",
+        "Cost per prompt (mean over the cell's prompts; KV memory after the answer, by tier, and the process's resident set):",
+        "",
+        "| method | length | prompts | seconds | device KV MiB | host KV MiB | block index MiB | RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (method, length), cells in sorted(rows.items()):
+        known = [c for c in cells if "device_kv_mib" in c]
+
+        def avg(key, of=cells):
+            return mean(c[key] for c in of) if of else float("nan")
+
+        rss = max((c["rss_mib"] for c in known), default=0)
+        lines.append(
+            f"| {method} | {length:,} | {len(cells)} | {avg('seconds'):.0f} | {avg('device_kv_mib', known):.0f} | "
+            f"{avg('host_kv_mib', known):.0f} | {avg('index_mib', known):.1f} | {rss:.0f} |"
+        )
+    return lines

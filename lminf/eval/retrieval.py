@@ -36,7 +36,9 @@ WORDS = [
 
 
 class Passkey:
-    """The paper's passkey retrieval prompt (after Mohtashami and Jaggi, 2023)."""
+    """The paper's passkey retrieval prompt (after Mohtashami and Jaggi, 2023). original=True:
+    exactly the LM-Infinite repository's (its task prefix, keys 1..10,000,000), not our
+    5-digit keys."""
 
     name = "passkey"
     max_new_tokens = 8
@@ -46,9 +48,18 @@ class Passkey:
     )
     filler = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 
+    def __init__(self, original: bool = False) -> None:
+        self.original = original
+        if original:
+            self.name = "passkey-original"
+            self.intro = (
+                "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+                "I will quiz you about the important information there."
+            )
+
     def secret(self, rng: random.Random) -> tuple[str, str, str]:
         """-> (sentence to hide, question at the end, answer)"""
-        key = str(rng.randint(10000, 99999))
+        key = str(rng.randint(1, 10_000_000) if self.original else rng.randint(10000, 99999))
         return f" The pass key is {key}. Remember it. {key} is the pass key.", " What is the pass key? The pass key is", key
 
     def haystack(self, tokenizer: PreTrainedTokenizerBase, budget: int, rng: random.Random) -> tuple[list[int], list[int]]:
@@ -142,7 +153,9 @@ def _grid_cell(model, tokenizer, task, method: Method, length: int, depth: float
     rng = random.Random(f"{seed}/{length}/{depth:g}/{sample}")  # the same prompt for every method
     ids, answer = build_prompt(task, tokenizer, length, depth, rng)
     start = time.perf_counter()
-    output = tokenizer.decode(method.complete(model, ids.to(model.device), task.max_new_tokens), skip_special_tokens=True)
+    measured: dict = {}
+    tokens = method.complete(model, ids.to(model.device), task.max_new_tokens, measured)
+    output = tokenizer.decode(tokens, skip_special_tokens=True)
     return {
         "method": method.name,
         "length": length,
@@ -152,6 +165,7 @@ def _grid_cell(model, tokenizer, task, method: Method, length: int, depth: float
         "output": output,
         "correct": task.correct(output, answer),
         "seconds": round(time.perf_counter() - start, 2),
+        **measured,  # memory of the cache by tier after the answer, and the resident set
     }
 
 

@@ -56,6 +56,9 @@ def lambda_attention(
     interleaved: bool = False,
     alibi: torch.Tensor | None = None,
     top_k: int = 0,
+    top_k_far: Far | None = None,
+    top_k_last_row: bool = False,
+    top_k_all_or_none: bool = False,
     block_size: int | None = None,
     kernel: str = "auto",
 ) -> torch.Tensor:
@@ -69,6 +72,9 @@ def lambda_attention(
     interleaved: the rotary pairs are GPT-J's (2f, 2f + 1), not Llama's (f, f + rot/2).
     alibi: ALiBi slopes (Hq,) of a layer without rotary positions (MPT): every kept logit gets
     -slope * its distance, the capped one for far and middle keys.
+    top_k_far: where top-k middle pairs are read (default: `far`, like the first tokens);
+    top_k_last_row: only the call's last query picks (the original code's rule); top_k_all_or_none:
+    a query with fewer middle keys than `top_k` picks none.
     """
     flash = use_flash(kernel, q.device)
     B, Hq, Q, D = q.shape
@@ -80,7 +86,8 @@ def lambda_attention(
     q_grouped = q.view(B, Hkv, rep, Q, D)
     # What depends only on positions is the same in every layer: layout.once works it out once per forward.
     n_lead, consecutive = layout.once(("windows", K, n_global, n_local), _windows, layout, K, n_global, n_local)
-    q_far, k_lead, k_all = _far_views(q, k, layout, far, n_lead, top_k, inv_freq, interleaved)
+    top_k_far = top_k_far or far
+    q_far, k_lead, k_all, q_top = _far_views(q, k, layout, far, top_k_far, n_lead, top_k, inv_freq, interleaved)
 
     out = torch.empty(B, Hkv, rep, Q, D, dtype=q.dtype, device=q.device)
     for a in range(0, Q, block):
@@ -97,48 +104,55 @@ def lambda_attention(
                 mask = alibi_bias(distance, _far_seen(layout, a, b, n_lead, n_global, n_local), alibi, rep)
             parts.append(attend(qb_far, k_lead, v[:, :, :n_lead], mask, scaling, flash, softcap=softcap))
         mid_hi = offset + b - n_local  # no middle key of this block lies at or past here
-        if top_k and mid_hi > 0:
+        if top_k and mid_hi > 0 and not (top_k_last_row and b < Q):
             # From key 0: with padding, a leading key can be a middle key of another row.
             def middle(c, d, a=a, b=b):
                 i, j, valid = layout.q_pos[:, a:b, None], layout.k_pos[:, None, c:d], layout.k_valid[:, None, c:d]
-                return valid & (i - j >= n_local) & (j >= n_global)
+                picks = valid & (i - j >= n_local) & (j >= n_global)
+                if top_k_last_row:  # the other rows of the block pick nothing
+                    picks = picks & (torch.arange(a, b, device=picks.device) == Q - 1)[None, :, None]
+                return picks
 
             bias = None
             if alibi is not None:  # middle keys are read where far keys are: at the placed distance
 
                 def bias(c, d, a=a, b=b):
-                    q_at, k_at = layout.once(("far at all", far), far, layout.q_pos, layout.k_pos)
+                    q_at, k_at = layout.once(("far at all", top_k_far), top_k_far, layout.q_pos, layout.k_pos)
                     distance = q_at[:, a:b, None] - (layout.k_pos if k_at is None else k_at)[:, None, c:d]
                     return alibi_bias(distance, torch.ones_like(distance, dtype=torch.bool), alibi, rep)
 
-            parts.append(top_k_attention(qb_far, k_all, v, middle, mid_hi, top_k, rep, scaling, softcap, bias))
+            qb_top = rows(q_top.view(B, Hkv, rep, Q, D)[:, :, :, a:b])
+            parts.append(top_k_attention(qb_top, k_all, v, middle, mid_hi, top_k, rep, scaling, softcap, bias, top_k_all_or_none))
         out[:, :, :, a:b] = merge(parts).view(B, Hkv, rep, b - a, D).to(q.dtype)
     return out.view(B, Hq, Q, D)
 
 
-def _far_views(q, k, layout: Layout, far: Far, n_lead: int, top_k: int, inv_freq: torch.Tensor | None, interleaved: bool):
+def _far_views(
+    q, k, layout: Layout, far: Far, top_k_far: Far, n_lead: int, top_k: int, inv_freq: torch.Tensor | None, interleaved: bool
+):
     """(queries placed where they read far keys, the leading keys placed, all keys placed
-    for top-k), each None when nothing needs it. Without rotary positions (inv_freq None)
-    placing changes nothing: a NoPE logit does not depend on the distance."""
+    for top-k, queries placed for top-k), each None when nothing needs it. Without rotary
+    positions (inv_freq None) placing changes nothing: a NoPE logit does not depend on the distance."""
     if not (n_lead or top_k):
-        return None, None, None
+        return None, None, None, None
     if inv_freq is None:
-        return q, k[:, :, :n_lead], k
+        return q, k[:, :, :n_lead], k, q
     freqs, q_pos, k_pos = id(inv_freq), layout.q_pos, layout.k_pos
     q_at, k_at = layout.once(("far at", far, n_lead), far, q_pos, k_pos[:, :n_lead])
 
-    def placed(x, name, delta):  # x rotated by delta, with the rotation table worked out once per forward
+    def placed(x, name, delta, where=far):  # x rotated by delta, with the rotation table worked out once per forward
         return rotate(
-            x, layout.once((name, far, n_lead, freqs, interleaved), rotation, delta, inv_freq, interleaved), interleaved
+            x, layout.once((name, where, n_lead, freqs, interleaved), rotation, delta, inv_freq, interleaved), interleaved
         )
 
     q_far = placed(q, "far q", q_at - q_pos)
     k_lead = k[:, :, :n_lead] if k_at is None else placed(k[:, :, :n_lead], "far lead", k_at - k_pos[:, :n_lead])
-    k_all = None
+    k_all = q_top = None
     if top_k:
-        k_all_at = layout.once(("far at all", far), far, q_pos, k_pos)[1]
-        k_all = k if k_all_at is None else placed(k, "far all", k_all_at - k_pos)
-    return q_far, k_lead, k_all
+        q_top_at, k_all_at = layout.once(("far at all", top_k_far), top_k_far, q_pos, k_pos)
+        k_all = k if k_all_at is None else placed(k, "far all", k_all_at - k_pos, top_k_far)
+        q_top = q_far if top_k_far is far else placed(q, "top q", q_top_at - q_pos, top_k_far)
+    return q_far, k_lead, k_all, q_top
 
 
 def _window_parts(q_block, k, v, layout: Layout, a, offset, n_local: int, consecutive: bool, scaling, flash, softcap, alibi):

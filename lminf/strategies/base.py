@@ -33,6 +33,7 @@ class Rule:
     distance: torch.Tensor  # long: the rotary distance each pair is scored at (its logit's position gap)
     candidates: torch.Tensor  # bool: pairs from which each query head adds its `top_k` best (by that logit)
     top_k: int = 0
+    top_k_all_or_none: bool = False  # a query with fewer than top_k candidates picks none
     # A block memory (InfLLM): the block of a key that is in the query's memory, -1 for none (long);
     # the query sees the `top_blocks` blocks whose representative vectors score best (all while
     # there are no more). A block's representative per query head is the mean of its
@@ -69,6 +70,9 @@ class Strategy:
     # only through lminf's cache, not from keys an engine gathers (vLLM). False: a pure function of q, k, v.
     stateful: ClassVar[bool] = False
     pads: ClassVar[bool] = True  # False: a padded batch is refused (with a clear error)
+    # False: the output depends on how the input is split into forward calls (the original top-k
+    # rule: the last query of each call picks), so decoding does not equal one forward.
+    same_across_calls: ClassVar[bool] = True
 
     # First tokens every query sees; a chat pins its system prompt here (`pinned`). The help
     # text of each setting is its command-line help (lminf.arguments makes one flag per setting).
@@ -129,7 +133,10 @@ class Strategy:
             i = torch.arange(a, min(a + 512, length))[None, :, None]
             rule, causal = self.rule(i, j, layer), j <= i
             total += int((rule.seen & causal).sum())
-            total += int((rule.candidates & ~rule.seen & causal).sum(-1).clamp(max=rule.top_k).sum())
+            picks = (rule.candidates & ~rule.seen & causal).sum(-1)
+            if rule.top_k_all_or_none:
+                picks = torch.where(picks >= rule.top_k, picks, 0)
+            total += int(picks.clamp(max=rule.top_k).sum())
             if rule.block is not None:  # equal blocks: min(top_blocks, blocks) of them
                 n_blocks, keys = rule.block.max(-1).values + 1, ((rule.block >= 0) & causal).sum(-1)
                 total += int((keys * n_blocks.clamp(max=rule.top_blocks) // n_blocks.clamp(min=1)).sum())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from transformers import PretrainedConfig
@@ -41,8 +42,16 @@ class WindowedStrategy(Strategy):
         raise NotImplementedError
 
     def top_k_at(self, layer: int) -> int:
-        """Middle tokens each query head also picks in this layer (placed like the first ones)."""
+        """Middle tokens each query head also picks in this layer (placed by `top_k_positions`)."""
         return 0
+
+    # How top-k picks, where a strategy differs from the every-query rule (lm_infinite_original.py):
+    top_k_last_row: ClassVar[bool] = False  # only the last query of each forward call picks
+    top_k_all_or_none: ClassVar[bool] = False  # a query with fewer middle keys than top_k picks none
+
+    def top_k_positions(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Where a query and a middle key it may pick are placed (as `far_positions`); default: like the first ones."""
+        return self.far_positions(q_pos, k_pos)
 
     @property
     def keeps_middle(self) -> bool:
@@ -77,6 +86,9 @@ class WindowedStrategy(Strategy):
             interleaved=call.interleaved,
             alibi=call.alibi,
             top_k=self.top_k_at(call.layer),
+            top_k_far=self.top_k_positions if type(self).top_k_positions is not WindowedStrategy.top_k_positions else None,
+            top_k_last_row=self.top_k_last_row,
+            top_k_all_or_none=self.top_k_all_or_none,
             kernel=call.kernel,
         )
 
@@ -86,7 +98,13 @@ class WindowedStrategy(Strategy):
         far = ~local & (j < self.n_global)
         q_at, k_at = self.far_positions(i, j)
         far_distance = q_at - (j if k_at is None else k_at)
-        return Rule(local | far, torch.where(local, d, far_distance), ~local & ~far, self.top_k_at(layer))
+        q_top, k_top = self.top_k_positions(i, j)
+        top_distance = q_top - (j if k_top is None else k_top)
+        middle = ~local & ~far
+        if self.top_k_last_row:  # the call's last query: the latest position of each row
+            middle = middle & (i == i.amax(dim=1, keepdim=True))
+        distance = torch.where(local, d, torch.where(far, far_distance, top_distance))
+        return Rule(local | far, distance, middle, self.top_k_at(layer), top_k_all_or_none=self.top_k_all_or_none)
 
     def kept_pairs(self, length: int, layer: int = 0) -> int:
         """Closed form of Strategy.kept_pairs (tested against it)."""

@@ -53,6 +53,8 @@ def strategy_from_config(vllm_config) -> Strategy | None:
     strategy = build(settings.pop("strategy", "lminf"), **settings).resolve(hf_config)
     if strategy.stateful:  # its memory lives in lminf's own cache, which vLLM's paged blocks are not
         raise ValueError(f"strategy {strategy.name!r} keeps state in lminf's cache and runs through lminf.patch, not vLLM yet.")
+    if not strategy.same_across_calls:  # vLLM's scheduler splits prompts into its own chunks
+        raise ValueError(f"strategy {strategy.name!r} depends on how the input is split into calls; run it through lminf.patch.")
     return strategy
 
 
