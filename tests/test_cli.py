@@ -16,7 +16,7 @@ from lminf.default_model import converted_folder
 from lminf.eval.bench import prefill_pairs
 from lminf.eval.methods import Patched, Vanilla
 from lminf.eval.plots import plot_bench
-from lminf.eval.tables import bench_table, write_section
+from lminf.eval.tables import bench_page, bench_table, write_section
 from lminf.strategies import LMInfinite
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -152,3 +152,15 @@ def test_write_section_replaces_only_its_own(tmp_path):
     text = doc.read_text()
     assert "new table" in text and "old table" not in text and "serving table" in text
     assert text.index("new table") < text.index("serving table")  # a section keeps its place
+
+
+def test_a_bench_section_of_its_own_keeps_the_main_one(tmp_path):
+    """`lminf bench --doc page --section NAME`: its own section and its own JSON/PNG copies' names."""
+    doc = tmp_path / "benchmarks.md"
+    write_section(doc, "bench", bench_page(fake_bench(["vanilla", "lminf"]), doc, "main table"))
+    copies = doc.with_name("benchmarks-infllm.md")
+    write_section(doc, "infllm", bench_page(fake_bench(["lminf", "infllm"]), doc, "side by side table", copies))
+    text = doc.read_text()
+    assert "main table" in text and "side by side table" in text and text.startswith("<!-- bench: generated")
+    assert "## lminf, infllm side by side" in text and "`lminf bench --doc " in text and "--section infllm`" in text
+    assert "(JSON: `benchmarks-infllm.json`)" in text and "(benchmarks-infllm.png)" in text

@@ -248,6 +248,6 @@ def test_cli_eval_stream_and_report(tmp_path):
     text = (tmp_path / "docs" / "results.md").read_text()
     assert "## Perplexity, one pass" in text and "## Streaming" in text and "| lminf | 700 |" in text
     assert "- lminf minus sinks over their 3 common buckets" in text
-    assert "## Perplexity, one pass, other-model" in text and "The model: its weights, described." in text
+    assert "## Perplexity, one pass (other), other-model" in text and "The model: its weights, described." in text
     assert (tmp_path / "docs" / "results" / "ppl-other.png").exists()
     assert (tmp_path / "docs" / "results" / "stream.png").exists() and (tmp_path / "docs" / "results" / "ppl.json").exists()

@@ -30,7 +30,7 @@ from lminf.default_model import load_model
 from lminf.eval.methods import Method, check_distinct
 from lminf.eval.runs import RunStore
 from lminf.generation import cache_kwarg, prefill
-from lminf.memory import cache_mib, peak_mib
+from lminf.memory import cache_mib, cache_tiers, peak_mib
 
 
 def measure_cell(model_path: str | None, method: Method, length: int, settings: dict) -> dict:
@@ -58,6 +58,7 @@ def measure_cell(model_path: str | None, method: Method, length: int, settings: 
         "decode_ms": 1000 * statistics.median(steps[1:] or steps),  # the first step warms up
         "peak_mib": peak_mib(device),
         "cache_mib": cache_mib(cache),
+        "host_kv_mib": cache_tiers(cache)["host_kv_mib"],  # a block memory's blocks (InfLLM); 0 otherwise
         # What the work needs at the least (see floors): bytes one decoding step reads, prefill FLOPs.
         "decode_bytes": weight_bytes(model) + decode_keys * kv_bytes_per_token(model) // layers,
         "prefill_flops": prefill_flops(model, length, method),

@@ -95,6 +95,9 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     bench.add_argument("--out", type=Path, default=Path("runs/bench.json"), help="JSON (resumed if present); PNG beside it")
     bench.add_argument("--doc", type=Path, default=None, help="also write this markdown page (e.g. docs/benchmarks.md)")
+    bench.add_argument(
+        "--section", default="bench", help="the page's section to (re)write (default bench); another name keeps that one"
+    )
     bench.add_argument("--note", default=None, help="conditions worth knowing (e.g. other load), kept in the JSON and page")
     add_model_args(bench, vanilla=False, strategy=False)
 
@@ -209,11 +212,12 @@ def bench_command(args: argparse.Namespace) -> int:
     plot_bench(report, png)
     table = bench_table(report)
     print(table)
-    if args.doc:  # a page with its own copies of the JSON and the plot
+    if args.doc:  # a page with its own copies of the JSON and the plot (named after the section, if not "bench")
         args.doc.parent.mkdir(parents=True, exist_ok=True)
-        args.doc.with_suffix(".json").write_text(json.dumps(report, indent=2))
-        plot_bench(report, args.doc.with_suffix(".png"))
-        write_section(args.doc, "bench", bench_page(report, args.doc, table))
+        copies = args.doc if args.section == "bench" else args.doc.with_name(f"{args.doc.stem}-{args.section}.md")
+        copies.with_suffix(".json").write_text(json.dumps(report, indent=2))
+        plot_bench(report, copies.with_suffix(".png"))
+        write_section(args.doc, args.section, bench_page(report, args.doc, table, copies))
     print(f"wrote {args.out} and {png}" + (f" and {args.doc}" if args.doc else ""), file=sys.stderr)
     return 0
 

@@ -84,7 +84,7 @@ def _settings(report: dict) -> list[str]:
 
 
 def _ppl_section(report: dict, assets: str, name: str = "ppl") -> list[str]:
-    title = "Perplexity, one pass" + ("" if name == "ppl" else f", {report.get('model')}")
+    title = "Perplexity, one pass" + ("" if name == "ppl" else f" ({name.split('-', 1)[1]}), {report.get('model')}")
     lines = _header(title, report, f"{assets}/{name}.png")
     lines.append(
         "Mean NLL (nats/token) per bucket of positions, each document scored once from its start; every method "
