@@ -32,7 +32,8 @@ CHUNK_BLOCKS = 64  # blocks per host allocation (a file each when memory-mapped)
 
 class BlockStore:
     """Blocks of keys and values, (2, B, Hkv, block, D) each: every one in host memory (a file
-    when `directory` is given), the most recently used `hot` ones also on the compute device."""
+    when `directory` is given), the most recently used `hot` ones also on the compute device,
+    side by side in one tensor that attention reads whole under a mask (no gather copy)."""
 
     def __init__(self, hot: int, directory: str = ""):
         if hot < 1:
@@ -40,8 +41,9 @@ class BlockStore:
         self.hot, self.directory = hot, directory
         self.chunks: list[torch.Tensor] = []  # host: (CHUNK_BLOCKS, 2, B, Hkv, block, D) each
         self.count = 0
-        self.slots: torch.Tensor | None = None  # device: (hot, 2, B, Hkv, block, D)
+        self.slots: torch.Tensor | None = None  # device: (2, B, Hkv, hot * block, D), slot s at [s * block, (s + 1) * block)
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # block -> slot, least recently used first
+        self.block_in: list[int] = [-1] * hot  # slot -> block (-1: empty)
         self.loads = self.hits = 0
 
     def add(self, kv: torch.Tensor) -> None:
@@ -67,13 +69,15 @@ class BlockStore:
     def host(self, block: int) -> torch.Tensor:
         return self.chunks[block // CHUNK_BLOCKS][block % CHUNK_BLOCKS]
 
-    def load(self, blocks: list[int], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of `blocks` (at most `hot` of them), from the hot cache, loading the
-        missing ones from the host tier over the least recently used -> (B, Hkv, n * block, D) each."""
+    def load(self, blocks: list[int], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Make `blocks` (at most `hot` of them) hot, loading the missing ones from the host tier
+        over the least recently used others -> (keys, values) of every slot, (B, Hkv, hot * block, D)
+        each, and which block each slot holds, (hot,) long (-1: empty; its keys are zeros)."""
         if len(blocks) > self.hot:
             raise ValueError(f"asked for {len(blocks)} blocks at once, the hot cache holds {self.hot}.")
+        _, B, H, n, D = self.host(0).shape
         if self.slots is None:
-            self.slots = torch.empty((self.hot, *self.host(0).shape), dtype=like.dtype, device=like.device)
+            self.slots = torch.zeros((2, B, H, self.hot * n, D), dtype=like.dtype, device=like.device)
         wanted = set(blocks)
         for block in blocks:
             self.loads += 1
@@ -86,12 +90,9 @@ class BlockStore:
             else:
                 victim = next(b for b in self.slot_of if b not in wanted)
                 slot = self.slot_of.pop(victim)
-            self.slots[slot].copy_(self.host(block), non_blocking=True)
-            self.slot_of[block] = slot
-        picked = self.slots[torch.tensor([self.slot_of[b] for b in blocks], device=like.device)]
-        _, B, H, n, D = picked.shape[1:]
-        kv = picked.permute(1, 2, 3, 0, 4, 5).reshape(2, B, H, len(blocks) * n, D)
-        return kv[0], kv[1]
+            self.slots[:, :, :, slot * n : (slot + 1) * n].copy_(self.host(block), non_blocking=True)
+            self.slot_of[block], self.block_in[slot] = slot, block
+        return self.slots[0], self.slots[1], torch.tensor(self.block_in, device=like.device)
 
     def host_bytes(self) -> int:
         return sum(c.numel() * c.element_size() for c in self.chunks)

@@ -102,23 +102,27 @@ def block_memory_attention(
             _form_block(memory, k, k_placed, v, mass, phys, n_global, block_size, repr_topk, rep)
         ia, ib = a - p0, b - p0
         qb = rows(q_grouped[:, :, :, ia:ib])
-        i = torch.arange(a, b, device=q.device)
-
-        lo, hi = phys(max(0, a - n_local + 1)), phys(b - 1) + 1  # the group's window
-        d = i[:, None] - layout.k_pos[0, lo:hi][None, :]
-        local = seen_as(((d >= 0) & (d < n_local))[None], d[None])
+        # What depends on positions only is the same in every layer: worked out once per forward.
+        key = ("block memory group", a, b, S, R0, m)
+        lo, hi, d, far = layout.once(key, _group, layout, a, b, m, phys, S, n_global, n_local, block_size)
         s = capped(wide(qb @ k[:, :, lo:hi].transpose(-1, -2)) * scaling, softcap)
-        s = s.masked_fill(~local, -torch.inf) if alibi is None else s + local
+        if alibi is None:
+            hidden = layout.once((*key, "hidden", B, rep), _hidden, seen_as, d, n_local)
+            s = s.masked_fill(hidden, -torch.inf)
+        else:
+            s = s + seen_as(((d >= 0) & (d < n_local))[None], d[None])
         lse = torch.logsumexp(s, dim=-1)
         parts = [(wide(torch.exp(s - lse[..., None]).to(v.dtype) @ v[:, :, lo:hi]), lse)]
 
         qb_far = None if q_far is None else rows(q_far.view(B, Hkv, rep, Q, D)[:, :, :, ia:ib])
-        if b - 1 - n_local >= 0:  # initial tokens and the edge, capped
-            e0, e1 = phys(n_global + m * block_size), phys(b - 1 - n_local) + 1
-            far = torch.cat((torch.arange(S, device=q.device), torch.arange(e0, max(e0, e1), device=q.device)))
-            seen = i[:, None] - layout.k_pos[0, far][None, :] >= n_local
-            mask = seen_as(seen[None], n_local)
-            parts.append(attend(qb_far, k_placed[:, :, far], v[:, :, far], mask, scaling, flash, softcap=softcap))
+        if far is not None:  # initial tokens and the edge, capped
+            index, seen = far
+            mask = (
+                layout.once((*key, "far", B, rep), seen_as, seen[None], n_local)
+                if alibi is None
+                else seen_as(seen[None], n_local)
+            )
+            parts.append(attend(qb_far, k_placed[:, :, index], v[:, :, index], mask, scaling, flash, softcap=softcap))
         if m and top_blocks:
             q_group = q_far.view(B, Hkv, rep, Q, D)[:, :, :, ia:ib]
             parts += _memory_parts(memory, q_group, m, top_blocks, block_size, scaling, flash, softcap, seen_as, n_local, k)
@@ -134,6 +138,27 @@ def block_memory_attention(
 
     memory.drop_recent(n_global + memory.n_blocks * block_size)
     return out.view(B, Hq, Q, D)
+
+
+def _hidden(seen_as, d: torch.Tensor, n_local: int) -> torch.Tensor:
+    """The window pass's pairs a query does not see, as grouped rows."""
+    return ~seen_as(((d >= 0) & (d < n_local))[None], d[None])
+
+
+def _group(layout: Layout, a: int, b: int, m: int, phys, S: int, n_global: int, n_local: int, block_size: int):
+    """Queries [a, b) with m blocks in memory -> (lo, hi): physical keys of their window, d: the
+    distances (b - a, hi - lo), far: (physical index, seen (b - a, n)) of the first tokens and the
+    edge they read capped, or None when none of them reads any."""
+    i = torch.arange(a, b, device=layout.k_pos.device)
+    lo, hi = phys(max(0, a - n_local + 1)), phys(b - 1) + 1
+    d = i[:, None] - layout.k_pos[0, lo:hi][None, :]
+    if b - 1 - n_local < 0:
+        return lo, hi, d, None
+    e0, e1 = phys(n_global + m * block_size), phys(b - 1 - n_local) + 1
+    index = torch.cat((torch.arange(S, device=i.device), torch.arange(e0, max(e0, e1), device=i.device)))
+    if not len(index):  # no first tokens (n_global 0) and no edge
+        return lo, hi, d, None
+    return lo, hi, d, (index, i[:, None] - layout.k_pos[0, index][None, :] >= n_local)
 
 
 def _check_layout(layout: Layout, S: int, R0: int) -> None:
@@ -173,9 +198,14 @@ def _memory_parts(memory, q_far, m: int, top_blocks: int, block_size: int, scali
         chosen = torch.ones(B, n, m, dtype=torch.bool, device=q_far.device)
     union = chosen.flatten(0, 1).any(0).nonzero().flatten().tolist()
     qb, parts = rows(q_far), []
-    for c in range(0, len(union), memory.store.hot):
+    for c in range(0, len(union), memory.store.hot):  # as many blocks at a time as the hot cache holds
         blocks = union[c : c + memory.store.hot]
-        keys, values = memory.store.load(blocks, like)
-        seen = chosen[:, :, blocks].repeat_interleave(block_size, dim=-1)  # (B, n, len(blocks) * block)
-        parts.append(attend(qb, keys, values, seen_as(seen, n_local), scaling, flash, softcap=softcap))
+        keys, values, block_in = memory.store.load(blocks, like)  # every hot slot, read under a mask
+        now = torch.zeros(m + 1, dtype=torch.bool, device=q_far.device)  # index m: an empty slot
+        now[blocks] = True
+        slot = torch.where(block_in >= 0, block_in, m)
+        seen = torch.cat((chosen, now[None, None, -1:].expand(B, n, 1)), -1)[:, :, slot] & now[slot]  # (B, n, hot)
+        seen = seen.repeat_interleave(block_size, dim=-1)  # (B, n, hot * block)
+        # Plain matmuls: the fused kernel is slower here under a mask that hides half the keys (measured).
+        parts.append(attend(qb, keys, values, seen_as(seen, n_local), scaling, False, softcap=softcap))
     return parts

@@ -31,6 +31,9 @@ def attend(
     or none -> (output (B, H, M, D) float32, log-sum-exp (B, H, M) float32; float64 inputs stay float64).
     causal: query m sees keys 0..m (M == L). softcap: logits become softcap * tanh(logits /
     softcap) (Gemma 2); the fused kernel cannot, so the plain path runs."""
+    if k.shape[-2] == 0:  # no key at all (the fused kernel would divide by zero)
+        empty = torch.zeros(q.shape[:-1], dtype=wide(q[..., :0]).dtype, device=q.device)
+        return empty[..., None].expand(*q.shape[:-1], v.shape[-1]).clone(), empty - torch.inf
     if causal:
         mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()[None, None]
     additive = mask is not None and mask.dtype != torch.bool
