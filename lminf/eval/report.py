@@ -225,7 +225,14 @@ def _why(found: dict) -> list[str]:
         "the upper bound of the retrieval grids; past that length its NLL breaks down (first section). Top-k brings",
         "middle tokens back, at the price of keeping every key (memory grows with the input). On NLL, lminf only has to",
         "match the recomputed window: it scores with the same recent tokens plus the global ones, in one pass.",
-    ]
+    ] + (_infllm_why if any(strategy_of(m, s) == "infllm" for r in found.values() for m, s in method_settings(r).items()) else [])
+
+
+_infllm_why = [
+    "InfLLM's block memory (`infllm`) brings back whole blocks of middle tokens (128 by default), those whose representatives",
+    "best match each query, with device memory bounded by the window and the hot blocks; the blocks themselves stay in",
+    "host memory, which grows with the input (the cost tables above give both tiers).",
+]
 
 
 def _grid_costs(report: dict) -> list[str]:
