@@ -243,6 +243,9 @@ def test_cli_eval_stream_and_report(tmp_path):
     assert subprocess.run([*ppl, "--out", str(runs / "ppl.json")], capture_output=True, timeout=600).returncode == 0
     other = json.loads((runs / "ppl.json").read_text()) | {"model": "other-model", "model_about": "its weights, described"}
     (runs / "ppl-other.json").write_text(json.dumps(other))  # a second model's run: a section of its own
+    main = json.loads((runs / "ppl.json").read_text())
+    twin = {k.replace("lminf", "twin"): {**c, "method": "twin"} for k, c in main["results"].items() if c["method"] == "lminf"}
+    (runs / "ppl-twin.json").write_text(json.dumps(main | {"results": twin}))  # the same model: held against lminf
     report = subprocess.run([*cli, "report", "--runs", str(runs), "--out", str(tmp_path / "docs" / "results.md")], timeout=600)
     assert report.returncode == 0
     text = (tmp_path / "docs" / "results.md").read_text()
@@ -250,4 +253,5 @@ def test_cli_eval_stream_and_report(tmp_path):
     assert "- lminf minus sinks over their 3 common buckets" in text
     assert "## Perplexity, one pass (other), other-model" in text and "The model: its weights, described." in text
     assert (tmp_path / "docs" / "results" / "ppl-other.png").exists()
+    assert ": twin " in text and "of the main run (+0.00%), mean NLL past the training length" in text
     assert (tmp_path / "docs" / "results" / "stream.png").exists() and (tmp_path / "docs" / "results" / "ppl.json").exists()

@@ -49,6 +49,8 @@ def write_report(runs: Path, out: Path) -> Path:
     ]
     for name in (n for n in found if n.split("-")[0] == "ppl"):
         lines += _ppl_section(found[name], assets.name, name)
+        if name != "ppl" and "ppl" in found:
+            lines += _against_main_run(found[name], found["ppl"])
     if "stream" in found:
         lines += _stream_section(found["stream"], assets.name)
     for name in (n for n in found if n.split("-")[0] in GRIDS):
@@ -233,6 +235,31 @@ _infllm_why = [
     "best match each query, with device memory bounded by the window and the hot blocks; the blocks themselves stay in",
     "host memory, which grows with the input (the cost tables above give both tiers).",
 ]
+
+
+def _against_main_run(report: dict, main: dict) -> list[str]:
+    """A run of other methods on the main run's model, documents and buckets: each against the
+    main run's lminf, mean NLL past the training length (NLL does not depend on the machine)."""
+    same = ("model", "training_length", "bucket")
+    if any(report.get(k) != main.get(k) for k in same):
+        return []
+    cells = {(c["document"], c["method"]): c["bucket_nll"] for c in main["results"].values()}
+    inside = report["training_length"] // report["bucket"]
+    lines = []
+    for cell in report["results"].values():
+        ours = cells.get((cell["document"], OURS))
+        if ours is None or cell["method"] == OURS or len(ours) != len(cell["bucket_nll"]) or len(ours) <= inside:
+            continue
+        theirs, base = mean(cell["bucket_nll"][inside:]), mean(ours[inside:])
+        lines.append(
+            f"- {cell['document']}: {cell['method']} {theirs:.3f} vs {OURS} {base:.3f} of the main run "
+            f"({100 * (theirs - base) / base:+.2f}%), mean NLL past the training length, the same tokens."
+        )
+    return (
+        ["", "Against the first section's run (same model, documents and buckets; measured on its own machine):", ""] + lines
+        if lines
+        else []
+    )
 
 
 def _grid_costs(report: dict) -> list[str]:
