@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+from collections.abc import Collection
 
 import torch
 from tqdm import tqdm
@@ -61,15 +62,23 @@ def prefill(
 
 @torch.inference_mode()
 def greedy(
-    model: PreTrainedModel, ids: torch.Tensor, cache: Cache, max_new_tokens: int, chunk_size: int = PREFILL_CHUNK
+    model: PreTrainedModel,
+    ids: torch.Tensor,
+    cache: Cache,
+    max_new_tokens: int,
+    chunk_size: int = PREFILL_CHUNK,
+    stop: Collection[int] = (),
 ) -> list[int]:
-    """Greedy continuation of `ids` (1, n); the prompt goes through `cache` in chunks."""
+    """Greedy continuation of `ids` (1, n); the prompt goes through `cache` in chunks. It ends
+    after a token in `stop` (kept in the output) or `max_new_tokens` tokens."""
     check_ids(ids)
     prefill(model, ids[:, :-1], cache, chunk_size=chunk_size)
     token, out = ids[:, -1:], []
     for _ in range(max_new_tokens):
         token = model(token, **cache_kwarg(model, cache), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
         out.append(int(token))
+        if out[-1] in stop:
+            break
     return out
 
 

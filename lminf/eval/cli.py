@@ -20,14 +20,16 @@ from lminf.eval.bench import run_bench
 from lminf.eval.data import available, data_dir, extract, find_document, sources
 from lminf.eval.methods import method_names, methods_from
 from lminf.eval.perplexity import run_ppl, run_stream
-from lminf.eval.plots import plot_bench, plot_grid, plot_ppl, plot_stream
+from lminf.eval.plots import plot_bench, plot_grid, plot_ppl, plot_ruler, plot_stream
 from lminf.eval.report import write_report
 from lminf.eval.retrieval import Needle, Passkey, run_grid
+from lminf.eval.ruler import TASKS, Sources, check_tasks, run_ruler
 from lminf.eval.runs import machine
-from lminf.eval.tables import bench_page, bench_table, grid_table, ppl_table, stream_table, write_section
+from lminf.eval.tables import bench_page, bench_table, grid_table, ppl_table, ruler_table, stream_table, write_section
 
 # Default method lists: every method name is accepted (lminf.eval.methods.method_names).
 PPL_METHODS, STREAM_METHODS, BENCH_METHODS = "vanilla,lminf,sinks,window", "lminf,sinks", "vanilla,lminf"
+RULER_METHODS = "lminf"  # the no-flag grid stays small (about ten minutes on 2 CPU cores)
 COMMANDS = ("data", "eval", "bench")
 
 
@@ -70,13 +72,24 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         grid.add_argument("--methods", default=",".join(choices(task)), help=f"comma list of {', '.join(choices(task))}")
         grid.add_argument("--out", type=Path, default=Path(f"runs/{task}.json"), help="JSON (resumed if present); PNG beside it")
 
+    ruler = evaluate.add_parser("ruler", help="RULER's synthetic tasks (needles, variable tracking, word counts), offline")
+    ruler.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {', '.join(TASKS)} (default: all)")
+    ruler.add_argument("--lengths", default="4096,8192", help="prompt lengths in tokens (default 4096,8192)")
+    ruler.add_argument("--samples", type=int, default=1, help="prompts per (task, length), each its own draw (default 1)")
+    ruler.add_argument("--seed", type=int, default=0)
+    ruler.add_argument(
+        "--document", default=None, help="the real-text haystack (default: emma, paradise-lost, else Python's manual)"
+    )
+    ruler.add_argument("--methods", default=RULER_METHODS, help=f"comma list of {', '.join(choices('ruler'))}")
+    ruler.add_argument("--out", type=Path, default=Path("runs/ruler.json"), help="JSON (resumed if present); PNG beside it")
+
     report = evaluate.add_parser("report", help="write docs/results.md from the evaluations' JSON files")
     report.add_argument("--runs", type=Path, default=Path("runs"), help="folder with ppl.json, stream.json, passkey.json, ...")
     report.add_argument("--out", type=Path, default=Path("docs/results.md"))
 
     # One pass uses the training length; streaming and retrieval default to a 1k window so that
     # millions of tokens and 4x the window stay affordable on a laptop CPU.
-    windows = {"ppl": None, "stream": 1024, "passkey": 1024, "needle": 1024}
+    windows = {"ppl": None, "stream": 1024, "passkey": 1024, "needle": 1024, "ruler": None}
     for name, window in windows.items():
         parser = evaluate.choices[name]
         # top_k is the paper's k = 5, for the lminf-topk method; the other methods ignore it.
@@ -119,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    return {"ppl": eval_ppl, "stream": eval_stream, "passkey": eval_grid, "needle": eval_grid}[args.evaluation](args)
+    commands = {"ppl": eval_ppl, "stream": eval_stream, "passkey": eval_grid, "needle": eval_grid, "ruler": eval_ruler}
+    return commands[args.evaluation](args)
 
 
 def data_command(args: argparse.Namespace) -> int:
@@ -188,6 +202,33 @@ def eval_grid(args: argparse.Namespace) -> int:
         task = Needle(ids[0].tolist(), path.stem)
     report = run_grid(model, tokenizer, task, methods, lengths, depths, args.samples, args.seed, args.out, _meta(args, model))
     return _finish(args.out, report, plot_grid, grid_table)
+
+
+def eval_ruler(args: argparse.Namespace) -> int:
+    methods = methods_from(args.methods, args, choices("ruler"))
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    check_tasks(tasks)
+    lengths = numbers(args.lengths, int, "--lengths")
+    if args.samples < 1 or min(lengths) < 1:
+        raise ValueError("--samples and --lengths must be >= 1.")
+    model, tokenizer = load(args, patched=False)
+    document, text = _haystack(args.document)
+    sources = Sources.load(text, document)
+    report = run_ruler(model, tokenizer, methods, tasks, lengths, args.samples, args.seed, sources, args.out, _meta(args, model))
+    return _finish(args.out, report, plot_ruler, ruler_table)
+
+
+def _haystack(name: str | None) -> tuple[str, str]:
+    """(name, text) of RULER's real-text haystack: the one asked for, else a book from `lminf
+    data`, else Python's reference manual (in every Python install)."""
+    if name is None:
+        name = next((d for d in ("emma", "paradise-lost") if d in available()), None)
+    if name is None:
+        import pydoc_data.topics
+
+        return "python-manual", "\n\n".join(pydoc_data.topics.topics.values())
+    path = find_document(name)
+    return path.stem, path.read_text(encoding="utf-8", errors="replace")
 
 
 def bench_command(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -65,11 +65,19 @@ class Method:
         with self.patched(model):
             return token_nll(model, ids, self.new_cache(model), progress=progress)
 
-    def complete(self, model: PreTrainedModel, ids: torch.Tensor, max_new_tokens: int, measured: dict | None = None) -> list[int]:
-        """Greedy continuation; `measured` (if given) gets the cache's memory at its fullest (cache_tiers)."""
+    def complete(
+        self,
+        model: PreTrainedModel,
+        ids: torch.Tensor,
+        max_new_tokens: int,
+        measured: dict | None = None,
+        stop: Collection[int] = (),
+    ) -> list[int]:
+        """Greedy continuation, ended after a token in `stop` or `max_new_tokens`; `measured` (if
+        given) gets the cache's memory at its fullest (cache_tiers)."""
         with self.patched(model):
             cache = self.new_cache(model)
-            out = greedy(model, ids, cache, max_new_tokens)
+            out = greedy(model, ids, cache, max_new_tokens, stop=stop)
             if measured is not None:
                 measured.update(cache_tiers(cache))
             return out
@@ -112,13 +120,20 @@ class Window(Method):
             nll.append(target_nll(model, hidden[0, a - 1 - start :], ids[0, a:b]))
         return torch.cat(nll)
 
-    def complete(self, model: PreTrainedModel, ids: torch.Tensor, max_new_tokens: int, measured: dict | None = None) -> list[int]:
+    def complete(
+        self,
+        model: PreTrainedModel,
+        ids: torch.Tensor,
+        max_new_tokens: int,
+        measured: dict | None = None,
+        stop: Collection[int] = (),
+    ) -> list[int]:
         window = self.n_local or training_length(model.config)
         if max_new_tokens >= window:
             raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for input in a window of {window}.")
         # The prompt is cut so that the last generated token still sees only `window` tokens.
         cache = DynamicCache()
-        out = greedy(model, ids[:, -(window - max_new_tokens) :], cache, max_new_tokens)
+        out = greedy(model, ids[:, -(window - max_new_tokens) :], cache, max_new_tokens, stop=stop)
         if measured is not None:
             measured.update(cache_tiers(cache))
         return out

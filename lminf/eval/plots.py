@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lminf.eval.bench import bench_methods, floors
 from lminf.eval.retrieval import accuracy
+from lminf.eval.ruler import scores
 
 
 def pyplot():
@@ -83,6 +84,29 @@ def plot_grid(report: dict, out_png: Path):
     axes[0][0].set_ylabel("depth of the secret (0 = start)")
     fig.colorbar(image, ax=axes[0].tolist(), label="accuracy")
     fig.suptitle(f"{report['task']} retrieval, {report.get('model', '')}", y=1.04)
+    return save(fig, out_png, bbox_inches="tight")
+
+
+def plot_ruler(report: dict, out_png: Path):
+    """One heatmap per method: RULER task (rows) x prompt length (columns), score x100 in each cell."""
+    table = scores(report)
+    methods = list(table)
+    tasks = list(dict.fromkeys(t for cells in table.values() for t, _ in cells))
+    lengths = sorted({n for cells in table.values() for _, n in cells})
+    fig, axes = pyplot().subplots(
+        1, len(methods), figsize=(1.1 * len(lengths) * len(methods) + 3, 0.4 * len(tasks) + 1.6), squeeze=False
+    )
+    for ax, method in zip(axes[0], methods, strict=True):
+        grid = [[table[method].get((t, n), float("nan")) for n in lengths] for t in tasks]
+        image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+        for r, row in enumerate(grid):
+            for c, value in enumerate(row):
+                ax.text(c, r, "" if value != value else f"{value:.0f}", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
+        ax.set_yticks(range(len(tasks)), tasks if ax is axes[0][0] else [])
+        ax.set(title=method, xlabel="prompt length (tokens)")
+    fig.colorbar(image, ax=axes[0].tolist(), label="score (x100)")
+    fig.suptitle(f"RULER, {report.get('model', '')}", y=1.02)
     return save(fig, out_png, bbox_inches="tight")
 
 

@@ -15,14 +15,15 @@ from pathlib import Path
 from statistics import mean
 
 from lminf.eval.methods import Window, strategy_of
-from lminf.eval.plots import plot_grid, plot_ppl, plot_stream
+from lminf.eval.plots import plot_grid, plot_ppl, plot_ruler, plot_stream
 from lminf.eval.retrieval import accuracy
-from lminf.eval.tables import grid_table, method_settings, ppl_table, settings_line, stream_table
+from lminf.eval.ruler import scores
+from lminf.eval.tables import grid_table, method_settings, ppl_table, ruler_table, settings_line, stream_table
 from lminf.strategies import LMInfinite
 
-KINDS = ("ppl", "stream", "passkey", "needle")
+KINDS = ("ppl", "stream", "passkey", "needle", "ruler")
 GRIDS = ("passkey", "needle")
-PLOTS = {"ppl": plot_ppl, "stream": plot_stream, "passkey": plot_grid, "needle": plot_grid}
+PLOTS = {"ppl": plot_ppl, "stream": plot_stream, "passkey": plot_grid, "needle": plot_grid, "ruler": plot_ruler}
 OURS = LMInfinite.name  # the strategy the report is about: each of its methods is held against every other method
 
 
@@ -55,6 +56,8 @@ def write_report(runs: Path, out: Path) -> Path:
         lines += _stream_section(found["stream"], assets.name)
     for name in (n for n in found if n.split("-")[0] in GRIDS):
         lines += _grid_section(found[name], assets.name, name)
+    for name in (n for n in found if n.split("-")[0] == "ruler"):
+        lines += _ruler_section(found[name], assets.name, name)
     lines += _losses(found)
     out.write_text("\n".join(lines) + "\n")
     return out
@@ -177,6 +180,27 @@ def _grid_section(report: dict, assets: str, name: str) -> list[str]:
     return lines
 
 
+def _ruler_section(report: dict, assets: str, name: str) -> list[str]:
+    lines = _header("RULER, synthetic tasks", report, f"{assets}/{name}.png")
+    samples = 1 + max(c["sample"] for c in report["results"].values())
+    lines.append(
+        f"Scores x100 (RULER's string_match_all: the share of expected strings found in the greedy answer), {samples} "
+        f"prompt(s) per (task, length), each with its own needles, words and haystack draw, seed {report['seed']}; the "
+        "average is over the row's tasks. A prompt fills its length: the largest haystack whose prompt plus the task's "
+        "answer fits. Tasks and scoring: NVIDIA/RULER's synthetic.yaml, re-implemented in lminf.eval.ruler."
+    )
+    lines += ["", ruler_table(report)]
+    lines += _settings(report)
+    if report.get("substitutions"):
+        lines += ["", "Departures from RULER: " + "; ".join(report["substitutions"]) + "."]
+    lines += _grid_costs(report)
+    lines += ["", "Where each method fails (tasks scoring below 50):", ""]
+    for method, cells in scores(report).items():
+        misses = [f"{task} at {n:,}" for (task, n), v in cells.items() if v < 50]
+        lines.append(f"- {method}: " + (", ".join(misses) or "none"))
+    return lines
+
+
 def _losses(found: dict) -> list[str]:
     """Where each LM-Infinite method does worse than another method, read off the JSON, and why."""
     lines = ["", f"## Where {OURS} loses", ""]
@@ -191,6 +215,15 @@ def _losses(found: dict) -> list[str]:
                 if cells:
                     where = ", ".join(f"{n} at depth {d:g}" for n, d in sorted(cells))
                     lines.append(f"- {task}: {a} below {b} in {len(cells)} of {len(table[a])} cells ({where}).")
+    for name in (n for n in found if n.split("-")[0] == "ruler"):
+        table = scores(found[name])
+        ours, others = ours_and_others(found[name], list(table))
+        for a in ours:
+            for b in others:
+                cells = [k for k in table[a] if k in table[b] and table[a][k] < table[b][k]]
+                if cells:
+                    where = ", ".join(f"{t} at {n:,}" for t, n in cells)
+                    lines.append(f"- {name}: {a} below {b} in {len(cells)} of {len(table[a])} (task, length) cells ({where}).")
     return lines + _why(found)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from lminf.eval.bench import bench_methods, floors
 from lminf.eval.retrieval import accuracy
+from lminf.eval.ruler import TASKS, scores
 
 
 def method_settings(report: dict) -> dict[str, dict]:
@@ -56,6 +57,21 @@ def grid_table(report: dict) -> str:
         by_length = [[v for (n, _), v in cells.items() if n == length] for length in lengths]
         row = " | ".join(f"{sum(v) / len(v):.2f}" if v else "" for v in by_length)
         lines.append(f"| {method} | {row} | {sum(cells.values()) / len(cells):.2f} |")
+    return "\n".join(lines)
+
+
+def ruler_table(report: dict) -> str:
+    """RULER scores (x100) like kvpress's leaderboard: one row per (method, length), one column
+    per task, then the mean over the tasks the row has."""
+    table = scores(report)
+    tasks = [t for t in TASKS if any(t == task for cells in table.values() for task, _ in cells)]
+    lines = [f"| method | length | {' | '.join(tasks)} | average |", f"|---|---:|{'---:|' * (len(tasks) + 1)}"]
+    for method, cells in table.items():
+        for length in sorted({n for _, n in cells}):
+            row = [cells.get((task, length)) for task in tasks]
+            known = [v for v in row if v is not None]
+            shown = " | ".join("" if v is None else f"{v:.0f}" for v in row)
+            lines.append(f"| {method} | {length:,} | {shown} | {sum(known) / len(known):.1f} |")
     return "\n".join(lines)
 
 
