@@ -198,7 +198,8 @@ def test_a_grid_records_time_and_memory_by_tier_and_the_report_shows_them(tmp_pa
     cells = {c["method"]: c for c in report["results"].values()}
     assert cells["infllm"]["host_kv_mib"] > 0 and cells["sinks"]["host_kv_mib"] == 0
     assert 0 < cells["infllm"]["device_kv_mib"] and cells["infllm"]["rss_mib"] > 0
+    assert cells["infllm"]["threads"] == torch.get_num_threads()  # the conditions of each cell's time
     text = write_report(runs, tmp_path / "docs" / "results.md").read_text()
     assert "![Passkey-original retrieval](results/passkey-original.png)" in text
-    assert "| method | length | prompts | seconds | device KV MiB | host KV MiB | block index MiB | RSS MiB |" in text
+    assert "| method | length | prompts | seconds | threads | device KV MiB | host KV MiB | block index MiB | RSS MiB |" in text
     assert "| infllm | 300 | 1 |" in text

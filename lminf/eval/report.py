@@ -306,8 +306,8 @@ def _grid_costs(report: dict) -> list[str]:
         "",
         "Cost per prompt (mean over the cell's prompts; KV memory after the answer, by tier, and the process's resident set):",
         "",
-        "| method | length | prompts | seconds | device KV MiB | host KV MiB | block index MiB | RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | length | prompts | seconds | threads | device KV MiB | host KV MiB | block index MiB | RSS MiB |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for (method, length), cells in sorted(rows.items()):
         known = [c for c in cells if "device_kv_mib" in c]
@@ -316,8 +316,9 @@ def _grid_costs(report: dict) -> list[str]:
             return mean(c[key] for c in of) if of else float("nan")
 
         rss = max((c["rss_mib"] for c in known), default=0)
+        threads = ", ".join(str(t) for t in sorted({c.get("threads", "?") for c in cells}, key=str))
         lines.append(
-            f"| {method} | {length:,} | {len(cells)} | {avg('seconds'):.0f} | {avg('device_kv_mib', known):.0f} | "
+            f"| {method} | {length:,} | {len(cells)} | {avg('seconds'):.0f} | {threads} | {avg('device_kv_mib', known):.0f} | "
             f"{avg('host_kv_mib', known):.0f} | {avg('index_mib', known):.1f} | {rss:.0f} |"
         )
     return lines

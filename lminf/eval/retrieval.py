@@ -165,6 +165,7 @@ def _grid_cell(model, tokenizer, task, method: Method, length: int, depth: float
         "output": output,
         "correct": task.correct(output, answer),
         "seconds": round(time.perf_counter() - start, 2),
+        "threads": torch.get_num_threads(),  # a grid may be resumed under other conditions
         **measured,  # memory of the cache by tier after the answer, and the resident set
     }
 

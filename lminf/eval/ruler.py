@@ -449,6 +449,7 @@ def _cell(model, tokenizer, method: Method, task: str, length: int, sample: int,
         "output": output,
         "score": score(output, prompt.outputs),
         "seconds": round(time.perf_counter() - start, 2),
+        "threads": torch.get_num_threads(),  # a grid may be resumed under other conditions
         **measured,
     }
 
