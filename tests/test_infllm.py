@@ -53,6 +53,30 @@ def test_a_query_reads_the_block_whose_keys_match_it():
     assert without[0, :, -1].max() < 0.01
 
 
+@pytest.mark.parametrize("position", ["rotary", "alibi", "softcap"])
+@pytest.mark.parametrize("overhead", [0, 10**9], ids=["block by block", "union under a mask"])
+def test_both_ways_of_reading_the_memory_equal_the_reference(position, overhead, monkeypatch):
+    """A group of queries reads its chosen blocks block by block (only the queries that chose
+    each) or as one masked pass over the union of their choices: both are the reference."""
+    from lminf.kernels import block_memory
+    from tests.reference import reference_attention
+
+    monkeypatch.setattr(block_memory, "BLOCK_OVERHEAD", overhead)
+    strategy = InfLLM(n_global=2, n_local=8, block_size=4, top_blocks=2, repr_topk=2, hot_blocks=3)
+    gen = torch.Generator().manual_seed(1)
+    n, D = 160, 8
+    q, k, v = (torch.randn(2, h, n, D, generator=gen, dtype=torch.float64) for h in (4, 2, 2))
+    everything = torch.arange(n)[None].expand(2, n)
+    layout = Layout(everything, everything, torch.ones(2, n, dtype=torch.bool))
+    call = AttentionCall(layer=0, inv_freq=1.0 / (10.0 ** (torch.arange(4) / 4)), scaling=D**-0.5)
+    if position == "alibi":
+        call = AttentionCall(layer=0, inv_freq=None, scaling=D**-0.5, alibi=torch.tensor([0.5, 0.25, 0.125, 0.0625]))
+    if position == "softcap":
+        call = AttentionCall(layer=0, inv_freq=call.inv_freq, scaling=D**-0.5, softcap=2.0)
+    got = strategy.attention(q, k, v, layout, call)
+    torch.testing.assert_close(got, reference_attention(strategy, q, k, v, layout, call), rtol=1e-10, atol=1e-10)
+
+
 def test_memory_lives_in_host_memory_and_the_device_holds_a_bound():
     model = lminf.patch(tiny_model("llama"), SMALL)
     cache, ids = lminf.make_cache(model), tokens(400)

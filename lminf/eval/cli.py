@@ -80,7 +80,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     ruler.add_argument(
         "--document", default=None, help="the real-text haystack (default: emma, paradise-lost, else Python's manual)"
     )
-    ruler.add_argument("--methods", default=RULER_METHODS, help=f"comma list of {', '.join(choices('ruler'))}")
+    ruler.add_argument(
+        "--methods", default=RULER_METHODS, help=f"comma list of {', '.join(choices('ruler'))} (default {RULER_METHODS})"
+    )
     ruler.add_argument("--out", type=Path, default=Path("runs/ruler.json"), help="JSON (resumed if present); PNG beside it")
 
     report = evaluate.add_parser("report", help="write docs/results.md from the evaluations' JSON files")

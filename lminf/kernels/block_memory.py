@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from lminf.kernels.sdpa import alibi_bias, attend, capped, merge, rows, rows_mask, use_flash, wide
+from lminf.kernels.sdpa import alibi_bias, attend, capped, merge, rows, rows_mask, softmax_lse, use_flash, wide
 from lminf.layout import Layout
 from lminf.rope import rotate, rotation
 
@@ -108,11 +108,11 @@ def block_memory_attention(
         s = capped(wide(qb @ k[:, :, lo:hi].transpose(-1, -2)) * scaling, softcap)
         if alibi is None:
             hidden = layout.once((*key, "hidden", B, rep), _hidden, seen_as, d, n_local)
-            s = s.masked_fill(hidden, -torch.inf)
+            s = s.masked_fill_(hidden, -torch.inf)
         else:
             s = s + seen_as(((d >= 0) & (d < n_local))[None], d[None])
-        lse = torch.logsumexp(s, dim=-1)
-        parts = [(wide(torch.exp(s - lse[..., None]).to(v.dtype) @ v[:, :, lo:hi]), lse)]
+        p, lse = softmax_lse(s)  # every query sees itself: no empty row
+        parts = [(wide(p.to(v.dtype) @ v[:, :, lo:hi]), lse)]
 
         qb_far = None if q_far is None else rows(q_far.view(B, Hkv, rep, Q, D)[:, :, :, ia:ib])
         if far is not None:  # initial tokens and the edge, capped
@@ -125,12 +125,14 @@ def block_memory_attention(
             parts.append(attend(qb_far, k_placed[:, :, index], v[:, :, index], mask, scaling, flash, softcap=softcap))
         if m and top_blocks:
             q_group = q_far.view(B, Hkv, rep, Q, D)[:, :, :, ia:ib]
-            parts += _memory_parts(memory, q_group, m, top_blocks, block_size, scaling, flash, softcap, seen_as, n_local, k)
+            parts += _memory_parts(
+                memory, q_group, m, top_blocks, block_size, scaling, flash, softcap, seen_as, n_local, k, alibi is not None
+            )
 
         out[:, :, :, ia:ib] = merge(parts).view(B, Hkv, rep, b - a, D).to(q.dtype)
         total_lse = torch.stack([part[1] for part in parts]).logsumexp(dim=0)
         # The attention each window key received, for the representatives of its block.
-        received = torch.exp(s - total_lse[..., None]).view(B, Hkv, rep, b - a, -1).sum(3).view(B, Hq, -1)
+        received = (p * torch.exp(lse - total_lse)[..., None]).view(B, Hkv, rep, b - a, -1).sum(3).view(B, Hq, -1)
         if hi > S:  # first tokens never go into blocks: only recent ones are scored
             start = max(lo, S)
             mass[:, :, start - S : hi - S] += received[:, :, start - lo :]
@@ -186,7 +188,9 @@ def _form_block(memory, k, k_placed, v, mass, phys, n_global: int, block_size: i
     memory.add_block(torch.stack((keys, v[:, :, lo:hi])), wide(picked).mean(2).to(k.dtype))
 
 
-def _memory_parts(memory, q_far, m: int, top_blocks: int, block_size: int, scaling, flash, softcap, seen_as, n_local, like):
+def _memory_parts(
+    memory, q_far, m: int, top_blocks: int, block_size: int, scaling, flash, softcap, seen_as, n_local, like, biased
+):
     """The passes of a group (q_far (B, Hkv, rep, n, D), placed) over its queries' chosen blocks."""
     B, Hkv, rep, n, D = q_far.shape
     reps = wide(memory.reps[:, :, :m])  # (B, Hq, m, D)
@@ -197,10 +201,20 @@ def _memory_parts(memory, q_far, m: int, top_blocks: int, block_size: int, scali
     else:
         chosen = torch.ones(B, n, m, dtype=torch.bool, device=q_far.device)
     union = chosen.flatten(0, 1).any(0).nonzero().flatten().tolist()
+    if n * len(union) > top_blocks * n + BLOCK_OVERHEAD * len(union):
+        return [_chosen_blocks_only(memory, q_far, chosen, union, block_size, scaling, softcap, seen_as, n_local, like, biased)]
     qb, parts = rows(q_far), []
     for c in range(0, len(union), memory.store.hot):  # as many blocks at a time as the hot cache holds
         blocks = union[c : c + memory.store.hot]
         keys, values, block_in = memory.store.load(blocks, like)  # every hot slot, read under a mask
+        if n >= GATHER_FROM:  # enough queries to pay for copying out only this batch's blocks
+            at = torch.tensor([memory.store.slot_of[b] for b in blocks], device=q_far.device)[:, None] * block_size
+            index = (at + torch.arange(block_size, device=q_far.device)).flatten()
+            seen = chosen[:, :, blocks].repeat_interleave(block_size, dim=-1)
+            parts.append(
+                attend(qb, keys[:, :, index], values[:, :, index], seen_as(seen, n_local), scaling, False, softcap=softcap)
+            )
+            continue
         now = torch.zeros(m + 1, dtype=torch.bool, device=q_far.device)  # index m: an empty slot
         now[blocks] = True
         slot = torch.where(block_in >= 0, block_in, m)
@@ -209,3 +223,49 @@ def _memory_parts(memory, q_far, m: int, top_blocks: int, block_size: int, scali
         # Plain matmuls: the fused kernel is slower here under a mask that hides half the keys (measured).
         parts.append(attend(qb, keys, values, seen_as(seen, n_local), scaling, False, softcap=softcap))
     return parts
+
+
+# A group reads block by block, each block against only the queries that chose it, when that
+# saves more than it costs: the masked pass over the union does n * len(union) query-block
+# pairs, block by block does n * top_blocks plus a fixed cost per block, worth about
+# BLOCK_OVERHEAD pairs (measured on CPU). Prefill chunks gain; a decoding step reads the union.
+BLOCK_OVERHEAD = 40
+GATHER_FROM = 8  # queries from which the union pass copies its blocks out rather than read every hot slot
+
+
+def _chosen_blocks_only(memory, q_far, chosen, union, block_size: int, scaling, softcap, seen_as, n_local, like, biased):
+    """A group's memory pass, block by block: each block against only the queries that chose it
+    (their top_blocks, not the whole union), the partial softmaxes merged per query by lse.
+    -> (output, lse) as grouped rows, one part."""
+    B, Hkv, rep, n, D = q_far.shape
+    choice = chosen.cumsum(-1) - 1  # which of its choices a block is for a query
+    width = int(chosen.sum(-1).max())
+    exact = wide(q_far[..., :0]).dtype
+    outs = torch.zeros(B, Hkv, rep, n, width, D, dtype=exact, device=q_far.device)
+    lses = torch.full((B, Hkv, rep, n, width), -torch.inf, dtype=exact, device=q_far.device)
+    for c in range(0, len(union), memory.store.hot):
+        blocks = union[c : c + memory.store.hot]
+        keys, values, _ = memory.store.load(blocks, like)
+        for block in blocks:
+            at = memory.store.slot_of[block] * block_size
+            for b in range(B):
+                who = chosen[b, :, block].nonzero().flatten()
+                if not len(who):
+                    continue
+                seen = torch.ones(1, len(who), block_size, dtype=torch.bool, device=q_far.device)
+                o, lse = attend(
+                    rows(q_far[b : b + 1, :, :, who]),
+                    keys[b : b + 1, :, at : at + block_size],
+                    values[b : b + 1, :, at : at + block_size],
+                    seen_as(seen, n_local)[:1] if biased else None,  # ALiBi: the capped distance's bias
+                    scaling,
+                    False,
+                    softcap=softcap,
+                )
+                j = choice[b, who, block]
+                outs[b, :, :, who, j] = o.view(Hkv, rep, len(who), D)
+                lses[b, :, :, who, j] = lse.view(Hkv, rep, len(who))
+    lse = lses.logsumexp(-1)
+    weight = torch.exp(lses - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+    out = (weight[..., None] * outs).sum(-2)
+    return rows(out), lse.reshape(B, Hkv, rep * n)

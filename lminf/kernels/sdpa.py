@@ -49,10 +49,20 @@ def attend(
     if additive:
         s = s + mask
     elif mask is not None:
-        s = s.masked_fill(~mask, -torch.inf)
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+        s = s.masked_fill_(~mask, -torch.inf)
+    p, lse = softmax_lse(s)
     return wide(p.to(v.dtype) @ v), lse
+
+
+def softmax_lse(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax over the last dim, log-sum-exp) of logits `s`, which it overwrites: one exp
+    pass, not the two of logsumexp then exp. A row with no finite logit: zeros and -inf."""
+    top = s.amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    p = s.sub_(top).exp_()
+    total = p.sum(-1, keepdim=True)
+    lse = (top + total.log()).squeeze(-1)
+    return p.div_(torch.where(total > 0, total, 1.0)), lse
 
 
 def wide(x: torch.Tensor) -> torch.Tensor:
