@@ -41,7 +41,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lminf.eval.methods import Method, resolve_all
-from lminf.eval.runs import RunStore
+from lminf.eval.runs import RunStore, machine
 from lminf.families import training_length
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -449,7 +449,8 @@ def _cell(model, tokenizer, method: Method, task: str, length: int, sample: int,
         "output": output,
         "score": score(output, prompt.outputs),
         "seconds": round(time.perf_counter() - start, 2),
-        "threads": torch.get_num_threads(),  # a grid may be resumed under other conditions
+        "threads": torch.get_num_threads(),  # a grid may be resumed under other conditions,
+        "machine": machine(),  # or on another machine
         **measured,
     }
 
