@@ -6,6 +6,7 @@ can read back what was drawn: every line's label and data, every heatmap's cells
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from lminf.eval.bench import bench_methods, floors
@@ -101,7 +102,7 @@ def plot_ruler(report: dict, out_png: Path):
         image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
         for r, row in enumerate(grid):
             for c, value in enumerate(row):
-                ax.text(c, r, "" if value != value else f"{value:.0f}", ha="center", va="center", fontsize=8)
+                ax.text(c, r, "" if math.isnan(value) else f"{value:.0f}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
         ax.set_yticks(range(len(tasks)), tasks if ax is axes[0][0] else [])
         ax.set(title=method, xlabel="prompt length (tokens)")

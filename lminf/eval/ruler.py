@@ -340,7 +340,7 @@ def render(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
-def fit(task, tokenizer: PreTrainedTokenizerBase, length: int, key: str, sources: Sources) -> tuple[list[int], Prompt, int]:
+def fit(task: Task, tokenizer: PreTrainedTokenizerBase, length: int, key: str, sources: Sources) -> tuple[list[int], Prompt, int]:
     """The prompt of `task` with the largest haystack whose tokens plus the task's tokens to
     generate fit in `length` -> (ids, prompt, haystack units). Every try draws from a fresh
     random.Random(key), so a prompt depends only on the key and its size."""
