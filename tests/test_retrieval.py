@@ -206,6 +206,8 @@ def test_a_grid_records_time_and_memory_by_tier_and_the_report_shows_them(tmp_pa
     saved = json.loads((runs / "passkey-original.json").read_text())
     saved["machine"] = saved["results"]["infllm/300/0.2/0"]["machine"]  # what the CLI records
     saved["results"]["sinks/300/0.2/0"]["machine"] = "a laptop"  # a grid resumed elsewhere
+    saved["results"]["sinks/300/0.2/0"]["note"] = "with tests beside it"
     (runs / "passkey-original.json").write_text(json.dumps(saved))
     text = write_report(runs, tmp_path / "docs" / "results.md").read_text()
     assert "Timed on another machine, a laptop: sinks at 300 (compare seconds within one machine only)." in text
+    assert "Note on sinks at 300, prompt 0: with tests beside it." in text

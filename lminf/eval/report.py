@@ -326,6 +326,8 @@ def _grid_costs(report: dict) -> list[str]:
             f"| {method} | {length:,} | {len(cells)} | {avg('seconds'):.0f} | {threads} | {avg('device_kv_mib', known):.0f} | "
             f"{avg('host_kv_mib', known):.0f} | {avg('index_mib', known):.1f} | {rss:.0f} |"
         )
+    for cell in (c for cells in rows.values() for c in cells if c.get("note")):  # conditions a run wrote down
+        lines += ["", f"Note on {cell['method']} at {cell['length']:,}, prompt {cell.get('sample', 0)}: {cell['note']}."]
     for where, cells in elsewhere.items():
         counted = ", ".join(f"{n} x {c}" if n > 1 else c for c, n in Counter(cells).items())
         lines += ["", f"Timed on another machine, {where}: {counted} (compare seconds within one machine only)."]
