@@ -123,6 +123,18 @@ def test_too_short_a_length_is_a_clear_error_before_any_prompt_runs(tmp_path, to
         fit(TASKS["vt"], tokenizer, 300, "0", sources)
     with pytest.raises(ValueError, match="too short for cwe"):
         run_ruler(tiny_model(), tokenizer, [Silent()], ["fwe", "cwe"], [600], 1, 0, sources, tmp_path / "r.json", progress=False)
+    assert not (tmp_path / "r.json").exists()  # not even fwe's prompt ran first
+
+
+def test_generation_stops_after_a_stop_token():
+    import torch
+    from transformers import DynamicCache
+
+    from lminf.generation import greedy
+
+    model, ids = tiny_model(), torch.tensor([[5, 9, 17, 3, 40]])
+    free = greedy(model, ids, DynamicCache(), 6)
+    assert greedy(model, ids, DynamicCache(), 6, stop={free[2]}) == free[: free.index(free[2]) + 1]
 
 
 class Echo(Method):

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lminf.eval.methods import Method, resolve_all
-from lminf.eval.runs import RunStore, machine
+from lminf.eval.runs import RunStore, conditions
 from lminf.families import training_length
 
 NAMES = ["Anna", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kofi", "Lena"]
@@ -165,8 +165,7 @@ def _grid_cell(model, tokenizer, task, method: Method, length: int, depth: float
         "output": output,
         "correct": task.correct(output, answer),
         "seconds": round(time.perf_counter() - start, 2),
-        "threads": torch.get_num_threads(),  # a grid may be resumed under other conditions,
-        "machine": machine(),  # or on another machine
+        **conditions(),
         **measured,  # memory of the cache by tier after the answer, and the resident set
     }
 

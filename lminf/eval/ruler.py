@@ -41,7 +41,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lminf.eval.methods import Method, resolve_all
-from lminf.eval.runs import RunStore, machine
+from lminf.eval.runs import RunStore, conditions
 from lminf.families import training_length
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -352,12 +352,7 @@ def fit(task: Task, tokenizer: PreTrainedTokenizerBase, length: int, key: str, s
     budget = length - task.tokens_to_generate
     low = task.min_units
     ids, prompt = build(low)
-    if len(ids) > budget:
-        name = next((n for n, t in TASKS.items() if t == task), "this task")
-        raise ValueError(
-            f"length {length} is too short for {name}: its smallest prompt has {len(ids)} tokens, "
-            f"plus {task.tokens_to_generate} to generate."
-        )
+    check_room(task, length, len(ids))
     high, most = low, task.max_units(sources)
     while high < most and len(build(min(2 * high, most))[0]) <= budget:  # double until too long, then bisect
         high = min(2 * high, most)
@@ -374,11 +369,14 @@ def fit(task: Task, tokenizer: PreTrainedTokenizerBase, length: int, key: str, s
     return ids, prompt, units
 
 
-def fit_smallest(task: Task, tokenizer: PreTrainedTokenizerBase, length: int, sources: Sources) -> None:
-    """Raise fit's error if even the smallest haystack's prompt does not fit in `length`."""
-    prompt = task.make(task.min_units, random.Random(0), sources, length)
-    if len(render(tokenizer, prompt)) + task.tokens_to_generate > length:
-        fit(task, tokenizer, length, "0", sources)
+def check_room(task: Task, length: int, smallest: int) -> None:
+    """A clear error when the task's smallest prompt (`smallest` tokens) and its answer exceed `length`."""
+    if smallest + task.tokens_to_generate > length:
+        name = next((n for n, t in TASKS.items() if t == task), "this task")
+        raise ValueError(
+            f"length {length} is too short for {name}: its smallest prompt has {smallest} tokens, "
+            f"plus {task.tokens_to_generate} to generate."
+        )
 
 
 def score(output: str, expected: list[str]) -> float:
@@ -421,7 +419,8 @@ def run_ruler(
     store.report["substitutions"] = substitutions(sources.document)
     store.record_methods(methods)
     for task, length in ((t, n) for t in tasks for n in lengths):  # a length too short fails now, not hours in
-        fit_smallest(TASKS[task], tokenizer, length, sources)
+        smallest = TASKS[task].make(TASKS[task].min_units, random.Random(0), sources, length)
+        check_room(TASKS[task], length, len(render(tokenizer, smallest)))
     stop = {i for i in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)) if isinstance(i, int)}
     todo = [(m, t, n, s) for m in methods for n in lengths for t in tasks for s in range(samples)]
     bar = tqdm(todo, desc="ruler", unit="prompt", disable=not progress)
@@ -449,8 +448,7 @@ def _cell(model, tokenizer, method: Method, task: str, length: int, sample: int,
         "output": output,
         "score": score(output, prompt.outputs),
         "seconds": round(time.perf_counter() - start, 2),
-        "threads": torch.get_num_threads(),  # a grid may be resumed under other conditions,
-        "machine": machine(),  # or on another machine
+        **conditions(),
         **measured,
     }
 

@@ -68,6 +68,11 @@ class RunStore:
         tmp.replace(self.path)
 
 
+def conditions() -> dict:
+    """What a timed cell ran under: a grid may be resumed with other threads or on another machine."""
+    return {"threads": torch.get_num_threads(), "machine": machine()}
+
+
 def machine() -> str:
     """The machine a run is measured on, in one line (CPU, GPU, threads, library versions)."""
     cpu = platform.processor() or platform.machine()
