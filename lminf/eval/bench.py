@@ -30,6 +30,7 @@ from lminf.default_model import load_model
 from lminf.eval.methods import Method, check_distinct
 from lminf.eval.runs import RunStore
 from lminf.generation import cache_kwarg, prefill
+from lminf.kernels.int4 import Int4Linear
 from lminf.memory import cache_mib, cache_tiers, peak_mib
 
 
@@ -38,7 +39,7 @@ def measure_cell(model_path: str | None, method: Method, length: int, settings: 
     if settings.get("threads"):
         torch.set_num_threads(settings["threads"])
     device, dtype = settings["device"], getattr(torch, settings["dtype"])
-    model, _ = load_model(model_path, dtype)
+    model, _ = load_model(model_path, dtype, settings.get("weights", "dense"))
     model.to(device)
     method = method.resolved(model)
     ids = torch.randint(0, model.config.vocab_size, (1, length + 1), generator=torch.Generator().manual_seed(0)).to(device)
@@ -78,8 +79,15 @@ def _decode_steps(model, token: torch.Tensor, cache, n: int, device) -> list[flo
 
 
 def weight_bytes(model) -> int:
-    """Every distinct weight is read once per decoding step (tied embeddings: the output layer)."""
-    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    """Every distinct weight is read once per decoding step (tied embeddings: the output layer),
+    4-bit blocks as stored (Int4Linear's buffers); an input embedding table not used as the
+    output layer gives one row."""
+    tensors = {id(p): p for p in model.parameters()}
+    tensors.update({id(b): b for m in model.modules() if isinstance(m, Int4Linear) for b in m.buffers()})
+    table = model.get_input_embeddings().weight
+    if table is not getattr(model.get_output_embeddings(), "weight", None):
+        tensors[id(table)] = table[0]
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def kv_bytes_per_token(model) -> int:

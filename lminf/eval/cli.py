@@ -244,6 +244,7 @@ def bench_command(args: argparse.Namespace) -> int:
         "chunk": args.chunk_size,
         "decode_tokens": args.decode_tokens,
         "threads": args.threads,
+        "weights": args.weights,
     }
     if args.threads:
         torch.set_num_threads(args.threads)  # so that the machine line says what the children use
@@ -289,7 +290,7 @@ def numbers(text: str, kind, flag: str) -> list:
 
 
 def _meta(args: argparse.Namespace, model) -> dict:
-    meta = {"model": model_name(args.model), "dtype": str(model.dtype), "machine": machine()}
+    meta = {"model": model_name(args.model), "dtype": str(model.dtype), "weights": args.weights, "machine": machine()}
     built_in = BUILT_IN.get(args.model or DEFAULT_MODEL)
     if built_in is not None:  # what the weights are (e.g. de-quantized GGUF), beside every figure
         meta["model_about"] = built_in.about

@@ -1,0 +1,92 @@
+"""A GGUF file's own low-bit weights (lminf.gguf_weights, lminf.kernels.int4).
+
+References: the gguf package's own de-quantizer for what the blocks mean, float64 matmuls for
+the kernel, and the default model's converted float32 weights (transformers' conversion of the
+same file) for which file tensor and which rows each layer gets.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+
+import lminf
+from lminf.eval.bench import weight_bytes
+from lminf.gguf_weights import BLOCK_BYTES, GROUP, block_parts
+from lminf.kernels.int4 import Int4Linear
+
+torch.set_grad_enabled(False)
+BF16_REL = 1e-2  # the kernel rounds its inputs, scales and output to bfloat16 (8 significant bits)
+
+
+def dense_of(parts) -> torch.Tensor:
+    """float64 weight of Int4Linear parts: sum of (code - 8) * scale + zero, per group of 32."""
+    expand = lambda t: t.double().repeat_interleave(GROUP, dim=1)  # noqa: E731
+    return sum((codes.double() - 8) * expand(scale) + expand(zero) for codes, scale, zero in parts)
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("kind", sorted(BLOCK_BYTES, key=lambda k: k.name), ids=lambda k: k.name)
+def test_blocks_mean_what_gguf_says(kind):
+    weights = np.random.default_rng(0).standard_normal((48, 4 * GROUP)).astype(np.float32)
+    raw = quants.quantize(weights, kind)
+    expected = torch.from_numpy(quants.dequantize(raw, kind)).double()
+    parts = block_parts(raw, kind)
+    assert all(int(codes.min()) >= 0 and int(codes.max()) <= 15 for codes, _, _ in parts)
+    torch.testing.assert_close(dense_of(parts), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", [GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0], ids=lambda k: k.name)
+def test_int4_linear_equals_its_weight(kind):
+    rng = np.random.default_rng(1)
+    raw = quants.quantize(rng.standard_normal((64, 6 * GROUP)).astype(np.float32), kind)
+    parts = block_parts(raw, kind)
+    bias = torch.randn(64)
+    layer = Int4Linear(parts, GROUP, bias)
+    x = torch.randn(2, 5, 6 * GROUP)
+    y = layer(x)
+    assert y.shape == (2, 5, 64) and y.dtype == torch.float32
+    assert relative(y, x.double() @ dense_of(parts).T + bias.double()) < BF16_REL
+
+
+def test_int4_linear_checks_its_parts():
+    codes = torch.zeros(8, 64, dtype=torch.int32)
+    with pytest.raises(ValueError, match="do not match"):
+        Int4Linear([(codes, torch.ones(8, 3), torch.zeros(8, 3))], GROUP)
+
+
+def test_gguf_weights_need_a_built_in_float32_model(tmp_path):
+    with pytest.raises(ValueError, match="built-in"):
+        lminf.load_model(str(tmp_path), weights="gguf")
+    with pytest.raises(ValueError, match="weights must be one of"):
+        lminf.load_model(None, weights="int3")
+
+
+@pytest.mark.slow  # loads the default model twice
+def test_default_model_runs_its_own_blocks():
+    dense, tokenizer = lminf.load_default()
+    low, _ = lminf.load_default(weights="gguf")
+    linears = {name: m for name, m in dense.named_modules() if isinstance(m, torch.nn.Linear)}
+    swapped = {name: m for name, m in low.named_modules() if isinstance(m, Int4Linear)}
+    assert set(swapped) == set(linears)  # every layer linear (Q4_1) and the tied output layer (Q8_0)
+    for name in (
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.7.self_attn.k_proj",
+        "model.layers.29.mlp.down_proj",
+        "lm_head",
+    ):
+        x = torch.randn(3, linears[name].in_features)
+        # The converted model holds transformers' reading of the same blocks (q and k rows reordered).
+        assert relative(swapped[name](x), x.double() @ linears[name].weight.double().T) < BF16_REL, name
+    assert weight_bytes(low) < 0.2 * weight_bytes(dense)  # what a decoding step reads
+    ids = tokenizer(open(__import__("_pydecimal").__file__).read()[:4000], return_tensors="pt").input_ids[:, :512]
+    nll = [torch.nn.functional.cross_entropy(m(ids).logits[0, :-1], ids[0, 1:]) for m in (dense, low)]
+    assert abs(float(nll[1] / nll[0]) - 1) < 0.01
+    lminf.patch(low, n_local=64)  # and it runs under a strategy, through the cache
+    out = low.generate(ids[:, :200], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 203)
