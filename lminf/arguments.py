@@ -46,6 +46,13 @@ def add_model_args(
         help="gguf: a built-in model's own 4/8-bit GGUF blocks in its linear layers (CPU; faster decoding, "
         "bfloat16 rounding of their inputs); dense: float weights (default)",
     )
+    parser.add_argument(
+        "--kv-dtype",
+        choices=["bfloat16", "float16"],
+        default=None,
+        help="store the cache's keys and values in 16 bits (half its memory and of what decoding reads); "
+        "default: the model's dtype (vanilla keeps it)",
+    )
     if strategy:
         parser.add_argument("--strategy", default="lminf", choices=sorted(STRATEGIES), help="attention strategy (default lminf)")
     defaults = {"n_local": n_local, "top_k": top_k}
@@ -83,7 +90,7 @@ def load(args: argparse.Namespace, patched: bool = True):
     model, tokenizer = load_model(args.model, dtype_for(args.dtype, args.device), args.weights)
     model.to(args.device)
     if patched:
-        patch(model, strategy_from(args))
+        patch(model, strategy_from(args), kv_dtype=DTYPES[args.kv_dtype] if args.kv_dtype else None)
     return model, tokenizer
 
 

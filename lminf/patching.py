@@ -18,7 +18,7 @@ import torch
 from transformers import AttentionInterface, Cache, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
-from lminf.caches.lambda_cache import LambdaCache
+from lminf.caches.lambda_cache import LambdaCache, LambdaLayer
 from lminf.families import (
     FAMILIES,
     Family,
@@ -50,6 +50,7 @@ class _PatchState:
     kernel: str
     backend: Backend | None
     previous_implementation: str
+    kv_dtype: torch.dtype | None = None  # what the cache stores keys and values in (None: as the model computes them)
     prepared: object | None = None  # what the family's `prepare` did, undone by unpatch
     cache: Cache | None = None  # the cache of the forward call running now (for a stateful strategy)
     hooks: list = field(default_factory=list)
@@ -115,7 +116,12 @@ AttentionMaskInterface.register(IMPLEMENTATION, lambda_mask)
 
 
 def patch(
-    model: PreTrainedModel, strategy: Strategy | str | None = None, *, backend: str | Backend = "auto", **settings
+    model: PreTrainedModel,
+    strategy: Strategy | str | None = None,
+    *,
+    backend: str | Backend = "auto",
+    kv_dtype: torch.dtype | None = None,
+    **settings,
 ) -> PreTrainedModel:
     """Switch `model`'s attention to a strategy, in place; returns the model.
 
@@ -130,6 +136,8 @@ def patch(
         global_distance="capped" | "reindexed" is the older spelling of strategy "lminf" | "sinks".
     backend: the kernel, one of "auto", "torch", "flash_cpu"; or a function
         (strategy, q, k, v, layout, call) -> output that replaces the strategy's attention.
+    kv_dtype: store the cache's keys and values in this dtype (torch.bfloat16 halves a float32
+        model's cache and what a decoding step reads; attention still sums in float32); None: the model's.
     """
     if getattr(model, "_lminf", None) is not None:
         raise RuntimeError("this model is already patched by lminf; call lminf.unpatch(model) first.")
@@ -137,6 +145,8 @@ def patch(
     if isinstance(backend, str) and backend not in KERNELS:
         raise ValueError(f"backend must be one of {KERNELS} or an attention function, got {backend!r}.")
     strategy = _strategy(strategy, settings).resolve(model.config)
+    if kv_dtype is not None and not isinstance(strategy.cache_layer(), LambdaLayer):
+        raise ValueError(f"kv_dtype is not supported by strategy {strategy.name!r} yet (its cache is its own).")
     kinds = layer_kinds(model.config)
     state = _PatchState(
         strategy=strategy,
@@ -146,6 +156,7 @@ def patch(
         kernel=backend if isinstance(backend, str) else "auto",
         backend=None if isinstance(backend, str) else backend,
         previous_implementation=model.config._attn_implementation,
+        kv_dtype=kv_dtype,
     )
     for module in attention_modules(model):
         module._lminf = state
@@ -215,6 +226,8 @@ def make_cache(model: PreTrainedModel, attention_mask: torch.Tensor | None = Non
     layers = [state.strategy_for(n_global, i).cache_layer(left_pad) for i in range(len(state.kinds))]
     for layer in layers:
         layer.in_order = state.family.alibi
+        if state.kv_dtype is not None:
+            layer.kv_dtype = state.kv_dtype
     return LambdaCache.of(layers)
 
 

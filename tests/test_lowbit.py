@@ -1,4 +1,5 @@
-"""A GGUF file's own low-bit weights (lminf.gguf_weights, lminf.kernels.int4).
+"""Low-bit options: a GGUF file's own 4/8-bit weights (lminf.gguf_weights, lminf.kernels.int4)
+and a 16-bit cache (`kv_dtype`).
 
 References: the gguf package's own de-quantizer for what the blocks mean, float64 matmuls for
 the kernel, and the default model's converted float32 weights (transformers' conversion of the
@@ -11,11 +12,17 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import lminf
 from lminf.eval.bench import weight_bytes
+from lminf.generation import cache_kwarg
 from lminf.gguf_weights import BLOCK_BYTES, GROUP, block_parts
 from lminf.kernels.int4 import Int4Linear
+from tests.conftest import tiny_model
+from tests.reference import reference_attention
+from tests.test_attention import random_case
 
 torch.set_grad_enabled(False)
 BF16_REL = 1e-2  # the kernel rounds its inputs, scales and output to bfloat16 (8 significant bits)
@@ -90,3 +97,50 @@ def test_default_model_runs_its_own_blocks():
     lminf.patch(low, n_local=64)  # and it runs under a strategy, through the cache
     out = low.generate(ids[:, :200], max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 203)
+
+
+# -- a 16-bit cache (kv_dtype) ------------------------------------------------------------
+
+BF16_ATTENTION = dict(rtol=3e-2, atol=3e-2)  # q, k, v and the softmax weights rounded to bfloat16; sums in float32
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_attention_reads_16bit_keys(data):
+    strategy, q, k, v, layout, call, real_queries = random_case(data)
+    assume(not strategy.stateful)  # InfLLM keeps its own cache: kv_dtype is refused there
+    # Top-k choices are made on rounded scores: a near tie may pick another key than the exact
+    # scores would (a 16-bit cache's documented cost), so the property holds without top-k.
+    assume(not getattr(strategy, "top_k", 0))
+    k, v = k.float().bfloat16(), v.float().bfloat16()
+    got = strategy.attention(q.float(), k, v, layout, call)
+    want = reference_attention(strategy, q.bfloat16(), k, v, layout, call)  # float64 from the rounded inputs
+    mask = real_queries[:, None, :, None].expand_as(got)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got[mask], want[mask].float(), **BF16_ATTENTION)
+
+
+def test_a_16bit_cache_halves_memory_and_decodes_as_one_forward():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for kv_dtype in (None, torch.bfloat16):
+        lminf.patch(model, n_global=2, n_local=8, kv_dtype=kv_dtype)
+        whole = lminf.make_cache(model)
+        logits = model(ids, use_cache=True, **cache_kwarg(model, whole)).logits
+        stepwise = lminf.make_cache(model)
+        model(ids[:, :30], use_cache=True, **cache_kwarg(model, stepwise))
+        steps = [model(ids[:, t : t + 1], use_cache=True, **cache_kwarg(model, stepwise)).logits for t in range(30, 40)]
+        # In 16 bits the two paths round their softmax weights differently: equal to bfloat16 noise.
+        tolerance = 1e-4 if kv_dtype is None else 3e-3
+        torch.testing.assert_close(torch.cat(steps, 1), logits[:, 30:], rtol=tolerance, atol=tolerance)
+        assert {layer.keys.dtype for layer in whole.layers} == {kv_dtype or torch.float32}
+        out[kv_dtype] = (logits, whole.memory_bytes())
+        lminf.unpatch(model)
+    assert out[torch.bfloat16][1] * 2 == out[None][1]
+    torch.testing.assert_close(out[torch.bfloat16][0], out[None][0], **BF16_ATTENTION)
+
+
+def test_kv_dtype_is_refused_where_the_cache_is_the_strategy_s_own():
+    with pytest.raises(ValueError, match="kv_dtype is not supported by strategy 'infllm'"):
+        lminf.patch(tiny_model("llama"), "infllm", n_local=8, kv_dtype=torch.bfloat16)

@@ -35,6 +35,7 @@ class LambdaLayer(DynamicLayer):
     # True: no ring, keys stay in order (a decoding step then copies the window). ALiBi reads
     # each key's true distance from the Layout, which assumes the physical order.
     in_order = False
+    kv_dtype: torch.dtype | None = None  # store keys and values in this dtype (lminf.patch's kv_dtype); None: as given
     key_room: torch.Tensor | None = None  # storage whose first tokens are self.keys (see _append)
     value_room: torch.Tensor | None = None
 
@@ -52,6 +53,8 @@ class LambdaLayer(DynamicLayer):
         return self.n_local is not None and self.is_initialized and self.keys.shape[-2] == self.n_sink + self.n_local
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kv_dtype is not None:  # this step's queries read the new keys as stored, as later ones will
+            key_states, value_states = key_states.to(self.kv_dtype), value_states.to(self.kv_dtype)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if key_states.shape[-2] == 1 and self._full() and not self.in_order:

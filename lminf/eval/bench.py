@@ -61,7 +61,7 @@ def measure_cell(model_path: str | None, method: Method, length: int, settings: 
         "cache_mib": cache_mib(cache),
         "host_kv_mib": cache_tiers(cache)["host_kv_mib"],  # a block memory's blocks (InfLLM); 0 otherwise
         # What the work needs at the least (see floors): bytes one decoding step reads, prefill FLOPs.
-        "decode_bytes": weight_bytes(model) + decode_keys * kv_bytes_per_token(model) // layers,
+        "decode_bytes": weight_bytes(model) + decode_keys * kv_bytes_per_token(model, cache_itemsize(cache)) // layers,
         "prefill_flops": prefill_flops(model, length, method),
         "settings": method.settings(),
     }
@@ -90,10 +90,17 @@ def weight_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def kv_bytes_per_token(model) -> int:
+def kv_bytes_per_token(model, itemsize: int | None = None) -> int:
+    """Bytes of one token's keys and values over all layers; `itemsize` per number (default the model's)."""
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * model.dtype.itemsize
+    return c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * (itemsize or model.dtype.itemsize)
+
+
+def cache_itemsize(cache) -> int | None:
+    """Bytes per number the cache stores keys in (a 16-bit cache: 2); None when it holds none."""
+    keys = next((layer.keys for layer in getattr(cache, "layers", []) if getattr(layer, "keys", None) is not None), None)
+    return None if keys is None else keys.element_size()
 
 
 def prefill_pairs(method: Method, length: int, layers: int) -> int:

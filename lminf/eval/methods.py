@@ -146,6 +146,7 @@ class Patched(Method):
 
     strategy: Strategy
     name: str = ""
+    kv_dtype: str | None = None  # e.g. "bfloat16": the cache stores keys and values so (lminf.patch); None: the model's
 
     def __post_init__(self) -> None:
         if isinstance(self.strategy, str):
@@ -154,7 +155,7 @@ class Patched(Method):
             object.__setattr__(self, "name", self.strategy.name)
 
     def settings(self) -> dict:
-        return self.strategy.settings()
+        return {**self.strategy.settings(), **({"kv_dtype": self.kv_dtype} if self.kv_dtype else {})}
 
     def resolved(self, model: PreTrainedModel) -> Patched:
         with self.patched(model):
@@ -162,7 +163,7 @@ class Patched(Method):
 
     @contextmanager
     def patched(self, model: PreTrainedModel) -> Iterator[PreTrainedModel]:
-        patch(model, self.strategy)
+        patch(model, self.strategy, kv_dtype=getattr(torch, self.kv_dtype) if self.kv_dtype else None)
         try:
             yield model
         finally:
@@ -206,7 +207,7 @@ def make_method(name: str, args: argparse.Namespace) -> Method:
     for other, other_preset in cls.methods().items():
         if len(other_preset) > len(preset) and strategy_from(args, cls.name, strict=False, fixed=other_preset) == strategy:
             raise ValueError(f"method {name} is the same as {other} with these settings ({strategy}); change a setting.")
-    return Patched(strategy, name)
+    return Patched(strategy, name, getattr(args, "kv_dtype", None))
 
 
 def methods_from(text: str, args: argparse.Namespace, allowed: Sequence[str] | None = None) -> list[Method]:

@@ -30,7 +30,9 @@ def attend(
     (B, 1, M, L), an additive float bias (B, H or 1, M, L) that is -inf where masked (ALiBi),
     or none -> (output (B, H, M, D) float32, log-sum-exp (B, H, M) float32; float64 inputs stay float64).
     causal: query m sees keys 0..m (M == L). softcap: logits become softcap * tanh(logits /
-    softcap) (Gemma 2); the fused kernel cannot, so the plain path runs."""
+    softcap) (Gemma 2); the fused kernel cannot, so the plain path runs. Keys stored in a narrower
+    dtype than q (a 16-bit cache): q is rounded to theirs, the sums stay float32."""
+    q = q.to(k.dtype)
     if k.shape[-2] == 0:  # no key at all (the fused kernel would divide by zero)
         empty = torch.zeros(q.shape[:-1], dtype=wide(q[..., :0]).dtype, device=q.device)
         return empty[..., None].expand(*q.shape[:-1], v.shape[-1]).clone(), empty - torch.inf

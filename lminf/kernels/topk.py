@@ -27,6 +27,7 @@ def top_k_attention(
     all_or_none: a query with fewer than `top_k` candidates picks none.
     -> (output (B, Hkv, M, D) float32, log-sum-exp (B, Hkv, M)) over the picked keys."""
     B, Hkv, M, D = q.shape
+    q = q.to(k.dtype)  # a 16-bit cache's keys: q rounded to theirs
     best_s = best_idx = None
     count = 0
     for c in range(0, hi, KEY_CHUNK):
