@@ -34,15 +34,17 @@ from lminf.kernels.int4 import Int4Linear
 from lminf.memory import cache_mib, cache_tiers, peak_mib
 
 
-def measure_cell(model_path: str | None, method: Method, length: int, settings: dict) -> dict:
-    """One cell, in the current process: times, memory, the work's least needs, the method's resolved settings."""
+def measure_cell(model_path: str | None, method: Method, length: int, settings: dict, prompt: torch.Tensor | None = None) -> dict:
+    """One cell, in the current process: times, memory, the work's least needs, the method's resolved settings.
+    prompt: (1, length + 1) token ids (default random: token values do not change the speed)."""
     if settings.get("threads"):
         torch.set_num_threads(settings["threads"])
     device, dtype = settings["device"], getattr(torch, settings["dtype"])
     model, _ = load_model(model_path, dtype, settings.get("weights", "dense"))
     model.to(device)
     method = method.resolved(model)
-    ids = torch.randint(0, model.config.vocab_size, (1, length + 1), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(0, model.config.vocab_size, (1, length + 1), generator=torch.Generator().manual_seed(0))
+    ids = (ids if prompt is None else prompt).to(device)
     with method.patched(model), torch.inference_mode():
         cache = method.new_cache(model)
         _sync(device)

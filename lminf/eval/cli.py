@@ -21,6 +21,8 @@ from lminf.eval.data import available, data_dir, extract, find_document, sources
 from lminf.eval.methods import method_names, methods_from
 from lminf.eval.perplexity import run_ppl, run_stream
 from lminf.eval.plots import plot_bench, plot_grid, plot_ppl, plot_ruler, plot_stream
+from lminf.eval.race import LENGTHS as RACE_LENGTHS
+from lminf.eval.race import race_page, race_table, run_race
 from lminf.eval.report import write_report
 from lminf.eval.retrieval import Needle, Passkey, run_grid
 from lminf.eval.ruler import TASKS, Sources, check_tasks, run_ruler
@@ -29,6 +31,7 @@ from lminf.eval.tables import bench_page, bench_table, grid_table, ppl_table, ru
 
 # Default method lists: every method name is accepted (lminf.eval.methods.method_names).
 PPL_METHODS, STREAM_METHODS, BENCH_METHODS = "vanilla,lminf,sinks,window", "lminf,sinks", "vanilla,lminf"
+BENCH_LENGTHS = "1024,2048,4096,8192,16384,32768"
 RULER_METHODS = "lminf"  # the no-flag grid stays small (16 minutes measured on 1 thread of a 2-core AMD EPYC)
 COMMANDS = ("data", "eval", "bench")
 
@@ -102,13 +105,25 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="prefill time, decode latency and peak memory vs context, method by method")
-    bench.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768", help="context lengths (comma list)")
+    bench.add_argument(
+        "--race",
+        action="store_true",
+        help="lminf (float32, --weights gguf, and that with --kv-dtype bfloat16) against llama.cpp on the default "
+        "model's GGUF file and one prompt (needs pip install 'lminf[race]' for llama.cpp's cells)",
+    )
+    bench.add_argument(
+        "--lengths",
+        default=None,
+        help=f"context lengths (comma list; default {BENCH_LENGTHS}, with --race {','.join(map(str, RACE_LENGTHS))})",
+    )
     bench.add_argument("--methods", default=BENCH_METHODS, help=f"comma list of {', '.join(choices('bench'))}")
     bench.add_argument("--decode-tokens", type=int, default=32, help="decode steps per cell; the median is reported")
     bench.add_argument("--vanilla-up-to", type=int, default=16384, help="longest context vanilla runs at (it is quadratic)")
     bench.add_argument("--chunk-size", type=int, default=2048, help="prompt tokens per prefill step")
     bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    bench.add_argument("--out", type=Path, default=Path("runs/bench.json"), help="JSON (resumed if present); PNG beside it")
+    bench.add_argument(
+        "--out", type=Path, default=None, help="JSON (resumed if present; default runs/bench.json, runs/race.json); PNG beside it"
+    )
     bench.add_argument("--doc", type=Path, default=None, help="also write this markdown page (e.g. docs/benchmarks.md)")
     bench.add_argument(
         "--section", default="bench", help="the page's section to (re)write (default bench); another name keeps that one"
@@ -234,9 +249,12 @@ def _haystack(name: str | None) -> tuple[str, str]:
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    lengths = numbers(args.lengths, int, "--lengths")
+    lengths = numbers(args.lengths or (",".join(map(str, RACE_LENGTHS)) if args.race else BENCH_LENGTHS), int, "--lengths")
     if min(lengths) < 1 or args.decode_tokens < 1 or args.chunk_size < 1:
         raise ValueError("--lengths, --decode-tokens and --chunk-size must be >= 1.")
+    args.out = args.out or Path("runs/race.json" if args.race else "runs/bench.json")
+    if args.race:
+        return race_command(args, lengths)
     methods = methods_from(args.methods, args, choices("bench"))
     settings = {
         "dtype": str(dtype_for(args.dtype, args.device)).removeprefix("torch."),
@@ -263,6 +281,27 @@ def bench_command(args: argparse.Namespace) -> int:
         plot_bench(report, copies.with_suffix(".png"))
         write_section(args.doc, args.section, bench_page(report, args.doc, table, copies))
     print(f"wrote {args.out} and {png}" + (f" and {args.doc}" if args.doc else ""), file=sys.stderr)
+    return 0
+
+
+def race_command(args: argparse.Namespace, lengths: list[int]) -> int:
+    if args.model or args.weights != "dense" or args.kv_dtype or args.device != "cpu" or args.dtype not in ("auto", "float32"):
+        raise ValueError("--race runs the default model on CPU in float32 with its own --weights, --kv-dtype: drop those flags.")
+    settings = {"chunk": args.chunk_size, "decode_tokens": args.decode_tokens, "threads": args.threads}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    meta = {"model": model_name(None), "machine": machine(), **({"note": args.note} if args.note else {})}
+    report = run_race(lengths, settings, args.out, meta)
+    table = race_table(report)
+    plot_bench(report, args.out.with_suffix(".png"))
+    print(table)
+    if args.doc:  # its own section of the page (default "race"), with copies of the JSON and plot named after it
+        section = "race" if args.section == "bench" else args.section
+        copies = args.doc.with_name(f"{args.doc.stem}-{section}.md")
+        copies.with_suffix(".json").write_text(json.dumps(report, indent=2))
+        plot_bench(report, copies.with_suffix(".png"))
+        write_section(args.doc, section, race_page(report, args.doc, table, copies))
+    print(f"wrote {args.out}" + (f" and {args.doc}" if args.doc else ""), file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,175 @@
+"""`lminf bench --race`: lminf against llama.cpp on the same GGUF file and the same prompt.
+
+The default model is a GGUF file (SmolLM2-135M-Instruct, Q4_1); what a CPU user would run it
+with instead is llama.cpp. Each cell (engine, context length) runs in a fresh child process,
+one after the other, so its peak memory (RSS) is its own: it feeds the first `length` tokens
+of the prompt (the start of Python's `_pydecimal.py`, repeated if short; the same token ids
+for every engine), then decodes `decode_tokens` greedy tokens one at a time, and reports the
+prefill time and the median decoding step. Engines (ENGINES): llama.cpp through
+llama-cpp-python (`pip install 'lminf[race]'`; never a test dependency) with its defaults
+(16-bit cache) and the same threads and batch; lminf with float32 weights, with the file's own
+blocks (`--weights gguf`), and with those and a 16-bit cache. Above the model's training
+length llama.cpp is not run (see LLAMA_CPP_PAST_TRAINING); lminf runs alone there.
+"""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from lminf.default_model import BUILT_IN, DEFAULT_MODEL, load_model
+from lminf.eval.bench import _in_child, floors, measure_cell, measure_rates
+from lminf.eval.methods import Patched
+from lminf.eval.runs import RunStore
+from lminf.families import training_length
+from lminf.memory import peak_mib
+from lminf.strategies import LMInfinite
+
+LLAMA_CPP = "llama.cpp"
+# engine -> lminf's options (None: llama.cpp)
+ENGINES: dict[str, dict | None] = {
+    LLAMA_CPP: None,
+    "lminf": {"weights": "dense"},
+    "lminf-gguf": {"weights": "gguf"},
+    "lminf-gguf-kv16": {"weights": "gguf", "kv_dtype": "bfloat16"},
+}
+LENGTHS = (1024, 8000, 16384, 32768)
+LLAMA_CPP_PAST_TRAINING = (
+    "past the model's training length: llama.cpp has no distance cap, and its context shift "
+    "(dropping old tokens) is off by default, so it stops at the context size; not run"
+)
+
+
+def prompt_ids(tokenizer, length: int) -> list[int]:
+    """`length` + 1 token ids from the start of Python's `_pydecimal.py`, repeated if short."""
+    import _pydecimal
+
+    ids = tokenizer(Path(_pydecimal.__file__).read_text(), add_special_tokens=False).input_ids
+    return (ids * (1 + (length + 1) // len(ids)))[: length + 1]
+
+
+def llama_cpp_cell(gguf: Path, ids: list[int], length: int, settings: dict) -> dict:
+    """One llama.cpp cell, in the current process."""
+    try:
+        import llama_cpp
+        import numpy as np
+    except ImportError as error:
+        raise RuntimeError("llama-cpp-python is not installed: pip install 'lminf[race]'") from error
+    threads = settings["threads"] or torch.get_num_threads()
+    llm = llama_cpp.Llama(
+        model_path=str(gguf),
+        n_ctx=length + settings["decode_tokens"] + 8,
+        n_batch=settings["chunk"],
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+
+    def next_token() -> int:  # greedy, from the last position's logits
+        return int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).argmax())
+
+    start = time.perf_counter()
+    llm.eval(ids[:length])
+    prefill_s = time.perf_counter() - start
+    token, steps = next_token(), []
+    for _ in range(settings["decode_tokens"]):
+        start = time.perf_counter()
+        llm.eval([token])
+        token = next_token()
+        steps.append(time.perf_counter() - start)
+    return {
+        "prefill_s": prefill_s,
+        "decode_ms": 1000 * statistics.median(steps[1:] or steps),
+        "peak_mib": peak_mib(),
+        "version": f"llama-cpp-python {llama_cpp.__version__}",
+    }
+
+
+def lminf_cell(options: dict, ids: list[int], length: int, settings: dict) -> dict:
+    """One lminf cell (lminf.eval.bench.measure_cell) with the engine's options."""
+    method = Patched(LMInfinite(), "lminf", options.get("kv_dtype"))
+    cell_settings = {**settings, "device": "cpu", "dtype": "float32", "weights": options["weights"]}
+    return measure_cell(None, method, length, cell_settings, torch.tensor([ids]))
+
+
+def run_race(lengths: list[int], settings: dict, out_json: Path, meta: dict, progress: bool = True) -> dict:
+    """Every (engine, length) cell not already in `out_json`, one after the other; the JSON is
+    rewritten after each. The default model only: llama.cpp reads its GGUF file."""
+    store = RunStore(out_json, {"settings": settings}, "holds a race with other settings ({settings}); use another --out.")
+    store.report.update({**meta, "methods": {name: options or {} for name, options in ENGINES.items()}})
+    context = multiprocessing.get_context("spawn")
+    if "rates" not in store.report:
+        store.report["rates"] = _in_child(context, measure_rates, "cpu", "float32", settings["threads"])
+    model_info = BUILT_IN[DEFAULT_MODEL]
+    gguf = model_info.gguf(model_info)
+    model, tokenizer = load_model(None)
+    trained = training_length(model.config)
+    del model
+    for length in lengths:
+        ids = prompt_ids(tokenizer, length)
+        for engine, options in ENGINES.items():
+            compute = functools.partial(_race_cell, context, engine, options, gguf, ids, length, settings, trained, progress)
+            store.cell(f"{engine}/{length}", compute)
+    return store.report
+
+
+def _race_cell(context, engine, options, gguf, ids, length, settings, trained, progress) -> dict:
+    cell = {"method": engine, "tokens": length}
+    if options is None and length + settings["decode_tokens"] > trained:
+        cell["skipped"] = LLAMA_CPP_PAST_TRAINING
+    elif options is None:
+        cell.update(_in_child(context, llama_cpp_cell, gguf, ids, length, settings))
+    else:
+        cell.update(_in_child(context, lminf_cell, options, ids, length, settings))
+    if progress:
+        print(f"{engine}/{length}: {cell}", flush=True)
+    return cell
+
+
+def race_table(report: dict) -> str:
+    """One row per (engine, length): prefill tokens/s, decoding ms/token (its floor), memory;
+    then each lminf engine's decoding time over llama.cpp's, and over its own floor."""
+    cells = sorted(report["results"].values(), key=lambda c: (c["tokens"], list(ENGINES).index(c["method"])))
+    lines = ["| engine | tokens | prefill tokens/s | decode ms/token (floor) | peak MiB | KV cache MiB |"]
+    lines.append("|---|---:|---:|---:|---:|---:|")
+    for c in cells:
+        if "decode_ms" not in c:
+            lines.append(f"| {c['method']} | {c['tokens']:,} | {c.get('skipped') or c.get('error')} | | | |")
+            continue
+        floor = floors(report, c).get("decode_ms")
+        shown = f"{c['decode_ms']:.1f}" + ("" if floor is None else f" ({floor:.1f})")
+        kv = f"{c['cache_mib']:.0f}" if "cache_mib" in c else "-"
+        speed = c["tokens"] / c["prefill_s"]
+        lines.append(f"| {c['method']} | {c['tokens']:,} | {speed:.0f} | {shown} | {c['peak_mib']:.0f} | {kv} |")
+    lines += ["", "| engine | tokens | decode time / llama.cpp's | prefill speed / llama.cpp's | decode time / its floor |"]
+    lines.append("|---|---:|---:|---:|---:|")
+    for c in cells:
+        rival = report["results"].get(f"{LLAMA_CPP}/{c['tokens']}", {})
+        if c["method"] == LLAMA_CPP or "decode_ms" not in c:
+            continue
+        ratio = lambda a, b: "-" if not b else f"{a / b:.2f}x"  # noqa: E731
+        decode, prefill = ratio(c["decode_ms"], rival.get("decode_ms")), ratio(rival.get("prefill_s", 0), c["prefill_s"])
+        own = ratio(c["decode_ms"], floors(report, c).get("decode_ms"))
+        lines.append(f"| {c['method']} | {c['tokens']:,} | {decode} | {prefill if rival.get('prefill_s') else '-'} | {own} |")
+    return "\n".join(lines)
+
+
+def race_page(report: dict, doc: Path, table: str, copies: Path) -> str:
+    """The markdown section `lminf bench --race --doc` writes, beside its JSON and PNG copies."""
+    section = copies.stem.removeprefix(doc.stem + "-")
+    versions = sorted({c["version"] for c in report["results"].values() if "version" in c})
+    return (
+        f"## lminf and llama.cpp on the same GGUF file\n\nGenerated by `lminf bench --race --doc {doc} --section {section}` "
+        f"(JSON: `{copies.with_suffix('.json').name}`). Model {report['model']} (its GGUF file, Q4_1 blocks, Q8_0 embeddings), "
+        f"the same token ids for every engine, greedy; settings {report['settings']}; engines {report['methods']}"
+        f"{' (' + ', '.join(versions) + ')' if versions else ''}.\n\n"
+        f"Machine: {report['machine']}. Cells run one after the other.{' ' + report['note'] if report.get('note') else ''}\n\n"
+        f"{table}\n\n- In parentheses, the floor: the bytes a decoding step reads (every weight as stored, plus the keys "
+        f"and values it attends to) at the measured read bandwidth ({report['rates']['bandwidth_gb_s']:.1f} GB/s).\n\n"
+        f"![time and memory vs context]({copies.with_suffix('.png').name})\n"
+    )

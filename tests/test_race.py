@@ -1,0 +1,81 @@
+"""`lminf bench --race` (lminf.eval.race): the cells, the table, the refusals. llama.cpp itself is
+never a test dependency: where llama-cpp-python is missing its cells record why."""
+
+from __future__ import annotations
+
+import _pydecimal
+import json
+import sys
+
+import pytest
+
+from lminf.eval.race import ENGINES, LLAMA_CPP, LLAMA_CPP_PAST_TRAINING, _race_cell, llama_cpp_cell, prompt_ids, race_table
+from tests.test_cli import lminf_cli
+
+
+def test_the_prompt_is_the_start_of_pydecimal_repeated():
+    from transformers import AutoTokenizer
+
+    import lminf
+
+    tokenizer = AutoTokenizer.from_pretrained(lminf.default_model.model_source(None))
+    ids = prompt_ids(tokenizer, 100_000)  # longer than the file: repeated
+    whole = tokenizer(open(_pydecimal.__file__).read(), add_special_tokens=False).input_ids
+    assert (
+        len(ids) == 100_001 and ids[: len(whole)] == whole and ids[len(whole) : 2 * len(whole)] == whole[: 100_001 - len(whole)]
+    )
+
+
+def test_llama_cpp_is_not_run_past_the_training_length():
+    cell = _race_cell(None, LLAMA_CPP, None, None, [], 8192, {"decode_tokens": 64}, 8192, False)
+    assert cell == {"method": LLAMA_CPP, "tokens": 8192, "skipped": LLAMA_CPP_PAST_TRAINING}
+
+
+def test_a_missing_llama_cpp_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as if not installed
+    with pytest.raises(RuntimeError, match=r"pip install 'lminf\[race\]'"):
+        llama_cpp_cell(None, [1, 2], 1, {"threads": 1, "decode_tokens": 1, "chunk": 8})
+
+
+def test_race_table_has_a_row_per_cell_and_the_ratios():
+    cell = {"prefill_s": 2.0, "peak_mib": 500.0}
+    report = {
+        "rates": {"bandwidth_gb_s": 10.0, "matmul_tflop_s": 0.1},
+        "results": {
+            "llama.cpp/1024": {"method": LLAMA_CPP, "tokens": 1024, "decode_ms": 10.0, **cell},
+            "lminf-gguf/1024": {"method": "lminf-gguf", "tokens": 1024, "decode_ms": 15.0, "cache_mib": 30.0, **cell}
+            | {"prefill_s": 1.0, "decode_bytes": 10**8, "prefill_flops": 10**9},
+            "llama.cpp/16384": {"method": LLAMA_CPP, "tokens": 16384, "skipped": LLAMA_CPP_PAST_TRAINING},
+            "lminf-gguf/16384": {"method": "lminf-gguf", "tokens": 16384, "decode_ms": 20.0, "cache_mib": 360.0, **cell}
+            | {"decode_bytes": 10**8, "prefill_flops": 10**9},
+        },
+    }
+    table = race_table(report)
+    assert "| lminf-gguf | 1,024 | 1024 | 15.0 (10.0) | 500 | 30 |" in table  # floor: 1e8 bytes at 10 GB/s
+    assert "| lminf-gguf | 1,024 | 1.50x | 2.00x | 1.50x |" in table  # decode 15 / 10, prefill 2 s / 1 s, 15 / 10 ms floor
+    assert "| lminf-gguf | 16,384 | - | - | 2.00x |" in table  # llama.cpp did not run there
+    assert LLAMA_CPP_PAST_TRAINING in table
+
+
+@pytest.mark.slow  # runs the default model in child processes
+def test_race_runs_every_engine(tmp_path):
+    out, doc = tmp_path / "race.json", tmp_path / "benchmarks.md"
+    run = lminf_cli(
+        "bench", "--race", "--lengths", "48", "--decode-tokens", "2", "--threads", "1", "--out", str(out), "--doc", str(doc)
+    )
+    assert run.returncode == 0, run.stderr
+    cells = json.loads(out.read_text())["results"]
+    assert set(cells) == {f"{engine}/48" for engine in ENGINES}
+    for engine in ENGINES:
+        if engine != LLAMA_CPP:
+            assert cells[f"{engine}/48"]["decode_ms"] > 0, cells[f"{engine}/48"]
+    assert "decode_ms" in cells[f"{LLAMA_CPP}/48"] or "lminf[race]" in cells[f"{LLAMA_CPP}/48"]["error"]
+    kv16 = cells["lminf-gguf-kv16/48"]
+    assert kv16["settings"]["kv_dtype"] == "bfloat16" and kv16["cache_mib"] * 2 == cells["lminf-gguf/48"]["cache_mib"]
+    assert cells["lminf-gguf/48"]["decode_bytes"] < 0.2 * cells["lminf/48"]["decode_bytes"]
+    assert doc.with_name("benchmarks-race.png").exists() and "lminf bench --race" in doc.read_text()
+
+
+def test_race_refuses_options_it_sets_itself():
+    run = lminf_cli("bench", "--race", "--weights", "gguf")
+    assert run.returncode == 2 and "drop those flags" in run.stderr
