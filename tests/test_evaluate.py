@@ -264,3 +264,22 @@ def test_a_run_of_the_main_model_is_held_against_the_main_runs_lminf():
     lines = _against_main_run(other, main)
     assert lines[-1].startswith("- doc: infllm 2.700 vs lminf 3.000 of the main run (-10.00%), mean NLL past the training")
     assert _against_main_run({**other, "model": "another"}, main) == []  # another model: nothing to hold it against
+
+
+def test_a_low_bit_run_is_held_against_the_same_method_of_the_main_run():
+    from lminf.eval.report import _against_main_run
+
+    def cell(method, nll, **settings):
+        return {"document": "doc", "method": method, "bucket_nll": nll, "settings": settings}
+
+    main = {"model": "m", "training_length": 200, "bucket": 100, "results": {}}
+    main["results"] = {"a": cell("vanilla", [3.0, 3.0, 8.0]), "b": cell("lminf", [3.0, 3.0, 4.0])}
+    low = {**main, "weights": "gguf", "results": {"a": cell("vanilla", [3.0, 3.0, 8.8]), "b": cell("lminf", [3.0, 3.0, 4.2])}}
+    assert _against_main_run(low, main)[-2:] == [
+        "- doc: vanilla (weights gguf) 8.800 vs vanilla 8.000 of the main run (+10.00%), mean NLL past the training length, "
+        "the same tokens.",
+        "- doc: lminf (weights gguf) 4.200 vs lminf 4.000 of the main run (+5.00%), mean NLL past the training length, "
+        "the same tokens.",
+    ]
+    kv16 = {**main, "results": {"b": cell("lminf", [3.0, 3.0, 4.4], kv_dtype="bfloat16")}}
+    assert _against_main_run(kv16, main)[-1].startswith("- doc: lminf (kv bfloat16) 4.400 vs lminf 4.000 of the main run (+10.0")

@@ -272,8 +272,9 @@ _infllm_why = [
 
 
 def _against_main_run(report: dict, main: dict) -> list[str]:
-    """A run of other methods on the main run's model, documents and buckets: each against the
-    main run's lminf, mean NLL past the training length (NLL does not depend on the machine)."""
+    """A run on the main run's model, documents and buckets, mean NLL past the training length
+    (NLL does not depend on the machine): a method run with other options (low-bit weights, a
+    16-bit cache) against the same method of the main run, any other method against its lminf."""
     same = ("model", "training_length", "bucket")
     if any(report.get(k) != main.get(k) for k in same):
         return []
@@ -281,19 +282,30 @@ def _against_main_run(report: dict, main: dict) -> list[str]:
     inside = report["training_length"] // report["bucket"]
     lines = []
     for cell in report["results"].values():
-        ours = cells.get((cell["document"], OURS))
-        if ours is None or cell["method"] == OURS or len(ours) != len(cell["bucket_nll"]) or len(ours) <= inside:
+        options = _options(report, cell) if _options(report, cell) != _options(main, {}) else ""
+        against = cell["method"] if options else OURS
+        base_nll = cells.get((cell["document"], against))
+        if base_nll is None or (cell["method"] == OURS and not options) or len(base_nll) != len(cell["bucket_nll"]):
             continue
-        theirs, base = mean(cell["bucket_nll"][inside:]), mean(ours[inside:])
+        if len(base_nll) <= inside:
+            continue
+        theirs, base = mean(cell["bucket_nll"][inside:]), mean(base_nll[inside:])
         lines.append(
-            f"- {cell['document']}: {cell['method']} {theirs:.3f} vs {OURS} {base:.3f} of the main run "
-            f"({100 * (theirs - base) / base:+.2f}%), mean NLL past the training length, the same tokens."
+            f"- {cell['document']}: {cell['method']}{f' ({options})' if options else ''} {theirs:.3f} vs {against} "
+            f"{base:.3f} of the main run ({100 * (theirs - base) / base:+.2f}%), mean NLL past the training length, "
+            "the same tokens."
         )
     return (
         ["", "Against the first section's run (same model, documents and buckets; measured on its own machine):", ""] + lines
         if lines
         else []
     )
+
+
+def _options(report: dict, cell: dict) -> str:
+    """How a cell's model ran, where it differs from the defaults: 'weights gguf, kv bfloat16'."""
+    weights, kv = report.get("weights", "dense"), (cell.get("settings") or {}).get("kv_dtype")
+    return ", ".join([*([f"weights {weights}"] if weights != "dense" else []), *([f"kv {kv}"] if kv else [])])
 
 
 def _grid_costs(report: dict) -> list[str]:
