@@ -32,12 +32,13 @@ def block_parts(data: np.ndarray, kind: gguf.GGMLQuantizationType) -> list[Part]
     rows = data.shape[0]
     blocks = np.ascontiguousarray(data).reshape(rows, -1, BLOCK_BYTES[kind])
     scale = _fp16(blocks[..., 0:2])
+    # Codes stay one byte each here (Int4Linear packs them a block of rows at a time): an output layer is large.
     if kind == gguf.GGMLQuantizationType.Q8_0:
-        q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8).reshape(rows, -1).astype(np.int32))
-        zero = torch.zeros_like(scale)
-        return [((q >> 4) + 8, 16 * scale, zero), (q & 15, scale, 8 * scale)]
+        q = blocks[..., 2:].copy().view(np.int8).reshape(rows, -1)
+        high, low = torch.from_numpy(((q >> 4) + 8).astype(np.uint8)), torch.from_numpy((q & 15).astype(np.uint8))
+        return [(high, 16 * scale, torch.zeros_like(scale)), (low, scale, 8 * scale)]
     nibbles = blocks[..., -16:]  # element j in the low nibble of byte j, element 16 + j in its high nibble
-    codes = torch.from_numpy(np.concatenate((nibbles & 15, nibbles >> 4), -1).reshape(rows, -1).astype(np.int32))
+    codes = torch.from_numpy(np.concatenate((nibbles & 15, nibbles >> 4), -1).reshape(rows, -1))
     if kind == gguf.GGMLQuantizationType.Q4_0:
         return [(codes, scale, torch.zeros_like(scale))]
     return [(codes, scale, _fp16(blocks[..., 2:4]) + 8 * scale)]  # Q4_1

@@ -25,6 +25,12 @@ def available() -> bool:
     return _MM is not None and _PACK is not None
 
 
+def _packed(codes: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """The kernel's packing of codes (N, K), a block of rows at a time: the int32 copy it wants
+    stays small (an output layer of 49,152 rows would need 113 MB at once). Rows pack independently."""
+    return torch.cat([_PACK(codes[a : a + rows].to(torch.int32).contiguous(), 1) for a in range(0, codes.shape[0], rows)])
+
+
 class Int4Linear(torch.nn.Module):
     """y = x @ W.T (+ bias), W the sum of its 4-bit parts; runs on CPU."""
 
@@ -39,7 +45,7 @@ class Int4Linear(torch.nn.Module):
             groups = (self.out_features, self.in_features // group)
             if codes.shape != (self.out_features, self.in_features) or scale.shape != groups or zero.shape != groups:
                 raise ValueError(f"part {i}: codes {tuple(codes.shape)} and scales {tuple(scale.shape)} do not match.")
-            self.register_buffer(f"packed{i}", _PACK(codes.to(torch.int32).contiguous(), 1))
+            self.register_buffer(f"packed{i}", _packed(codes))
             # The kernel's layout: (K / group, N, [scale, zero]).
             self.register_buffer(f"scale_zero{i}", torch.stack((scale, zero), -1).transpose(0, 1).contiguous().to(COMPUTE))
         self.n_parts = len(parts)
