@@ -54,7 +54,7 @@ def test_race_table_has_a_row_per_cell_and_the_ratios():
     assert "| lminf-gguf | 1,024 | 1024 | 15.0 (10.0) | 500 | 30 |" in table  # floor: 1e8 bytes at 10 GB/s
     assert "| lminf-gguf | 1,024 | 1.50x | 2.00x | 1.50x |" in table  # decode 15 / 10, prefill 2 s / 1 s, 15 / 10 ms floor
     assert "| lminf-gguf | 16,384 | - | - | 2.00x |" in table  # llama.cpp did not run there
-    assert LLAMA_CPP_PAST_TRAINING in table
+    assert "| llama.cpp | 16,384 | not run | | | |" in table and f"- llama.cpp at 16,384: {LLAMA_CPP_PAST_TRAINING}." in table
 
 
 @pytest.mark.slow  # runs the default model in child processes

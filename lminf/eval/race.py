@@ -137,15 +137,18 @@ def race_table(report: dict) -> str:
     cells = sorted(report["results"].values(), key=lambda c: (c["tokens"], list(ENGINES).index(c["method"])))
     lines = ["| engine | tokens | prefill tokens/s | decode ms/token (floor) | peak MiB | KV cache MiB |"]
     lines.append("|---|---:|---:|---:|---:|---:|")
+    reasons = {}  # why a cell did not run, said once below the table
     for c in cells:
         if "decode_ms" not in c:
-            lines.append(f"| {c['method']} | {c['tokens']:,} | {c.get('skipped') or c.get('error')} | | | |")
+            reasons.setdefault(c.get("skipped") or c.get("error"), []).append(f"{c['method']} at {c['tokens']:,}")
+            lines.append(f"| {c['method']} | {c['tokens']:,} | {'not run' if 'skipped' in c else 'failed'} | | | |")
             continue
         floor = floors(report, c).get("decode_ms")
         shown = f"{c['decode_ms']:.1f}" + ("" if floor is None else f" ({floor:.1f})")
         kv = f"{c['cache_mib']:.0f}" if "cache_mib" in c else "-"
         speed = c["tokens"] / c["prefill_s"]
         lines.append(f"| {c['method']} | {c['tokens']:,} | {speed:.0f} | {shown} | {c['peak_mib']:.0f} | {kv} |")
+    lines += [""] + [f"- {', '.join(where)}: {reason}." for reason, where in reasons.items()]
     lines += ["", "| engine | tokens | decode time / llama.cpp's | prefill speed / llama.cpp's | decode time / its floor |"]
     lines.append("|---|---:|---:|---:|---:|")
     for c in cells:
