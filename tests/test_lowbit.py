@@ -16,7 +16,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import lminf
-from lminf.eval.bench import weight_bytes
+from lminf.eval.bench import prefill_flops, weight_bytes
+from lminf.eval.methods import Patched
 from lminf.generation import cache_kwarg
 from lminf.gguf_weights import BLOCK_BYTES, GROUP, block_parts
 from lminf.kernels.int4 import Int4Linear
@@ -91,6 +92,8 @@ def test_default_model_runs_its_own_blocks():
         # The converted model holds transformers' reading of the same blocks (q and k rows reordered).
         assert relative(swapped[name](x), x.double() @ linears[name].weight.double().T) < BF16_REL, name
     assert weight_bytes(low) < 0.2 * weight_bytes(dense)  # what a decoding step reads
+    method = Patched(lminf.LMInfinite(n_local=64))
+    assert prefill_flops(low, 128, method) == prefill_flops(dense, 128, method)  # the same work, fewer bytes
     ids = tokenizer(open(__import__("_pydecimal").__file__).read()[:4000], return_tensors="pt").input_ids[:, :512]
     nll = [torch.nn.functional.cross_entropy(m(ids).logits[0, :-1], ids[0, 1:]) for m in (dense, low)]
     assert abs(float(nll[1] / nll[0]) - 1) < 0.01

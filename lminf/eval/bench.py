@@ -116,7 +116,8 @@ def prefill_flops(model, length: int, method: Method) -> int:
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     layers = next(m for m in model.get_decoder().children() if isinstance(m, torch.nn.ModuleList))  # the decoder layers
-    layer_params = sum(p.numel() for p in layers.parameters())
+    low_bit = sum(m.in_features * m.out_features for m in layers.modules() if isinstance(m, Int4Linear))  # buffers
+    layer_params = sum(p.numel() for p in layers.parameters()) + low_bit
     attention = 4 * c.num_attention_heads * head_dim * prefill_pairs(method, length, c.num_hidden_layers)
     return 2 * layer_params * length + attention
 
