@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoTokenizer
 
-from lminf.default_model import BUILT_IN, DEFAULT_MODEL, load_model
+from lminf.default_model import BUILT_IN, DEFAULT_MODEL, model_source
 from lminf.eval.bench import _in_child, floors, measure_cell, measure_rates
 from lminf.eval.methods import Patched
 from lminf.eval.runs import RunStore
@@ -107,9 +108,8 @@ def run_race(lengths: list[int], settings: dict, out_json: Path, meta: dict, pro
         store.report["rates"] = _in_child(context, measure_rates, "cpu", "float32", settings["threads"])
     model_info = BUILT_IN[DEFAULT_MODEL]
     gguf = model_info.gguf(model_info)
-    model, tokenizer = load_model(None)
-    trained = training_length(model.config)
-    del model
+    source = model_source(None)  # the tokenizer and config only: the cells load the model themselves
+    tokenizer, trained = AutoTokenizer.from_pretrained(source), training_length(AutoConfig.from_pretrained(source))
     for length in lengths:
         ids = prompt_ids(tokenizer, length)
         for engine, options in ENGINES.items():
