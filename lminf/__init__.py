@@ -10,6 +10,7 @@ from lminf.caches import LambdaCache
 from lminf.default_model import load_default, load_model
 from lminf.families import SUPPORTED_MODEL_TYPES
 from lminf.generation import prefill
+from lminf.kernels.linear_layout import arrange_linear_weights
 from lminf.patching import make_cache, patch, settings_of, unpatch
 from lminf.strategies import STRATEGIES, InfLLM, LMInfinite, Sinks, Strategy
 
@@ -21,6 +22,7 @@ __all__ = [
     "LambdaCache",
     "Sinks",
     "Strategy",
+    "arrange_linear_weights",
     "load_default",
     "load_model",
     "make_cache",

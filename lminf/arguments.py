@@ -14,6 +14,7 @@ import dataclasses
 import torch
 
 from lminf.default_model import WEIGHTS, load_model
+from lminf.kernels.linear_layout import arrange_linear_weights
 from lminf.patching import patch
 from lminf.strategies import STRATEGIES, Strategy, get
 
@@ -89,6 +90,7 @@ def load(args: argparse.Namespace, patched: bool = True):
     """(model, tokenizer) as the arguments say; patched with --strategy and its settings."""
     model, tokenizer = load_model(args.model, dtype_for(args.dtype, args.device), args.weights)
     model.to(args.device)
+    arrange_linear_weights(model)  # row-major again off the CPU
     if patched:
         patch(model, strategy_from(args), kv_dtype=DTYPES[args.kv_dtype] if args.kv_dtype else None)
     return model, tokenizer

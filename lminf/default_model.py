@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from lminf.kernels.linear_layout import arrange_linear_weights
+
 
 def cache_root() -> Path:
     """$LMINF_CACHE, else $XDG_CACHE_HOME/lminf, else ~/.cache/lminf."""
@@ -129,7 +131,10 @@ def load_model(
     name_or_path: str | None = None, dtype: torch.dtype = torch.float32, weights: str = "dense"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A built-in model by name ("smollm2-135m", "gemma3-270m"), a local model folder, or an
-    already-downloaded hub id (never downloads); None = the default. `weights`: one of WEIGHTS."""
+    already-downloaded hub id (never downloads); None = the default. `weights`: one of WEIGHTS.
+    On CPU, wide float32 linear weights are stored input-major, for faster decoding
+    (lminf.kernels.linear_layout): after model.to(another device), lminf.arrange_linear_weights(model)
+    gives them back row-major; before model.save_pretrained, arrange_linear_weights(model, input_major=False)."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}.")
     key = DEFAULT_MODEL if name_or_path is None else name_or_path
@@ -146,6 +151,7 @@ def load_model(
         from lminf.gguf_weights import use_gguf_weights  # imports the gguf package only when asked
 
         use_gguf_weights(model, BUILT_IN[key].gguf(BUILT_IN[key]))
+    arrange_linear_weights(model)  # faster decoding on CPU; call it again after moving the model
     return model.eval(), tokenizer
 
 

@@ -94,3 +94,16 @@ def test_streamed_greedy_generation_matches_full_forward(default, text_ids):
         torch.testing.assert_close(torch.stack(out.scores)[:, 0], full, **FP32)
     finally:
         lminf.unpatch(model)
+
+
+def test_default_model_stores_wide_weights_input_major(default):
+    """The loader's CPU layout (lminf.kernels.linear_layout): the output layer, the MLP's inputs
+    and q/o input-major; k, v and the MLP's output as loaded; the embedding still tied."""
+    from lminf.kernels.linear_layout import is_input_major
+
+    model, _ = default
+    layer = model.model.layers[0]
+    assert model.lm_head.weight is model.model.embed_tokens.weight and is_input_major(model.lm_head.weight)
+    wide = [layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj]
+    assert all(is_input_major(m.weight) for m in wide)
+    assert all(m.weight.is_contiguous() for m in (layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.down_proj))

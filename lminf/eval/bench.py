@@ -31,6 +31,7 @@ from lminf.eval.methods import Method, check_distinct
 from lminf.eval.runs import RunStore
 from lminf.generation import cache_kwarg, prefill
 from lminf.kernels.int4 import Int4Linear
+from lminf.kernels.linear_layout import arrange_linear_weights
 from lminf.memory import cache_mib, cache_tiers, peak_mib
 
 
@@ -42,6 +43,7 @@ def measure_cell(model_path: str | None, method: Method, length: int, settings: 
     device, dtype = settings["device"], getattr(torch, settings["dtype"])
     model, _ = load_model(model_path, dtype, settings.get("weights", "dense"))
     model.to(device)
+    arrange_linear_weights(model)  # row-major again off the CPU
     method = method.resolved(model)
     ids = torch.randint(0, model.config.vocab_size, (1, length + 1), generator=torch.Generator().manual_seed(0))
     ids = (ids if prompt is None else prompt).to(device)
