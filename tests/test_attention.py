@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lminf.kernels.sdpa import softmax_lse
 from lminf.layout import Layout
 from lminf.strategies import AttentionCall, LMInfinite
 from tests.reference import reference_attention
@@ -69,3 +70,14 @@ def test_query_with_no_visible_key_gives_zeros():
     layout = Layout(q_pos=pos, k_pos=pos, k_valid=torch.zeros(1, 3, dtype=torch.bool))
     out = LMInfinite(n_global=1, n_local=2).attention(q, k, v, layout, AttentionCall(0, torch.ones(4), 1.0))
     assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_softmax_lse_equals_torch_and_empties_rows_without_keys():
+    s = torch.randn(2, 3, 5, 40, dtype=torch.float64) * 4
+    s[0, 1, 2] = -torch.inf  # a row that sees no key
+    s[1, 0, :, :7] = -torch.inf  # rows that see some
+    p, lse = softmax_lse(s.clone())
+    assert torch.equal(p[0, 1, 2], torch.zeros(40, dtype=torch.float64)) and lse[0, 1, 2] == -torch.inf
+    keep = torch.isfinite(s).any(-1)
+    torch.testing.assert_close(lse[keep], torch.logsumexp(s, -1)[keep], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(p[keep], torch.softmax(s, -1)[keep], rtol=1e-12, atol=1e-12)

@@ -105,10 +105,13 @@ def block_memory_attention(
         # What depends on positions only is the same in every layer: worked out once per forward.
         key = ("block memory group", a, b, S, R0, m)
         lo, hi, d, far = layout.once(key, _group, layout, a, b, m, phys, S, n_global, n_local, block_size)
-        s = capped(wide(qb @ k[:, :, lo:hi].transpose(-1, -2)) * scaling, softcap)
+        if softcap is None:  # the scale on the few queries, not on the many logits
+            s = wide((qb * scaling) @ k[:, :, lo:hi].transpose(-1, -2))
+        else:
+            s = capped(wide(qb @ k[:, :, lo:hi].transpose(-1, -2)) * scaling, softcap)
         if alibi is None:
-            hidden = layout.once((*key, "hidden", B, rep), _hidden, seen_as, d, n_local)
-            s = s.masked_fill_(hidden, -torch.inf)
+            for cols, hidden in layout.once((*key, "hidden", B, rep), _hidden, seen_as, d, n_local):
+                s[..., cols].masked_fill_(hidden, -torch.inf)
         else:
             s = s + seen_as(((d >= 0) & (d < n_local))[None], d[None])
         p, lse = softmax_lse(s)  # every query sees itself: no empty row
@@ -132,7 +135,8 @@ def block_memory_attention(
         out[:, :, :, ia:ib] = merge(parts).view(B, Hkv, rep, b - a, D).to(q.dtype)
         total_lse = torch.stack([part[1] for part in parts]).logsumexp(dim=0)
         # The attention each window key received, for the representatives of its block.
-        received = (p * torch.exp(lse - total_lse)[..., None]).view(B, Hkv, rep, b - a, -1).sum(3).view(B, Hq, -1)
+        weight = torch.exp(lse - total_lse).view(B, Hkv, rep, 1, b - a)  # each row's share of its softmax
+        received = (weight @ p.view(B, Hkv, rep, b - a, -1)).view(B, Hq, -1)
         if hi > S:  # first tokens never go into blocks: only recent ones are scored
             start = max(lo, S)
             mass[:, :, start - S : hi - S] += received[:, :, start - lo :]
@@ -142,9 +146,17 @@ def block_memory_attention(
     return out.view(B, Hq, Q, D)
 
 
-def _hidden(seen_as, d: torch.Tensor, n_local: int) -> torch.Tensor:
-    """The window pass's pairs a query does not see, as grouped rows."""
-    return ~seen_as(((d >= 0) & (d < n_local))[None], d[None])
+def _hidden(seen_as, d: torch.Tensor, n_local: int) -> list[tuple[slice, torch.Tensor]]:
+    """The window pass's pairs a query does not see, as grouped rows, for the columns where
+    any is hidden: [(columns, mask)], the trailing edge and the queries' own block (the
+    middle of the window, seen by all, needs no pass), or one mask over all columns."""
+    hidden = ~seen_as(((d >= 0) & (d < n_local))[None], d[None])
+    some = hidden.flatten(0, -2).any(0).tolist()
+    left = next((c for c, h in enumerate(some) if not h), len(some))  # columns [0, left) may hide
+    right = len(some) - next((c for c, h in enumerate(reversed(some)) if not h), 0)  # and [right, end)
+    if any(some[left:right]):
+        return [(slice(None), hidden)]
+    return [(cols, hidden[..., cols]) for cols in (slice(0, left), slice(right, len(some))) if cols.start < cols.stop]
 
 
 def _group(layout: Layout, a: int, b: int, m: int, phys, S: int, n_global: int, n_local: int, block_size: int):
