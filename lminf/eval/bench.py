@@ -43,7 +43,8 @@ def measure_cell(model_path: str | None, method: Method, length: int, settings: 
     device, dtype = settings["device"], getattr(torch, settings["dtype"])
     model, _ = load_model(model_path, dtype, settings.get("weights", "dense"))
     model.to(device)
-    arrange_linear_weights(model)  # row-major again off the CPU
+    # Row-major again off the CPU; settings "linear_layout": "row-major" measures the layout as loaded.
+    input_major = arrange_linear_weights(model, settings.get("linear_layout", "input-major") == "input-major")
     method = method.resolved(model)
     ids = torch.randint(0, model.config.vocab_size, (1, length + 1), generator=torch.Generator().manual_seed(0))
     ids = (ids if prompt is None else prompt).to(device)
@@ -68,6 +69,7 @@ def measure_cell(model_path: str | None, method: Method, length: int, settings: 
         "decode_bytes": weight_bytes(model) + decode_keys * kv_bytes_per_token(model, cache_itemsize(cache)) // layers,
         "prefill_flops": prefill_flops(model, length, method),
         "settings": method.settings(),
+        "input_major_weights": input_major,  # linear weights stored input-major (lminf.kernels.linear_layout)
     }
 
 

@@ -8,7 +8,8 @@ for every engine), then decodes `decode_tokens` greedy tokens one at a time, and
 prefill time and the median decoding step. Engines (ENGINES): llama.cpp through
 llama-cpp-python (`pip install 'lminf[race]'`; never a test dependency) with its defaults
 (16-bit cache) and the same threads and batch; lminf with float32 weights, with the file's own
-blocks (`--weights gguf`), and with those and a 16-bit cache. Above the model's training
+blocks (`--weights gguf`), and with those and a 16-bit cache; and float32 with its linear
+weights row-major as loaded, beside the input-major layout lminf.load_model gives them on CPU. Above the model's training
 length llama.cpp is not run (see LLAMA_CPP_PAST_TRAINING); lminf runs alone there.
 """
 
@@ -36,6 +37,7 @@ LLAMA_CPP = "llama.cpp"
 ENGINES: dict[str, dict | None] = {
     LLAMA_CPP: None,
     "lminf": {"weights": "dense"},
+    "lminf-row-major": {"weights": "dense", "linear_layout": "row-major"},  # as loaded: the layout's gain, side by side
     "lminf-gguf": {"weights": "gguf"},
     "lminf-gguf-kv16": {"weights": "gguf", "kv_dtype": "bfloat16"},
 }
@@ -95,6 +97,7 @@ def lminf_cell(options: dict, ids: list[int], length: int, settings: dict) -> di
     """One lminf cell (lminf.eval.bench.measure_cell) with the engine's options."""
     method = Patched(LMInfinite(), "lminf", options.get("kv_dtype"))
     cell_settings = {**settings, "device": "cpu", "dtype": "float32", "weights": options["weights"]}
+    cell_settings["linear_layout"] = options.get("linear_layout", "input-major")
     return measure_cell(None, method, length, cell_settings, torch.tensor([ids]))
 
 
