@@ -9,8 +9,9 @@ prefill time and the median decoding step. Engines (ENGINES): llama.cpp through
 llama-cpp-python (`pip install 'lminf[race]'`; never a test dependency) with its defaults
 (16-bit cache) and the same threads and batch; lminf with float32 weights, with the file's own
 blocks (`--weights gguf`), and with those and a 16-bit cache; and float32 with its linear
-weights row-major as loaded, beside the input-major layout lminf.load_model gives them on CPU. Above the model's training
-length llama.cpp is not run (see LLAMA_CPP_PAST_TRAINING); lminf runs alone there.
+weights row-major as loaded, beside the input-major layout lminf.load_model gives them on
+CPU. Above the model's training length llama.cpp is not run (see LLAMA_CPP_PAST_TRAINING);
+lminf runs alone there.
 """
 
 from __future__ import annotations
