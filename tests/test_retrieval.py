@@ -210,4 +210,5 @@ def test_a_grid_records_time_and_memory_by_tier_and_the_report_shows_them(tmp_pa
     (runs / "passkey-original.json").write_text(json.dumps(saved))
     text = write_report(runs, tmp_path / "docs" / "results.md").read_text()
     assert "Timed on another machine, a laptop: sinks at 300 (compare seconds within one machine only)." in text
-    assert "Note on sinks at 300, prompt 0: with tests beside it." in text
+    assert "Note on sinks at 300 (1 of 1 prompts): with tests beside it." in text
+    assert "| sinks | 300 | 1 | " in text and "un-noted" not in text  # no un-noted prompt to average

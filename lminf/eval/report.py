@@ -333,13 +333,18 @@ def _grid_costs(report: dict) -> list[str]:
             return mean(c[key] for c in of) if of else float("nan")
 
         rss = max((c["rss_mib"] for c in known), default=0)
+        quiet = [c for c in cells if not c.get("note")]  # a note says what shared the machine
+        seconds = f"{avg('seconds'):.0f}"
+        if quiet and len(quiet) < len(cells):
+            seconds += f" ({avg('seconds', quiet):.0f} un-noted)"
         threads = ", ".join(str(t) for t in sorted({c.get("threads", "?") for c in cells}, key=str))
         lines.append(
-            f"| {method} | {length:,} | {len(cells)} | {avg('seconds'):.0f} | {threads} | {avg('device_kv_mib', known):.0f} | "
+            f"| {method} | {length:,} | {len(cells)} | {seconds} | {threads} | {avg('device_kv_mib', known):.0f} | "
             f"{avg('host_kv_mib', known):.0f} | {avg('index_mib', known):.1f} | {rss:.0f} |"
         )
-    for cell in (c for cells in rows.values() for c in cells if c.get("note")):  # conditions a run wrote down
-        lines += ["", f"Note on {cell['method']} at {cell['length']:,}, prompt {cell.get('sample', 0)}: {cell['note']}."]
+    for (method, length), cells in rows.items():  # conditions a run wrote down, once per note and row
+        for note, n in Counter(c["note"] for c in cells if c.get("note")).items():
+            lines += ["", f"Note on {method} at {length:,} ({n} of {len(cells)} prompts): {note}."]
     for where, cells in elsewhere.items():
         counted = ", ".join(f"{n} x {c}" if n > 1 else c for c, n in Counter(cells).items())
         lines += ["", f"Timed on another machine, {where}: {counted} (compare seconds within one machine only)."]
