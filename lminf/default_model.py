@@ -152,7 +152,18 @@ def load_model(
 
         use_gguf_weights(model, BUILT_IN[key].gguf(BUILT_IN[key]))
     arrange_linear_weights(model)  # faster decoding on CPU; call it again after moving the model
+    _own_memory(model)
     return model.eval(), tokenizer
+
+
+def _own_memory(model: PreTrainedModel) -> None:
+    """Copy the weights still mapped from the safetensors file into the process's own memory.
+    Once the layout has copied the wide ones, the mapping would keep the file's every page
+    resident beside the copies (measured: +380 MB RSS on the default model); with no tensor
+    left on it, it is released."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.device.type == "cpu" and tensor.is_contiguous():  # the layout's copies are not
+            tensor.data = tensor.data.clone()
 
 
 def model_source(name_or_path: str | None) -> str:

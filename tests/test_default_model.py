@@ -107,3 +107,19 @@ def test_default_model_stores_wide_weights_input_major(default):
     wide = [layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj]
     assert all(is_input_major(m.weight) for m in wide)
     assert all(m.weight.is_contiguous() for m in (layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.down_proj))
+
+
+def test_default_model_weights_are_not_left_on_the_file_mapping(default):
+    """After the layout's copies, no weight may stay on the safetensors file's mapping: it would
+    keep every page of the file resident beside the copies (lminf.default_model._own_memory)."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs Linux's /proc/self/maps")
+    model, _ = default
+    ranges = []
+    for line in maps.read_text().splitlines():
+        if line.endswith(".safetensors"):
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            ranges.append((lo, hi))
+    on_file = [n for n, p in model.named_parameters() if any(lo <= p.data_ptr() < hi for lo, hi in ranges)]
+    assert not on_file, on_file[:5]
