@@ -10,11 +10,13 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import torch
 from tqdm import tqdm
 from transformers import Cache, PreTrainedModel
+
+from lminf.fast_decode import FastStep, why_not
 
 PREFILL_CHUNK = 2048  # prompt tokens per forward call
 
@@ -60,6 +62,24 @@ def prefill(
     bar.close()
 
 
+def decoder(model: PreTrainedModel, cache: Cache, n_global: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A decoding step, token (B, 1) -> next-token logits (B, vocab) float32, through `cache`: the
+    fast step where it applies (lminf.fast_decode.why_not), the model's forward elsewhere.
+    n_global: the first tokens the cache pins (a forward call's `lminf_n_global`)."""
+    return FastStep(model, cache, n_global) if why_not(model, cache, n_global) is None else forward_step(model, cache, n_global)
+
+
+def forward_step(model: PreTrainedModel, cache: Cache, n_global: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The decoding step through the model's own forward (what `decoder` falls back to)."""
+    extra = {} if n_global is None else {"lminf_n_global": n_global}
+
+    @torch.inference_mode()
+    def step(token: torch.Tensor) -> torch.Tensor:
+        return model(token, **cache_kwarg(model, cache), use_cache=True, **extra).logits[:, -1].float()
+
+    return step
+
+
 @torch.inference_mode()
 def greedy(
     model: PreTrainedModel,
@@ -73,9 +93,9 @@ def greedy(
     after a token in `stop` (kept in the output) or `max_new_tokens` tokens."""
     check_ids(ids)
     prefill(model, ids[:, :-1], cache, chunk_size=chunk_size)
-    token, out = ids[:, -1:], []
+    token, out, step = ids[:, -1:], [], decoder(model, cache)
     for _ in range(max_new_tokens):
-        token = model(token, **cache_kwarg(model, cache), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        token = step(token).argmax(-1, keepdim=True)
         out.append(int(token))
         if out[-1] in stop:
             break

@@ -74,6 +74,7 @@ def test_race_runs_every_engine(tmp_path):
     assert kv16["settings"]["kv_dtype"] == "bfloat16" and kv16["cache_mib"] * 2 == cells["lminf-gguf/48"]["cache_mib"]
     assert cells["lminf-gguf/48"]["decode_bytes"] < 0.2 * cells["lminf/48"]["decode_bytes"]
     assert cells["lminf/48"]["input_major_weights"] > 0 and cells["lminf-row-major/48"]["input_major_weights"] == 0
+    assert cells["lminf-gguf/48"]["decode_step"] == "fast" and cells["lminf-gguf-forward/48"]["decode_step"] == "forward"
     assert doc.with_name("benchmarks-race.png").exists() and "lminf bench --race" in doc.read_text()
 
 

@@ -29,7 +29,8 @@ import torch
 from lminf.default_model import load_model
 from lminf.eval.methods import Method, check_distinct
 from lminf.eval.runs import RunStore
-from lminf.generation import cache_kwarg, prefill
+from lminf.fast_decode import FastStep
+from lminf.generation import decoder, forward_step, prefill
 from lminf.kernels.int4 import Int4Linear
 from lminf.kernels.linear_layout import arrange_linear_weights
 from lminf.memory import cache_mib, cache_tiers, peak_mib
@@ -55,7 +56,9 @@ def measure_cell(model_path: str | None, method: Method, length: int, settings: 
         prefill(model, ids[:, :length], cache, chunk_size=settings["chunk"])
         _sync(device)
         prefill_s = time.perf_counter() - start
-        steps = _decode_steps(model, ids[:, length:], cache, settings["decode_tokens"], device)
+        # settings "decode_step": "forward" times the model's forward even where the fast step applies.
+        step = decoder(model, cache) if settings.get("decode_step", "fast") == "fast" else forward_step(model, cache)
+        steps = _decode_steps(step, ids[:, length:], settings["decode_tokens"], device)
     layers = model.config.num_hidden_layers
     # Keys and values one decoding step reads: those the next query (position `length`) attends to, per layer.
     decode_keys = sum(method.kept_pairs(length + 1, layer) - method.kept_pairs(length, layer) for layer in range(layers))
@@ -70,15 +73,16 @@ def measure_cell(model_path: str | None, method: Method, length: int, settings: 
         "prefill_flops": prefill_flops(model, length, method),
         "settings": method.settings(),
         "input_major_weights": input_major,  # linear weights stored input-major (lminf.kernels.linear_layout)
+        "decode_step": "fast" if isinstance(step, FastStep) else "forward",  # which step ran (lminf.fast_decode)
     }
 
 
-def _decode_steps(model, token: torch.Tensor, cache, n: int, device) -> list[float]:
-    """Seconds of each of `n` greedy decoding steps after `token` (1, 1)."""
+def _decode_steps(step, token: torch.Tensor, n: int, device) -> list[float]:
+    """Seconds of each of `n` greedy decoding steps (lminf.generation.decoder) after `token` (1, 1)."""
     steps = []
     for _ in range(n):
         start = time.perf_counter()
-        token = model(token, **cache_kwarg(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
+        token = step(token).argmax(-1, keepdim=True)
         _sync(device)
         steps.append(time.perf_counter() - start)
     return steps

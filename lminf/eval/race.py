@@ -10,8 +10,9 @@ llama-cpp-python (`pip install 'lminf[race]'`; never a test dependency) with its
 (16-bit cache) and the same threads and batch; lminf with float32 weights, with the file's own
 blocks (`--weights gguf`), and with those and a 16-bit cache; and float32 with its linear
 weights row-major as loaded, beside the input-major layout lminf.load_model gives them on
-CPU. Above the model's training length llama.cpp is not run (see LLAMA_CPP_PAST_TRAINING);
-lminf runs alone there.
+CPU; and the file's blocks decoded through the model's forward, beside the fast decoding step
+(lminf.fast_decode) every other lminf engine takes. Above the model's training length
+llama.cpp is not run (see LLAMA_CPP_PAST_TRAINING); lminf runs alone there.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ ENGINES: dict[str, dict | None] = {
     "lminf-row-major": {"weights": "dense", "linear_layout": "row-major"},  # as loaded: the layout's gain, side by side
     "lminf-gguf": {"weights": "gguf"},
     "lminf-gguf-kv16": {"weights": "gguf", "kv_dtype": "bfloat16"},
+    "lminf-gguf-forward": {"weights": "gguf", "decode_step": "forward"},  # the model's forward: the fast step's gain
 }
 LENGTHS = (1024, 8000, 16384, 32768)
 LLAMA_CPP_PAST_TRAINING = (
@@ -99,6 +101,7 @@ def lminf_cell(options: dict, ids: list[int], length: int, settings: dict) -> di
     method = Patched(LMInfinite(), "lminf", options.get("kv_dtype"))
     cell_settings = {**settings, "device": "cpu", "dtype": "float32", "weights": options["weights"]}
     cell_settings["linear_layout"] = options.get("linear_layout", "input-major")
+    cell_settings["decode_step"] = options.get("decode_step", "fast")
     return measure_cell(None, method, length, cell_settings, torch.tensor([ids]))
 
 
