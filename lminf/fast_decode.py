@@ -5,7 +5,8 @@ the weights is per-call overhead: the model's forward makes about 110 torch call
 (mask and position plumbing, the rotary embedding, our Layout, one attention pass per key
 set and their merge). This step runs the same modules (norms, projections, MLP, output
 layer, rotary embedding) and the same cache, with the attention of the one query written
-directly: one softmax over [first tokens read at their far positions | the window].
+directly: a pass over the window and one over the first tokens read at their far positions,
+merged as one softmax (lminf.kernels.sdpa).
 
 It computes what the model's forward computes (tests/test_fast_decode.py holds the two to
 float32 rounding, before the window fills, across the ring's wrap, with a 16-bit cache and
@@ -19,6 +20,7 @@ from transformers import Cache, PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from lminf.caches.lambda_cache import LambdaCache, LambdaLayer
+from lminf.kernels.sdpa import attend, merge, use_flash
 from lminf.rope import rotate, rotation
 from lminf.strategies.windowed import WindowedStrategy
 
@@ -69,6 +71,7 @@ class FastStep:
         decoder = model.get_decoder()
         self.embed, self.layers, self.norm = decoder.embed_tokens, decoder.layers, decoder.norm
         self.head = model.get_output_embeddings()
+        self.flash = use_flash(state.kernel, model.device)
 
     @torch.inference_mode()
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
@@ -108,19 +111,16 @@ class FastStep:
 
         Stored keys are [first n_sink | the rest]: in order (positions 0..pos) until the cache
         is full, then the rest is a ring that is exactly the window. First tokens outside the
-        window are far keys; in-order keys past them but before the window are dropped middle keys."""
+        window are far keys; in-order keys past them but before the window are dropped middle
+        keys. The window is one pass of torch's fused kernel (on CPU: it splits the heads over
+        the threads, where a batched matmul of three rows does not), the far keys another."""
         n_far, q_turn, k_turn = far
-        n_keys, hkv, d = keys.shape[-2], keys.shape[1], q.shape[-1]
-        in_order = n_keys == pos + 1
-        start = max(0, pos - self.strategy.n_local + 1) if in_order else self.strategy.n_global
+        hkv, d = keys.shape[1], q.shape[-1]
+        start = max(0, pos - self.strategy.n_local + 1) if keys.shape[-2] == pos + 1 else self.strategy.n_global
         rows = q.reshape(1, hkv, -1, d)  # grouped query heads as rows of their key head
-        scores = rows.to(keys.dtype) @ keys[:, :, start:].transpose(-1, -2)
+        parts = [attend(rows, keys[:, :, start:], values[:, :, start:], None, scaling, self.flash)]
         if n_far:
             q_far = rotate(q, q_turn).reshape(1, hkv, -1, d)
             k_far = keys[:, :, :n_far] if k_turn is None else rotate(keys[:, :, :n_far], k_turn)
-            scores = torch.cat((q_far.to(keys.dtype) @ k_far.transpose(-1, -2), scores), -1)
-        p = torch.softmax(scores.float() * scaling, -1).to(values.dtype)
-        out = p[..., n_far:] @ values[:, :, start:]
-        if n_far:
-            out = out + p[..., :n_far] @ values[:, :, :n_far]
-        return out.to(q.dtype).reshape(1, -1, d)
+            parts.append(attend(q_far, k_far, values[:, :, :n_far], None, scaling, self.flash))
+        return merge(parts).to(q.dtype).reshape(1, -1, d)
