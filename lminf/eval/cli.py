@@ -108,8 +108,8 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--race",
         action="store_true",
-        help="lminf (float32, --weights gguf, and that with --kv-dtype bfloat16) against llama.cpp on the default "
-        "model's GGUF file and one prompt (needs pip install 'lminf[race]' for llama.cpp's cells)",
+        help="lminf's engines (lminf.eval.race.ENGINES: float32, --weights gguf, with --kv-dtype bfloat16...) "
+        "against llama.cpp on the default model's GGUF file and one prompt (needs pip install 'lminf[race]' for llama.cpp)",
     )
     bench.add_argument(
         "--lengths",
