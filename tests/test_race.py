@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from lminf.cli import main
+from lminf.eval import cli as eval_cli
 from lminf.eval.race import ENGINES, LLAMA_CPP, LLAMA_CPP_PAST_TRAINING, _race_cell, llama_cpp_cell, prompt_ids, race_table
 from tests.test_cli import lminf_cli
 
@@ -76,6 +78,22 @@ def test_race_runs_every_engine(tmp_path):
     assert cells["lminf/48"]["input_major_weights"] > 0 and cells["lminf-row-major/48"]["input_major_weights"] == 0
     assert cells["lminf-gguf/48"]["decode_step"] == "fast" and cells["lminf-gguf-forward/48"]["decode_step"] == "forward"
     assert doc.with_name("benchmarks-race.png").exists() and "lminf bench --race" in doc.read_text()
+
+
+def test_race_decodes_64_tokens_by_default(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_race(lengths, settings, out_json, meta):  # what the command would run
+        seen.update(settings)
+        return {"results": {}, "settings": settings}
+
+    monkeypatch.setattr(eval_cli, "run_race", fake_race)
+    monkeypatch.setattr(eval_cli, "race_table", lambda report: "")
+    monkeypatch.setattr(eval_cli, "plot_bench", lambda report, path: None)
+    assert main(["bench", "--race", "--lengths", "48", "--out", str(tmp_path / "race.json")]) == 0
+    assert seen["decode_tokens"] == 64
+    assert main(["bench", "--race", "--lengths", "48", "--decode-tokens", "5", "--out", str(tmp_path / "r.json")]) == 0
+    assert seen["decode_tokens"] == 5
 
 
 def test_race_refuses_options_it_sets_itself():

@@ -21,6 +21,7 @@ from lminf.eval.data import available, data_dir, extract, find_document, sources
 from lminf.eval.methods import method_names, methods_from
 from lminf.eval.perplexity import run_ppl, run_stream
 from lminf.eval.plots import plot_bench, plot_grid, plot_ppl, plot_ruler, plot_stream
+from lminf.eval.race import DECODE_TOKENS as RACE_DECODE_TOKENS
 from lminf.eval.race import LENGTHS as RACE_LENGTHS
 from lminf.eval.race import race_page, race_table, run_race
 from lminf.eval.report import write_report
@@ -117,7 +118,9 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         help=f"context lengths (comma list; default {BENCH_LENGTHS}, with --race {','.join(map(str, RACE_LENGTHS))})",
     )
     bench.add_argument("--methods", default=BENCH_METHODS, help=f"comma list of {', '.join(choices('bench'))}")
-    bench.add_argument("--decode-tokens", type=int, default=32, help="decode steps per cell; the median is reported")
+    bench.add_argument(
+        "--decode-tokens", type=int, default=None, help="decode steps per cell, the median reported (default 32, with --race 64)"
+    )
     bench.add_argument("--vanilla-up-to", type=int, default=16384, help="longest context vanilla runs at (it is quadratic)")
     bench.add_argument("--chunk-size", type=int, default=2048, help="prompt tokens per prefill step")
     bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -250,6 +253,8 @@ def _haystack(name: str | None) -> tuple[str, str]:
 
 def bench_command(args: argparse.Namespace) -> int:
     lengths = numbers(args.lengths or (",".join(map(str, RACE_LENGTHS)) if args.race else BENCH_LENGTHS), int, "--lengths")
+    if args.decode_tokens is None:  # the race's protocol (issue 15): 64 greedy tokens
+        args.decode_tokens = RACE_DECODE_TOKENS if args.race else 32
     if min(lengths) < 1 or args.decode_tokens < 1 or args.chunk_size < 1:
         raise ValueError("--lengths, --decode-tokens and --chunk-size must be >= 1.")
     args.out = args.out or Path("runs/race.json" if args.race else "runs/bench.json")

@@ -45,6 +45,7 @@ ENGINES: dict[str, dict | None] = {
     "lminf-gguf-forward": {"weights": "gguf", "decode_step": "forward"},  # the model's forward: the fast step's gain
 }
 LENGTHS = (1024, 8000, 16384, 32768)
+DECODE_TOKENS = 64  # greedy tokens per cell by default (the protocol of the race's first table)
 LLAMA_CPP_PAST_TRAINING = (
     "past the model's training length: llama.cpp has no distance cap, and its context shift "
     "(dropping old tokens) is off by default, so it stops at the context size; not run"
