@@ -66,7 +66,7 @@ class FastStep:
         if reason is not None:
             raise ValueError(f"the fast decoding step cannot run here: {reason}.")
         state = model._lminf
-        self.model, self.cache = model, cache
+        self.cache = cache
         self.strategy: WindowedStrategy = state.strategy_for(n_global)
         self.rotary = state.rotary
         self.inv_freq = state.rotary.inv_freq
