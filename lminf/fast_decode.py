@@ -5,14 +5,15 @@ per-call overhead: the model's forward makes about 110 torch calls a layer
 (mask and position plumbing, the rotary embedding, our Layout, one attention pass per key
 set and their merge). This step runs the same modules (norms, projections, MLP, output
 layer, rotary embedding) and the same cache, with the attention of the one query written
-directly: a pass over the window and one over the first tokens read at their far positions,
-merged as one softmax (lminf.kernels.sdpa).
+directly: one pass of the fused kernel over the window and the first tokens, those moved to
+where the query sees them at the strategy's distance (no second pass, no merge).
 
 It computes what the model's forward computes (tests/test_fast_decode.py: to float32 rounding
 at every step against the dense float64 reference, before the window fills and across the
 ring's wrap; against the forward with a 16-bit cache and with 4-bit weights, to their rounding).
 It was 1.1-1.2x faster than the forward per step on a 2-core CPU (README, Faster decoding on a
-CPU). lminf.generation.decoder picks it where it applies, the model's forward elsewhere.
+CPU). lminf.generation.decoder picks it where it applies, the model's forward elsewhere; a
+patched model's `generate` decodes through it the same way (lminf.patching).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from transformers import Cache, PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from lminf.caches.lambda_cache import LambdaCache, LambdaLayer
-from lminf.kernels.sdpa import attend, merge, use_flash
+from lminf.kernels.sdpa import attend, use_flash
 from lminf.rope import rotate, rotation
 from lminf.strategies.windowed import WindowedStrategy
 
@@ -42,8 +43,10 @@ def why_not(model: PreTrainedModel, cache: Cache, n_global: int | None = None) -
     if not all(kind.is_global and kind.rotary for kind in state.kinds):
         return "the model has sliding or position-free layers"
     strategy = state.strategy_for(n_global)
-    if not isinstance(strategy, WindowedStrategy) or strategy.keeps_middle:
+    if not isinstance(strategy, WindowedStrategy):
         return f"strategy {strategy.name!r} is not a window with first tokens"
+    if strategy.keeps_middle:
+        return f"strategy {strategy.name!r} keeps the middle tokens (top-k)"
     if any(strategy.top_k_at(layer) for layer in range(len(state.kinds))):
         return "top-k middle tokens"
     if not isinstance(cache, LambdaCache) or len(cache.layers) != len(state.kinds):
@@ -97,32 +100,43 @@ class FastStep:
         return self.head(self.norm(x))[:, -1].float()
 
     def _far(self, pos: int, device: torch.device):
-        """(first tokens read as far keys, rotation of the query to its far position, of each
-        such key to its own), shared by the layers; (0, None, None) inside the window."""
+        """(first tokens read as far keys, the rotation that moves each such key to where the
+        query at its own position sees it at the strategy's distance), shared by the layers;
+        (0, None) inside the window. RoPE scores depend on the distance only: the strategy puts
+        the query at q_at and key j at k_at[j]; key j moved to pos - (q_at - k_at[j]) is seen
+        from pos at the same distance, so the query stays as it is and one pass reads every key."""
         n_far = min(self.strategy.n_global, max(0, pos - self.strategy.n_local + 1))
         if not n_far:
-            return 0, None, None
+            return 0, None
         q_pos, k_pos = torch.tensor([[pos]], device=device), torch.arange(n_far, device=device)[None]
         q_at, k_at = self.strategy.far_positions(q_pos, k_pos)
-        q_turn = rotation(q_at - q_pos, self.inv_freq)
-        k_turn = None if k_at is None else rotation(k_at - k_pos, self.inv_freq)
-        return n_far, q_turn, k_turn
+        target = q_pos - q_at + (k_pos if k_at is None else k_at)
+        return n_far, rotation(target - k_pos, self.inv_freq)
 
     def _attend(self, q, keys, values, pos: int, far, scaling: float) -> torch.Tensor:
         """One query (1, Hq, 1, D) over the stored keys (1, Hkv, S, D) -> (1, Hq, D).
 
         Stored keys are [first n_sink | the rest]: in order (positions 0..pos) until the cache
-        is full, then the rest is a ring that is exactly the window. First tokens outside the
-        window are far keys; in-order keys past them but before the window are dropped middle
-        keys. The window is one pass of torch's fused kernel (on CPU: it splits the heads over
-        the threads, where a batched matmul of three rows does not), the far keys another."""
-        n_far, q_turn, k_turn = far
+        is full, then the rest is a ring that is exactly the window. Either way they are the
+        first tokens outside the window (far keys) and the window: one pass of torch's fused
+        kernel reads them all, the far keys moved (see `_far`) in place for it and put back after."""
+        n_far, k_turn = far
         hkv, d = keys.shape[1], q.shape[-1]
         start = max(0, pos - self.strategy.n_local + 1) if keys.shape[-2] == pos + 1 else self.strategy.n_global
         rows = q.reshape(1, hkv, -1, d)  # grouped query heads as rows of their key head
-        parts = [attend(rows, keys[:, :, start:], values[:, :, start:], None, scaling, self.flash)]
-        if n_far:
-            q_far = rotate(q, q_turn).reshape(1, hkv, -1, d)
-            k_far = keys[:, :, :n_far] if k_turn is None else rotate(keys[:, :, :n_far], k_turn)
-            parts.append(attend(q_far, k_far, values[:, :, :n_far], None, scaling, self.flash))
-        return merge(parts).to(q.dtype).reshape(1, -1, d)
+        if not n_far:
+            return self._pass(rows, keys[:, :, start:], values[:, :, start:], scaling)
+        # One token at a time, the cache never returns a dropped key (a full cache takes the
+        # new key into its ring), so the far keys are exactly those before the window.
+        assert start == n_far, (start, n_far)
+        stored = keys[:, :, :n_far].clone()
+        try:
+            keys[:, :, :n_far] = rotate(stored, k_turn)
+            return self._pass(rows, keys, values, scaling)
+        finally:
+            keys[:, :, :n_far] = stored
+
+    def _pass(self, rows, keys, values, scaling: float) -> torch.Tensor:
+        """rows (1, Hkv, rep, D) over keys and values (1, Hkv, S, D) -> (1, Hq, D); the query sees itself, so S > 0."""
+        out, _ = attend(rows, keys, values, None, scaling, self.flash)
+        return out.to(rows.dtype).reshape(1, -1, rows.shape[-1])

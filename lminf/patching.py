@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AttentionInterface, Cache, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lminf.caches.lambda_cache import LambdaCache, LambdaLayer
 from lminf.families import (
@@ -29,6 +30,7 @@ from lminf.families import (
     layer_kinds,
     rotary_embedding,
 )
+from lminf.fast_decode import FastStep, why_not
 from lminf.generation import PREFILL_CHUNK, cache_kwarg, prefill
 from lminf.kernels.sdpa import KERNELS
 from lminf.layout import Layout, lambda_mask
@@ -37,6 +39,7 @@ from lminf.strategies.windowed import ModelWindow
 
 IMPLEMENTATION = "lminf"
 GLOBAL_DISTANCES = {"capped": "lminf", "reindexed": "sinks"}  # the older spelling of a strategy choice
+DECODE_STEPS = ("auto", "fast", "forward")  # generate's decode_step: the fast step where it applies, always, never
 # A function that replaces the strategy's attention (the tests' dense reference does).
 Backend = Callable[[Strategy, torch.Tensor, torch.Tensor, torch.Tensor, Layout, AttentionCall], torch.Tensor]
 
@@ -54,6 +57,8 @@ class _PatchState:
     prepared: object | None = None  # what the family's `prepare` did, undone by unpatch
     cache: Cache | None = None  # the cache of the forward call running now (for a stateful strategy)
     hooks: list = field(default_factory=list)
+    previous_forward: Callable | None = None  # the instance's own forward before patch (accelerate may set one)
+    fast_steps: dict[int, FastStep] = field(default_factory=dict)  # id(cache) -> its step, while generate runs
     _pinned: dict[int, Strategy] = field(default_factory=dict)
     _windows: dict[int, Strategy] = field(default_factory=dict)  # the sliding layers', one per window size
 
@@ -167,6 +172,8 @@ def patch(
     model._lminf = state
     if model.config._attn_implementation != IMPLEMENTATION:  # an adapter may have set it (MPT cannot switch)
         model.set_attn_implementation(IMPLEMENTATION)
+    state.previous_forward = vars(model).get("forward")
+    model.forward = _forward_with_fast_step(model, state)
     model.generate = _generate_with_strategy_cache(model)
     return model
 
@@ -201,6 +208,10 @@ def unpatch(model: PreTrainedModel) -> PreTrainedModel:
         hook.remove()
     del model._lminf
     del model.generate  # the instance attribute; the class method shows through again
+    if state.previous_forward is None:
+        del model.forward
+    else:
+        model.forward = state.previous_forward
     model.set_attn_implementation(state.previous_implementation)
     return model
 
@@ -255,20 +266,79 @@ def _note_cache(model: PreTrainedModel, state: _PatchState) -> list:
 
 def _generate_with_strategy_cache(model: PreTrainedModel) -> Callable:
     original = type(model).generate.__get__(model)
+    state: _PatchState = model._lminf
 
     @functools.wraps(original)
-    def generate(*args, prefill_chunk: int = PREFILL_CHUNK, **kwargs):
+    def generate(*args, prefill_chunk: int = PREFILL_CHUNK, decode_step: str = "auto", **kwargs):
+        """transformers' generate, through the strategy's cache (made here unless one is passed):
+        the prompt goes through it in chunks of `prefill_chunk` tokens first. decode_step: "auto"
+        decodes through lminf's fast step where it applies (lminf.fast_decode), "fast" insists
+        (an error says why it cannot), "forward" always runs the model's forward."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}.")
-        if kwargs.get("cache", kwargs.get("past_key_values")) is None:  # either name, as the installed transformers takes
+        if decode_step not in DECODE_STEPS:
+            raise ValueError(f"decode_step must be one of {DECODE_STEPS}, got {decode_step!r}.")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None:  # either name, as the installed transformers takes
             kwargs.pop("cache", None)
             kwargs.pop("past_key_values", None)
-            mask = kwargs.get("attention_mask")
             cache = make_cache(model, mask)
             kwargs.update(cache_kwarg(model, cache))
-            ids = kwargs.get("input_ids", args[0] if args else None)
             if isinstance(ids, torch.Tensor) and ids.ndim == 2 and ids.shape[1] - 1 > prefill_chunk:
                 prefill(model, ids[:, :-1], cache, None if mask is None else mask[:, :-1], prefill_chunk)
-        return original(*args, **kwargs)  # generate() runs only the tokens the cache has not seen
+        reason = None if decode_step == "forward" else _why_not_fast(model, cache, ids, mask, kwargs)
+        if decode_step == "fast" and reason is not None:
+            raise ValueError(f"decode_step='fast' cannot run here: {reason}.")
+        if decode_step == "forward" or reason is not None:
+            return original(*args, **kwargs)  # generate() runs only the tokens the cache has not seen
+        state.fast_steps[id(cache)] = FastStep(model, cache)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            state.fast_steps.pop(id(cache), None)
 
     return generate
+
+
+def _why_not_fast(model: PreTrainedModel, cache: Cache, ids, mask: torch.Tensor | None, kwargs: dict) -> str | None:
+    """Why generate cannot decode through the fast step; None when it can."""
+    reason = why_not(model, cache)
+    if reason is not None:
+        return reason
+    if not isinstance(ids, torch.Tensor) or ids.shape[0] != 1:
+        return "the fast step decodes one row of input_ids"
+    if mask is not None and not bool(mask.all()):
+        return "the attention mask hides tokens (the fast step reads every stored one)"
+    if kwargs.get("position_ids") is not None:
+        return "explicit position_ids (the fast step places tokens by their count in the cache)"
+    return None
+
+
+# The keywords of a decoding call from transformers' generate that the fast step serves (others: the forward).
+# Its positions are the cache's count of tokens: generate checked that no token is masked.
+_STEP_KEYWORDS = frozenset(
+    {"input_ids", "attention_mask", "position_ids", "cache_position", "cache", "past_key_values"}
+    | {"use_cache", "return_dict", "logits_to_keep"}
+)
+
+
+def _forward_with_fast_step(model: PreTrainedModel, state: _PatchState) -> Callable:
+    """The model's forward, except that a one-token call on a cache that generate is decoding
+    through the fast step (state.fast_steps) runs that step. It returns only the logits and the
+    cache, all that generate reads of a decoding call."""
+    original = model.forward
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        if state.fast_steps and not args and kwargs.keys() <= _STEP_KEYWORDS:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            step = state.fast_steps.get(id(cache))
+            ids = kwargs.get("input_ids")
+            one_token = ids is not None and ids.shape == (1, 1) and kwargs.get("use_cache", True)
+            if step is not None and step.cache is cache and one_token:
+                return CausalLMOutputWithPast(logits=step(ids)[:, None], **cache_kwarg(model, cache))
+        return original(*args, **kwargs)
+
+    return forward

@@ -11,6 +11,7 @@ from transformers import DynamicCache
 import lminf
 from lminf.fast_decode import FAMILIES, FastStep, why_not
 from lminf.generation import cache_kwarg, decoder
+from lminf.serve.session import Sampling, Session, stream_tokens
 from tests.conftest import tiny_model
 from tests.reference import reference_attention
 from tests.strategies import CASES
@@ -123,3 +124,69 @@ def test_default_model_decodes_the_same(weights):
     else:  # the 4-bit kernel rounds its inputs to bfloat16, so float32 noise grows to bfloat16 noise
         assert float((got - want).norm() / want.norm()) < 2e-2
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.fixture
+def fast_calls(monkeypatch) -> list:
+    """Counts the fast step's calls (so a test can tell which path decoded)."""
+    calls, call = [], FastStep.__call__
+    monkeypatch.setattr(FastStep, "__call__", lambda self, token: calls.append(1) or call(self, token))
+    return calls
+
+
+GREEDY = dict(do_sample=False, return_dict_in_generate=True, output_scores=True, prefill_chunk=4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("strategy", ["lminf", "sinks"])
+def test_generate_decodes_through_the_fast_step(family, strategy, fast_calls):
+    model = lminf.patch(tiny_model(family), strategy, n_global=3, n_local=8)
+    model.generation_config.eos_token_id = None  # 30 tokens whatever the random model writes
+    ids = tokens(20, seed=4)
+    out = model.generate(ids, max_new_tokens=30, **GREEDY)  # the ring of 8 wraps while decoding
+    assert len(fast_calls) == 30  # every decoding call: the prompt's last token, then 29 generated ones
+    reference = lminf.patch(tiny_model(family), strategy, n_global=3, n_local=8, backend=reference_attention)
+    want = reference(out.sequences).logits[0, 19:-1]  # teacher-forced over the generated text, dense float64
+    torch.testing.assert_close(torch.stack(out.scores)[:, 0], want, **FP32)
+    plain = model.generate(ids, max_new_tokens=30, decode_step="forward", **GREEDY)
+    assert len(fast_calls) == 30 and torch.equal(plain.sequences, out.sequences)
+    torch.testing.assert_close(torch.stack(plain.scores), torch.stack(out.scores), **FP32)
+
+
+def test_generate_falls_back_to_the_forward_and_says_why(fast_calls):
+    model = lminf.patch(tiny_model("llama"), "lminf", n_global=3, n_local=8)
+    two = torch.cat([tokens(12, seed=5), tokens(12, seed=6)])
+    out = model.generate(two, max_new_tokens=5, **GREEDY)  # auto: the forward
+    assert not fast_calls and out.sequences.shape == (2, 17)
+    with pytest.raises(ValueError, match="cannot run here: the fast step decodes one row"):
+        model.generate(two, max_new_tokens=5, decode_step="fast", **GREEDY)
+    masked = torch.tensor([[1] * 5 + [0] + [1] * 6])  # a hole, not left padding (the cache keeps no room)
+    with pytest.raises(ValueError, match="cannot run here: the attention mask hides tokens"):
+        model.generate(tokens(12), attention_mask=masked, max_new_tokens=5, decode_step="fast", **GREEDY)
+    with pytest.raises(ValueError, match="decode_step must be one of"):
+        model.generate(tokens(12), max_new_tokens=5, decode_step="fastest")
+    top_k = lminf.patch(tiny_model("llama"), "lminf", n_global=3, n_local=8, top_k=2, top_k_from_layer=0)
+    with pytest.raises(ValueError, match="cannot run here: strategy 'lminf' keeps the middle tokens"):
+        top_k.generate(tokens(12), max_new_tokens=5, decode_step="fast", **GREEDY)
+    hidden = model.generate(tokens(12), max_new_tokens=5, output_hidden_states=True, **GREEDY)
+    assert len(hidden.hidden_states) == 5  # a call that asks for more than logits gets the forward
+    assert not fast_calls
+    model.generate(tokens(12), max_new_tokens=5, decode_step="fast", **GREEDY)
+    assert len(fast_calls) == 5
+    assert not model._lminf.fast_steps  # nothing left registered once generate returns
+
+
+def test_chat_turns_decode_through_the_fast_step(fast_calls):
+    model = lminf.patch(tiny_model("llama"), "lminf", n_global=2, n_local=8)
+    session = Session(model, n_global=6)  # a pinned 6-token prefix (a chat's system prompt)
+    turns, replies = [list(range(10, 25)), list(range(30, 37)), list(range(40, 52))], []
+    for turn in turns:
+        replies.append([t for t in stream_tokens(model, session, turn, Sampling(max_new_tokens=5), set()) if t is not None])
+    assert len(fast_calls) == 3 * 4  # each sampled token but a turn's last (fed with the next prompt)
+    reference = lminf.patch(tiny_model("llama"), "lminf", n_global=2, n_local=8, backend=reference_attention)
+    greedy = reference(torch.tensor([session.tokens[:-1]]), lminf_n_global=6).logits[0].argmax(-1).tolist()
+    position = 0
+    for turn, reply in zip(turns, replies, strict=True):
+        position += len(turn)
+        assert reply == greedy[position - 1 : position - 1 + len(reply)]
+        position += len(reply)

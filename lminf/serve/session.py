@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, TopPLogitsWarper
 
-from lminf.generation import cache_kwarg
+from lminf.generation import cache_kwarg, decoder
 from lminf.patching import make_cache, settings_of
 
 
@@ -102,16 +102,19 @@ def stream_tokens(
     if sampling.seed is not None:
         generator.manual_seed(sampling.seed)
     top_p = TopPLogitsWarper(sampling.top_p) if sampling.top_p < 1.0 else None
+    step = decoder(model, session.cache, session.n_global)  # one token: the fast step where it applies
     for _ in range(sampling.max_new_tokens):
         while session.fed < len(session.tokens):
             a, b = session.fed, min(session.fed + chunk_size, len(session.tokens))
             ids = torch.tensor([session.tokens[a:b]], device=device)
-            cache = cache_kwarg(model, session.cache)
-            logits = model(ids, **cache, lminf_n_global=session.n_global, logits_to_keep=1).logits
+            if b - a == 1:
+                scores = step(ids)
+            else:
+                cache = cache_kwarg(model, session.cache)
+                scores = model(ids, **cache, lminf_n_global=session.n_global, logits_to_keep=1).logits[:, -1].float()
             session.fed = b
             if b < len(session.tokens):
                 yield None
-        scores = logits[:, -1].float()
         if sampling.temperature > 0:
             scores = scores / sampling.temperature
             if top_p is not None:
