@@ -18,11 +18,16 @@ patched model's `generate` decodes through it the same way (lminf.patching).
 
 from __future__ import annotations
 
+import functools
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from transformers import Cache, PreTrainedModel
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from lminf.caches.lambda_cache import LambdaCache, LambdaLayer
+from lminf.kernels.int4 import Int4Linear
 from lminf.kernels.sdpa import attend, use_flash
 from lminf.rope import rotate, rotation
 from lminf.strategies.windowed import WindowedStrategy
@@ -74,7 +79,11 @@ class FastStep:
         self.rotary = state.rotary
         self.inv_freq = state.rotary.inv_freq
         decoder = model.get_decoder()
-        self.embed, self.layers, self.norm = decoder.embed_tokens, decoder.layers, decoder.norm
+        self.embed, self.norm = decoder.embed_tokens, _norm(decoder.norm)
+        built_for = (model.dtype, model.device)  # a plan holds the weights as they were: rebuild after .to()
+        if _PLANS.get(model, (None,))[0] != built_for:
+            _PLANS[model] = built_for, [_Layer.of(layer, model.config) for layer in decoder.layers]
+        self.layers: list[_Layer] = _PLANS[model][1]
         self.head = model.get_output_embeddings()
         self.flash = use_flash(state.kernel, model.device)
 
@@ -85,18 +94,18 @@ class FastStep:
         pos = self.cache.get_seq_length()
         x = self.embed(token)
         cos, sin = self.rotary(x, torch.tensor([[pos]], device=x.device))
+        half = cos.shape[-1] // 2
+        turn = cos, torch.cat((-sin[..., :half], sin[..., half:]), -1)  # x * cos + rotate_half(x) * sin, in 4 calls
         far = self._far(pos, x.device)
         for layer, cache_layer in zip(self.layers, self.cache.layers, strict=True):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(1, 1, -1, attn.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(1, 1, -1, attn.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(1, 1, -1, attn.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            keys, values = cache_layer.update(k, v)
-            o = self._attend(q, keys, values, pos, far, attn.scaling)
-            x = x + attn.o_proj(o.reshape(1, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            qkv = layer.qkv(layer.norm1(x))  # (1, 1, [q | k | v])
+            qk = _rope(qkv[..., : layer.n_qk].view(1, -1, layer.head_dim), turn)  # q's and k's heads, rotated together
+            q, k = qk[:, : layer.n_q], qk[:, layer.n_q :, None]
+            keys, values = cache_layer.update(k, qkv[..., layer.n_qk :].view(1, -1, 1, layer.head_dim))
+            o = self._attend(q, keys, values, pos, far, layer.scaling)
+            x = x + layer.o_proj(o.reshape(1, 1, -1))
+            gate, up = layer.gate_up(layer.norm2(x)).chunk(2, -1)
+            x = x + layer.down(layer.act(gate) * up)
         return self.head(self.norm(x))[:, -1].float()
 
     def _far(self, pos: int, device: torch.device):
@@ -114,14 +123,14 @@ class FastStep:
         return n_far, rotation(target - k_pos, self.inv_freq)
 
     def _attend(self, q, keys, values, pos: int, far, scaling: float) -> torch.Tensor:
-        """One query (1, Hq, 1, D) over the stored keys (1, Hkv, S, D) -> (1, Hq, D).
+        """One query (1, Hq, D) over the stored keys (1, Hkv, S, D) -> (1, Hq, D).
 
         Stored keys are [first n_sink | the rest]: in order (positions 0..pos) until the cache
         is full, then the rest is a ring that is exactly the window. Either way they are the
         first tokens outside the window (far keys) and the window: one pass of torch's fused
         kernel reads them all, the far keys moved (see `_far`) in place for it and put back after."""
         n_far, k_turn = far
-        hkv, d = keys.shape[1], q.shape[-1]
+        hkv, d = keys.shape[1], q.shape[-1]  # q: (1, Hq, D)
         start = max(0, pos - self.strategy.n_local + 1) if keys.shape[-2] == pos + 1 else self.strategy.n_global
         rows = q.reshape(1, hkv, -1, d)  # grouped query heads as rows of their key head
         if not n_far:
@@ -140,3 +149,66 @@ class FastStep:
         """rows (1, Hkv, rep, D) over keys and values (1, Hkv, S, D) -> (1, Hq, D); the query sees itself, so S > 0."""
         out, _ = attend(rows, keys, values, None, scaling, self.flash)
         return out.to(rows.dtype).reshape(1, -1, rows.shape[-1])
+
+
+# Per model: (dtype, device) it was built for, what a step runs in each decoder layer (see _Layer.of).
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class _Layer:
+    """One decoder layer as the step runs it: fewer, larger calls than its modules make."""
+
+    norm1: Callable
+    qkv: Callable  # h (1, 1, hidden) -> [q | k | v]
+    o_proj: torch.nn.Module
+    norm2: Callable
+    gate_up: Callable  # h -> [gate | up]
+    act: Callable
+    down: torch.nn.Module
+    n_q: int  # query heads
+    n_qk: int  # channels of q and k
+    head_dim: int
+    scaling: float
+
+    @classmethod
+    def of(cls, layer: torch.nn.Module, config) -> _Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        n_q = config.num_attention_heads
+        return cls(
+            norm1=_norm(layer.input_layernorm),
+            qkv=_side_by_side([attn.q_proj, attn.k_proj, attn.v_proj]),
+            o_proj=attn.o_proj,
+            norm2=_norm(layer.post_attention_layernorm),
+            gate_up=_side_by_side([mlp.gate_proj, mlp.up_proj]),
+            act=mlp.act_fn,
+            down=mlp.down_proj,
+            n_q=n_q,
+            n_qk=(n_q + config.num_key_value_heads) * attn.head_dim,
+            head_dim=attn.head_dim,
+            scaling=attn.scaling,
+        )
+
+
+def _norm(module: torch.nn.Module) -> Callable:
+    """The model's RMSNorm as torch's one call where it is the same sum (float32 weights: the
+    module computes in float32 anyway); the module itself elsewhere."""
+    eps, weight = getattr(module, "variance_epsilon", None), getattr(module, "weight", None)
+    if eps is None or weight is None or weight.dtype != torch.float32:
+        return module
+    return functools.partial(torch.nn.functional.rms_norm, normalized_shape=weight.shape, weight=weight, eps=eps)
+
+
+def _side_by_side(linears: list[torch.nn.Module]) -> Callable:
+    """h -> the layers' outputs concatenated: one kernel call for 4-bit layers (sharing their
+    codes) where they fit, the layers one after the other elsewhere (a float copy of the
+    weights would cost memory)."""
+    if Int4Linear.fit_side_by_side(linears):
+        return Int4Linear.side_by_side(linears)
+    return lambda h: torch.cat([linear(h) for linear in linears], -1)
+
+
+def _rope(x: torch.Tensor, turn: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x (1, H, D) rotated: x * cos + rotate_half(x) * sin, with turn = (cos, sin with its first half negated)."""
+    cos, signed_sin = turn
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin

@@ -62,6 +62,27 @@ def test_int4_linear_equals_its_weight(kind):
     assert relative(y, x.double() @ dense_of(parts).T + bias.double()) < BF16_REL
 
 
+@pytest.mark.parametrize("kind", [GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0], ids=lambda k: k.name)
+def test_int4_layers_side_by_side_share_their_codes(kind):
+    rng = np.random.default_rng(2)
+    shapes = (128, 64, 48)  # q, k and v of a grouped-query layer (all but the last join at the kernel's tile edge)
+    parts = [block_parts(quants.quantize(rng.standard_normal((n, 4 * GROUP)).astype(np.float32), kind), kind) for n in shapes]
+    layers = [Int4Linear(p, GROUP, torch.randn(n)) for p, n in zip(parts, shapes, strict=True)]
+    x = torch.randn(1, 1, 4 * GROUP)
+    alone = [layer(x) for layer in layers]
+    fused = Int4Linear.side_by_side(layers)
+    torch.testing.assert_close(fused(x), torch.cat(alone, -1), rtol=0, atol=0)  # the same kernel on the same rows
+    want = torch.cat([x.double() @ dense_of(p).T + layer.bias.double() for p, layer in zip(parts, layers, strict=True)], -1)
+    assert relative(fused(x), want) < BF16_REL
+    for layer, before in zip(layers, alone, strict=True):  # each layer now reads rows of the fused codes
+        assert layer.packed0.untyped_storage().data_ptr() == fused.packed0.untyped_storage().data_ptr()
+        torch.testing.assert_close(layer(x), before, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="side by side need"):
+        Int4Linear.side_by_side([layers[0], Int4Linear(parts[1], GROUP)])  # one with a bias, one without
+    with pytest.raises(ValueError, match="side by side need"):
+        Int4Linear.side_by_side([layers[2], layers[0]])  # 48 rows end inside a tile: the next would not line up
+
+
 def test_int4_linear_checks_its_parts():
     codes = torch.zeros(8, 64, dtype=torch.int32)
     with pytest.raises(ValueError, match="do not match"):

@@ -13,11 +13,14 @@ not exact (one-pass NLL within 0.05% on two books, docs/results.md), which is wh
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 COMPUTE = torch.bfloat16
 _MM = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
 _PACK = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
+TILE = 64  # the kernel packs its rows in tiles of this many: packed layers join only at a tile's edge
 Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (codes (N, K) in 0..15, scale (N, K / group), zero (N, K / group))
 
 
@@ -55,11 +58,51 @@ class Int4Linear(torch.nn.Module):
         if x.device.type != "cpu":
             raise RuntimeError("lminf's 4-bit weights run on CPU only; load the model with dense weights for a GPU.")
         flat = x.reshape(-1, self.in_features).to(COMPUTE)
-        y = 0
-        for i in range(self.n_parts):
+        y = _MM(flat, self.packed0, self.group, self.scale_zero0).to(x.dtype)
+        for i in range(1, self.n_parts):
             y = y + _MM(flat, getattr(self, f"packed{i}"), self.group, getattr(self, f"scale_zero{i}")).to(x.dtype)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    @classmethod
+    def side_by_side(cls, layers: Sequence[Int4Linear]) -> Int4Linear:
+        """One layer whose output is `layers`' outputs concatenated (q, k and v in one kernel call).
+        Their codes are shared, not copied: each layer's become rows of the new layer's (the
+        kernel packs tiles of TILE rows independently); only the small scales are copied."""
+        if not cls.fit_side_by_side(layers):
+            raise ValueError(
+                f"layers side by side need the same inputs, groups, parts and bias or none, and all but the last "
+                f"a multiple of {TILE} outputs."
+            )
+        first = layers[0]
+        fused = cls.__new__(cls)
+        torch.nn.Module.__init__(fused)
+        fused.in_features, fused.group, fused.n_parts = first.in_features, first.group, first.n_parts
+        fused.out_features = sum(layer.out_features for layer in layers)
+        for i in range(first.n_parts):
+            packed = torch.cat([getattr(layer, f"packed{i}") for layer in layers])
+            fused.register_buffer(f"packed{i}", packed)
+            fused.register_buffer(f"scale_zero{i}", torch.cat([getattr(layer, f"scale_zero{i}") for layer in layers], 1))
+            start = 0
+            for layer in layers:
+                setattr(layer, f"packed{i}", packed[start : start + layer.out_features])
+                start += layer.out_features
+        biases = None if first.bias is None else torch.cat([layer.bias for layer in layers])
+        fused.bias = None if biases is None else torch.nn.Parameter(biases, requires_grad=False)
+        return fused
+
+    @staticmethod
+    def fit_side_by_side(layers: Sequence[torch.nn.Module]) -> bool:
+        """Whether `side_by_side` can join these layers."""
+        if not layers or not all(isinstance(layer, Int4Linear) for layer in layers):
+            return False
+        first = layers[0]
+        same = all(
+            (layer.in_features, layer.group, layer.n_parts, layer.bias is None)
+            == (first.in_features, first.group, first.n_parts, first.bias is None)
+            for layer in layers
+        )
+        return same and all(layer.out_features % TILE == 0 for layer in layers[:-1])
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, parts={self.n_parts}"
