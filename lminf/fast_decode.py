@@ -11,9 +11,11 @@ where the query sees them at the strategy's distance (no second pass, no merge).
 It computes what the model's forward computes (tests/test_fast_decode.py: to float32 rounding
 at every step against the dense float64 reference, before the window fills and across the
 ring's wrap; against the forward with a 16-bit cache and with 4-bit weights, to their rounding).
-It was 1.1-1.2x faster than the forward per step on a 2-core CPU (README, Faster decoding on a
-CPU). lminf.generation.decoder picks it where it applies, the model's forward elsewhere; a
-patched model's `generate` decodes through it the same way (lminf.patching).
+With the default model's 4-bit weights, `generate` through it was 1.6x (1k context) and 1.2x
+(8k) faster than through the forward on a 2-core CPU; 1.1-1.2x with float32 weights (README,
+Faster decoding on a CPU; benchmarks/generate_ab.py). lminf.generation.decoder picks it where
+it applies, the model's forward elsewhere; a patched model's `generate` decodes through it the
+same way (lminf.patching).
 """
 
 from __future__ import annotations

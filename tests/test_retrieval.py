@@ -212,3 +212,10 @@ def test_a_grid_records_time_and_memory_by_tier_and_the_report_shows_them(tmp_pa
     assert "Timed on another machine, a laptop: sinks at 300 (compare seconds within one machine only)." in text
     assert "Note on sinks at 300 (1 of 1 prompts): with tests beside it." in text
     assert "| sinks | 300 | 1 | " in text and "un-noted" not in text  # no un-noted prompt to average
+    # another run of the same task gets a section of its own, and cells of unequal size say so
+    extra = dict(saved["results"]["sinks/300/0.2/0"], sample=1)
+    saved["results"]["sinks/300/0.2/1"] = extra
+    (runs / "passkey-original-long.json").write_text(json.dumps(saved))
+    text = write_report(runs, tmp_path / "docs" / "results.md").read_text()
+    assert "## Passkey-original retrieval (long)" in text
+    assert "2 prompts per (length, depth) cell (1 in some: see the cost table)" in text

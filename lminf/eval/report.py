@@ -162,11 +162,16 @@ def _stream_section(report: dict, assets: str) -> list[str]:
 
 def _grid_section(report: dict, assets: str, name: str) -> list[str]:
     task = report["task"]
-    lines = _header(f"{task.capitalize()} retrieval", report, f"{assets}/{name}.png")
-    samples = 1 + max(c["sample"] for c in report["results"].values())
+    other_run = name.removeprefix(task).lstrip("-")  # needle-long.json: another needle run, "(long)"
+    title = f"{task.capitalize()} retrieval" + (f" ({other_run})" if other_run else "")
+    lines = _header(title, report, f"{assets}/{name}.png")
+    per_cell = Counter((c["method"], c["length"], c["depth"]) for c in report["results"].values())
+    samples, fewest = max(per_cell.values()), min(per_cell.values())
+    some = f" ({fewest} in some: see the cost table)" if fewest < samples else ""
     where = f" hidden in {report['document']}" if report.get("document") else ""
     lines.append(
-        f"Accuracy (exact match) of greedy answers; {samples} prompts per (length, depth) cell{where}, seed {report['seed']}. "
+        f"Accuracy (exact match) of greedy answers; {samples} prompts per (length, depth) cell{some}{where}, "
+        f"seed {report['seed']}. "
         f"Mean accuracy over depths, per prompt length. A cell moves in steps of 1/{samples}: read a difference of one "
         "or two cells as noise."
     )
