@@ -189,6 +189,13 @@ def test_grid_scores_resumes_plots_and_reports(tmp_path, tokenizer, sources):
     assert "## RULER, synthetic tasks" in text and "![RULER, synthetic tasks](results/ruler.png)" in text
     assert "| echo | 1,100 | 100 | 100 | 100 | 100.0 |" in text and "| silent | 1,500 | 0 | 0 | 0 | 0.0 |" in text
     assert "- silent: niah_single_1 at 1,100" in text and "- echo: none" in text
+    assert "Not run" not in text
+    # another run: a section of its own, which says where a method did not run
+    saved["results"] = {k: c for k, c in saved["results"].items() if (c["method"], c["length"]) != ("silent", 1500)}
+    (out.parent / "ruler-methods.json").write_text(json.dumps(saved))
+    text = write_report(out.parent, tmp_path / "docs" / "results.md").read_text()
+    assert "## RULER, synthetic tasks\n" in text and "## RULER, synthetic tasks (methods)\n" in text
+    assert "Not run: silent at 1,500." in text
 
 
 def test_the_real_text_haystack_falls_back_to_pythons_manual(monkeypatch):

@@ -71,6 +71,12 @@ def ours_and_others(report: dict, methods) -> tuple[list[str], list[str]]:
     return ours, [m for m in methods if m not in ours]
 
 
+def _titled(title: str, name: str, kind: str) -> str:
+    """A section's title, with what tells another run of its kind apart (needle-long.json: "(long)")."""
+    other_run = name.removeprefix(kind).lstrip("-")
+    return f"{title} ({other_run})" if other_run else title
+
+
 def _header(title: str, report: dict, png: str) -> list[str]:
     return [
         "",
@@ -162,9 +168,7 @@ def _stream_section(report: dict, assets: str) -> list[str]:
 
 def _grid_section(report: dict, assets: str, name: str) -> list[str]:
     task = report["task"]
-    other_run = name.removeprefix(task).lstrip("-")  # needle-long.json: another needle run, "(long)"
-    title = f"{task.capitalize()} retrieval" + (f" ({other_run})" if other_run else "")
-    lines = _header(title, report, f"{assets}/{name}.png")
+    lines = _header(_titled(f"{task.capitalize()} retrieval", name, task), report, f"{assets}/{name}.png")
     per_cell = Counter((c["method"], c["length"], c["depth"]) for c in report["results"].values())
     samples, fewest = max(per_cell.values()), min(per_cell.values())
     some = f" ({fewest} in some: see the cost table)" if fewest < samples else ""
@@ -187,7 +191,7 @@ def _grid_section(report: dict, assets: str, name: str) -> list[str]:
 
 
 def _ruler_section(report: dict, assets: str, name: str) -> list[str]:
-    lines = _header("RULER, synthetic tasks", report, f"{assets}/{name}.png")
+    lines = _header(_titled("RULER, synthetic tasks", name, "ruler"), report, f"{assets}/{name}.png")
     samples = 1 + max(c["sample"] for c in report["results"].values())
     lines.append(
         f"Scores x100 (RULER's string_match_all: the share of expected strings found in the greedy answer), {samples} "
@@ -196,6 +200,12 @@ def _ruler_section(report: dict, assets: str, name: str) -> list[str]:
         "answer fits. Tasks and scoring: NVIDIA/RULER's synthetic.yaml, re-implemented in lminf.eval.ruler."
     )
     lines += ["", ruler_table(report)]
+    table = scores(report)
+    lengths = sorted({n for cells in table.values() for _, n in cells})
+    absent = {m: [n for n in lengths if all(n != length for _, length in cells)] for m, cells in table.items()}
+    if any(absent.values()):
+        missing = "; ".join(f"{m} at {', '.join(f'{n:,}' for n in ns)}" for m, ns in absent.items() if ns)
+        lines += ["", f"Not run: {missing}."]
     lines += _settings(report)
     if report.get("substitutions"):
         lines += ["", "Departures from RULER: " + "; ".join(report["substitutions"]) + "."]
