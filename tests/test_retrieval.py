@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import random
 import re
@@ -199,6 +200,9 @@ def test_a_grid_records_time_and_memory_by_tier_and_the_report_shows_them(tmp_pa
     assert cells["infllm"]["host_kv_mib"] > 0 and cells["sinks"]["host_kv_mib"] == 0
     assert 0 < cells["infllm"]["device_kv_mib"] and cells["infllm"]["rss_mib"] > 0
     assert cells["infllm"]["threads"] == torch.get_num_threads()  # the conditions of each cell's time
+    finished = datetime.datetime.fromisoformat(cells["infllm"]["finished"])  # when, to tell shared hours apart later
+    assert abs(datetime.datetime.now(datetime.timezone.utc) - finished) < datetime.timedelta(minutes=5)
+    assert cells["infllm"]["load_1min"] >= 0
     text = write_report(runs, tmp_path / "docs" / "results.md").read_text()
     assert "![Passkey-original retrieval](results/passkey-original.png)" in text
     assert "| method | length | prompts | seconds | threads | device KV MiB | host KV MiB | block index MiB | RSS MiB |" in text

@@ -9,7 +9,9 @@ file atomically after each new cell, so an interrupted run continues where it st
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 import platform
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -69,8 +71,15 @@ class RunStore:
 
 
 def conditions() -> dict:
-    """What a timed cell ran under: a grid may be resumed with other threads or on another machine."""
-    return {"threads": torch.get_num_threads(), "machine": machine()}
+    """What a timed cell ran under: a grid may be resumed with other threads or on another machine,
+    and may share the machine for a while. When it finished (UTC) and the 1-minute load average
+    then (the run's own threads count in it) tell later readers which cells to note as shared."""
+    return {
+        "threads": torch.get_num_threads(),
+        "machine": machine(),
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
 
 
 def machine() -> str:
