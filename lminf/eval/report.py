@@ -201,8 +201,8 @@ def _ruler_section(report: dict, assets: str, name: str) -> list[str]:
     )
     lines += ["", ruler_table(report)]
     table = scores(report)
-    lengths = sorted({n for cells in table.values() for _, n in cells})
-    absent = {m: [n for n in lengths if all(n != length for _, length in cells)] for m, cells in table.items()}
+    lengths = {n for cells in table.values() for _, n in cells}
+    absent = {m: sorted(lengths - {n for _, n in cells}) for m, cells in table.items()}
     if any(absent.values()):
         missing = "; ".join(f"{m} at {', '.join(f'{n:,}' for n in ns)}" for m, ns in absent.items() if ns)
         lines += ["", f"Not run: {missing}."]
@@ -211,7 +211,7 @@ def _ruler_section(report: dict, assets: str, name: str) -> list[str]:
         lines += ["", "Departures from RULER: " + "; ".join(report["substitutions"]) + "."]
     lines += _grid_costs(report)
     lines += ["", "Where each method fails (tasks scoring below 50):", ""]
-    for method, cells in scores(report).items():
+    for method, cells in table.items():
         misses = [f"{task} at {n:,}" for (task, n), v in cells.items() if v < 50]
         lines.append(f"- {method}: " + (", ".join(misses) or "none"))
     return lines
