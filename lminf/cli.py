@@ -207,8 +207,8 @@ def serve_vllm(args: argparse.Namespace) -> int:
 
     if not vllm_installed():
         raise ValueError("--engine vllm needs vLLM next to lminf (see the README's vLLM section).")
-    if args.weights != "dense" or args.kv_dtype:
-        raise ValueError("--weights gguf and --kv-dtype run on lminf's own engine: add --engine transformers.")
+    if args.weights != "dense" or args.kv_dtype or args.kernel != "auto":
+        raise ValueError("--weights gguf, --kv-dtype and --kernel run on lminf's own engine: add --engine transformers.")
     model_dir = lminf.default_model.model_source(args.model)
     name = _served_name(args)
     extra = shlex.split(args.vllm_args)

@@ -30,6 +30,7 @@ from transformers import Cache, PreTrainedModel
 
 from lminf.caches.lambda_cache import LambdaCache, LambdaLayer
 from lminf.kernels.int4 import Int4Linear
+from lminf.kernels.one_query import COMPILED, compiled_pass, compiles
 from lminf.kernels.sdpa import attend, use_flash
 from lminf.rope import rotate, rotation
 from lminf.strategies.windowed import WindowedStrategy
@@ -88,6 +89,12 @@ class FastStep:
         self.layers: list[_Layer] = _PLANS[model][1]
         self.head = model.get_output_embeddings()
         self.flash = use_flash(state.kernel, model.device)
+        self.compiled = state.kernel == COMPILED
+
+    @property
+    def attention_kernel(self) -> str:
+        """The kernel its attention runs on: "compiled", "flash_cpu" (torch's fused CPU kernel) or "torch"."""
+        return COMPILED if self.compiled and compiles() else "flash_cpu" if self.flash else "torch"
 
     @torch.inference_mode()
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
@@ -149,7 +156,9 @@ class FastStep:
 
     def _pass(self, rows, keys, values, scaling: float) -> torch.Tensor:
         """rows (1, Hkv, rep, D) over keys and values (1, Hkv, S, D) -> (1, Hq, D); the query sees itself, so S > 0."""
-        out, _ = attend(rows, keys, values, None, scaling, self.flash)
+        out = compiled_pass(rows, keys, values, scaling) if self.compiled else None
+        if out is None:
+            out, _ = attend(rows, keys, values, None, scaling, self.flash)
         return out.to(rows.dtype).reshape(1, -1, rows.shape[-1])
 
 

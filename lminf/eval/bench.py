@@ -74,6 +74,7 @@ def measure_cell(model_path: str | None, method: Method, length: int, settings: 
         "settings": method.settings(),
         "input_major_weights": input_major,  # linear weights stored input-major (lminf.kernels.linear_layout)
         "decode_step": "fast" if isinstance(step, FastStep) else "forward",  # which step ran (lminf.fast_decode)
+        **({"decode_kernel": step.attention_kernel} if isinstance(step, FastStep) else {}),  # after it ran
     }
 
 

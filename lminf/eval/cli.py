@@ -290,8 +290,10 @@ def bench_command(args: argparse.Namespace) -> int:
 
 
 def race_command(args: argparse.Namespace, lengths: list[int]) -> int:
-    if args.model or args.weights != "dense" or args.kv_dtype or args.device != "cpu" or args.dtype not in ("auto", "float32"):
-        raise ValueError("--race runs the default model on CPU in float32 with its own --weights, --kv-dtype: drop those flags.")
+    own = args.weights != "dense" or args.kv_dtype or args.kernel != "auto"
+    if args.model or own or args.device != "cpu" or args.dtype not in ("auto", "float32"):
+        flags = "--weights, --kv-dtype, --kernel"
+        raise ValueError(f"--race runs the default model on CPU in float32 with its own {flags}: drop those flags.")
     settings = {"chunk": args.chunk_size, "decode_tokens": args.decode_tokens, "threads": args.threads}
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -147,6 +147,7 @@ class Patched(Method):
     strategy: Strategy
     name: str = ""
     kv_dtype: str | None = None  # e.g. "bfloat16": the cache stores keys and values so (lminf.patch); None: the model's
+    kernel: str = "auto"  # lminf.patch's backend, one of lminf.kernels.sdpa.KERNELS
 
     def __post_init__(self) -> None:
         if isinstance(self.strategy, str):
@@ -155,7 +156,8 @@ class Patched(Method):
             object.__setattr__(self, "name", self.strategy.name)
 
     def settings(self) -> dict:
-        return {**self.strategy.settings(), **({"kv_dtype": self.kv_dtype} if self.kv_dtype else {})}
+        extra = {"kv_dtype": self.kv_dtype} if self.kv_dtype else {}
+        return {**self.strategy.settings(), **extra, **({"kernel": self.kernel} if self.kernel != "auto" else {})}
 
     def resolved(self, model: PreTrainedModel) -> Patched:
         with self.patched(model):
@@ -163,7 +165,7 @@ class Patched(Method):
 
     @contextmanager
     def patched(self, model: PreTrainedModel) -> Iterator[PreTrainedModel]:
-        patch(model, self.strategy, kv_dtype=getattr(torch, self.kv_dtype) if self.kv_dtype else None)
+        patch(model, self.strategy, backend=self.kernel, kv_dtype=getattr(torch, self.kv_dtype) if self.kv_dtype else None)
         try:
             yield model
         finally:
@@ -207,7 +209,7 @@ def make_method(name: str, args: argparse.Namespace) -> Method:
     for other, other_preset in cls.methods().items():
         if len(other_preset) > len(preset) and strategy_from(args, cls.name, strict=False, fixed=other_preset) == strategy:
             raise ValueError(f"method {name} is the same as {other} with these settings ({strategy}); change a setting.")
-    return Patched(strategy, name, getattr(args, "kv_dtype", None))
+    return Patched(strategy, name, getattr(args, "kv_dtype", None), getattr(args, "kernel", "auto"))
 
 
 def methods_from(text: str, args: argparse.Namespace, allowed: Sequence[str] | None = None) -> list[Method]:

@@ -8,11 +8,13 @@ for every engine), then decodes `decode_tokens` greedy tokens one at a time, and
 prefill time and the median decoding step. Engines (ENGINES): llama.cpp through
 llama-cpp-python (`pip install 'lminf[race]'`; never a test dependency) with its defaults
 (16-bit cache) and the same threads and batch; lminf with float32 weights, with the file's own
-blocks (`--weights gguf`), and with those and a 16-bit cache; and float32 with its linear
+blocks (`--weights gguf`), with those and a 16-bit cache, and with those and the decoding
+step's attention through torch.compile (`--kernel compiled`); and float32 with its linear
 weights row-major as loaded, beside the input-major layout lminf.load_model gives them on
-CPU; and the file's blocks decoded through the model's forward, beside the fast decoding step
-(lminf.fast_decode) every other lminf engine takes. Above the model's training length
-llama.cpp is not run (see LLAMA_CPP_PAST_TRAINING); lminf runs alone there.
+CPU, and float32 with the compiled attention; and the file's blocks decoded through the
+model's forward, beside the fast decoding step (lminf.fast_decode) every other lminf engine
+takes. Above the model's training length llama.cpp is not run (see LLAMA_CPP_PAST_TRAINING);
+lminf runs alone there.
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ ENGINES: dict[str, dict | None] = {
     LLAMA_CPP: None,
     "lminf": {"weights": "dense"},
     "lminf-row-major": {"weights": "dense", "linear_layout": "row-major"},  # as loaded: the layout's gain, side by side
+    "lminf-compiled": {"weights": "dense", "kernel": "compiled"},
     "lminf-gguf": {"weights": "gguf"},
     "lminf-gguf-kv16": {"weights": "gguf", "kv_dtype": "bfloat16"},
+    "lminf-gguf-kv16-compiled": {"weights": "gguf", "kv_dtype": "bfloat16", "kernel": "compiled"},
     "lminf-gguf-forward": {"weights": "gguf", "decode_step": "forward"},  # the model's forward: the fast step's gain
 }
 LENGTHS = (1024, 8000, 16384, 32768)
@@ -99,7 +103,7 @@ def llama_cpp_cell(gguf: Path, ids: list[int], length: int, settings: dict) -> d
 
 def lminf_cell(options: dict, ids: list[int], length: int, settings: dict) -> dict:
     """One lminf cell (lminf.eval.bench.measure_cell) with the engine's options."""
-    method = Patched(LMInfinite(), "lminf", options.get("kv_dtype"))
+    method = Patched(LMInfinite(), "lminf", options.get("kv_dtype"), options.get("kernel", "auto"))
     cell_settings = {**settings, "device": "cpu", "dtype": "float32", "weights": options["weights"]}
     cell_settings["linear_layout"] = options.get("linear_layout", "input-major")
     cell_settings["decode_step"] = options.get("decode_step", "fast")

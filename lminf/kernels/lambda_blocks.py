@@ -66,7 +66,7 @@ def lambda_attention(
 
     Keys are in physical order and the queries are the last Q keys (see lminf.layout).
     Grouped-query attention: Hq must be a multiple of Hkv; top-k is chosen per query head.
-    kernel: "torch" (plain matmuls), "flash_cpu" (torch's fused CPU kernel), or "auto".
+    kernel: "torch" (plain matmuls), "flash_cpu" (torch's fused CPU kernel), or "auto" ("compiled" is "auto" here).
     inv_freq None: a position-free layer, far and middle keys are read without any rotation.
     softcap: the model's logit soft-capping (Gemma 2), None for none.
     interleaved: the rotary pairs are GPT-J's (2f, 2f + 1), not Llama's (f, f + rot/2).

@@ -4,7 +4,8 @@ A strategy's attention is a few such passes over different key sets (a window, a
 keys, selected middle keys); merging their outputs through their log-sum-exps gives one
 softmax over the union. Two backends compute a pass, chosen by one switch (`kernel`):
 "torch" (plain matmuls, everywhere) and "flash_cpu" (torch's fused CPU kernel); "auto"
-takes the fused one on CPU where torch has it. A GPU backend goes here.
+takes the fused one on CPU where torch has it. "compiled" is "auto" here, and a decoding
+step's one query through torch.compile (lminf.kernels.one_query). A GPU backend goes here.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ import torch
 
 # torch's fused CPU attention that also returns the log-sum-exp (an aten op, not public API).
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-KERNELS = ("auto", "flash_cpu", "torch")
+KERNELS = ("auto", "flash_cpu", "torch", "compiled")
 
 
 def use_flash(kernel: str, device: torch.device) -> bool:
     """Whether `kernel` means the fused CPU kernel on `device`."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
-    return kernel == "flash_cpu" or (kernel == "auto" and device.type == "cpu" and _FLASH_CPU is not None)
+    auto = kernel in ("auto", "compiled")
+    return kernel == "flash_cpu" or (auto and device.type == "cpu" and _FLASH_CPU is not None)
 
 
 def attend(

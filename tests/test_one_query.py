@@ -1,0 +1,100 @@
+"""The decoding step's compiled attention (lminf.kernels.one_query, kernel "compiled") against
+the dense float64 formula, through the fast step against the float64 reference model, and its
+fall-back where torch.compile cannot compile."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+import lminf
+from lminf import arguments
+from lminf.eval.methods import make_method
+from lminf.fast_decode import FastStep
+from lminf.generation import decoder
+from lminf.kernels import one_query as kernel
+from tests.conftest import tiny_model
+from tests.reference import reference_attention
+from tests.test_fast_decode import decoded, tokens
+
+torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiler():
+    """Each test compiles its own graphs: past torch.compile's recompile limit (8 per function
+    in one process) it would run the plain function instead, unseen."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+
+
+def compiled_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def dense(rows, keys, values, scaling):
+    """softmax(q k^T * scaling) v in float64, the grouped heads as rows."""
+    s = rows.double() @ keys.double().transpose(-1, -2) * scaling
+    return torch.softmax(s, -1) @ values.double()
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 3, 1), (1, 4, 37), (2, 1, 300)])  # (key heads, rows per head, keys)
+def test_one_query_equals_the_dense_formula(stored, shape):
+    hkv, rep, n = shape
+    g = torch.Generator().manual_seed(n)
+    rows = torch.randn(1, hkv, rep, 16, generator=g)
+    keys, values = (torch.randn(1, hkv, n, 16, generator=g).to(stored) for _ in range(2))
+    want = dense(rows, keys, values, 0.25)
+    for got in (kernel.one_query(rows, keys, values, 0.25), kernel.compiled_pass(rows, keys, values, 0.25)):
+        assert got.dtype == torch.float32  # the query's dtype: keys stored in 16 bits are read, not rounded to
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert compiled_graphs() == 1
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16])
+def test_compiled_decoding_equals_the_dense_reference(family, kv_dtype):
+    # A one-token prompt: every later token decodes through the fast step, past the ring's wrap
+    # and with far keys. Both models store the same (16-bit) keys in the same cache, one token
+    # at a time; the query stays float32.
+    settings = dict(n_global=3, n_local=8, kv_dtype=kv_dtype)
+    model = lminf.patch(tiny_model(family), "lminf", backend="compiled", **settings)
+    cache = lminf.make_cache(model)
+    step = decoder(model, cache)
+    assert isinstance(step, FastStep) and step.attention_kernel == "compiled"
+    ids = tokens(40, seed=4)
+    got = decoded(model, ids, 1, cache)
+    reference = lminf.patch(tiny_model(family), "lminf", backend=reference_attention, **settings)
+    ref = decoded(reference, ids, 1, lminf.make_cache(reference))  # its own forward, one token at a time
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert compiled_graphs() >= 1  # the compiled kernel ran, not the fused one
+
+
+def test_where_it_cannot_compile_it_says_so_and_decodes_with_the_fused_kernel(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(kernel, "_compiled", broken)
+    model = lminf.patch(tiny_model("llama"), "lminf", n_global=3, n_local=8, backend="compiled")
+    ids = tokens(20, seed=5)
+    with pytest.warns(UserWarning, match="cannot compile here.*no C\\+\\+ compiler"):
+        got = decoded(model, ids, 1)
+    assert kernel._compiled is False  # said once: later steps go straight to the fused kernel
+    assert decoder(model, lminf.make_cache(model)).attention_kernel == "flash_cpu"
+    ref = lminf.patch(tiny_model("llama"), "lminf", backend=reference_attention, n_global=3, n_local=8)(ids).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_the_command_line_takes_the_kernel(monkeypatch):
+    parser = argparse.ArgumentParser()
+    arguments.add_model_args(parser)
+    args = parser.parse_args(["--kernel", "compiled"])
+    monkeypatch.setattr(arguments, "load_model", lambda *given: (tiny_model("llama"), None))
+    model, _ = arguments.load(args)
+    assert model._lminf.kernel == "compiled"
+    assert make_method("lminf", args).settings()["kernel"] == "compiled"  # the eval commands' methods too
+    assert "kernel" not in make_method("lminf", parser.parse_args([])).settings()
