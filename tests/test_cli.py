@@ -120,6 +120,8 @@ def test_bench_table_and_plot_have_a_column_and_a_line_per_method(tmp_path):
     # Floors: 2048e9 FLOPs at 0.1 TFLOP/s; (n + 1) GB at 10 GB/s.
     assert "| 2048 | 2.0 (20.5) | 3.0 (20.5) | 4.0 (20.5) | not run | 10 (100) | 11 (200) | 12 (300) | not run |" in table
     fig = plot_bench(report, tmp_path / "bench.png")
+    # One legend below the plots (inside, many methods hid the lines): each method, then the floors' style.
+    assert [text.get_text() for text in fig.legends[0].get_texts()] == [*methods, "dashed: its floor"]
     for ax, field in zip(fig.axes, ("prefill_s", "decode_ms", "peak_mib"), strict=True):
         lines = {line.get_label(): line for line in ax.get_lines()}
         assert set(lines) == {*methods, *(f"{m} floor" for m in methods if field != "peak_mib")}

@@ -114,20 +114,32 @@ def plot_ruler(report: dict, out_png: Path):
 BENCH_FIELDS = (("prefill_s", "prefill (s)"), ("decode_ms", "decode (ms/token)"), ("peak_mib", "peak memory (MiB)"))
 
 
+FLOOR = "dashed: its floor"
+
+
 def plot_bench(report: dict, out_png: Path):
     """Prefill time, decode latency and peak memory against context length, log-log, one
     line per method (and its floor, dashed)."""
-    fig, axes = pyplot().subplots(1, 3, figsize=(15, 4))
+    methods = bench_methods(report)
+    rows = -(-(len(methods) + 1) // 4)  # one legend below the plots, 4 entries a row: inside, many methods hide the lines
+    fig, axes = pyplot().subplots(1, 3, figsize=(15, 4 + 0.3 * rows))
+    handles = {}
     for ax, (field, label) in zip(axes, BENCH_FIELDS, strict=True):
-        for n, method in enumerate(bench_methods(report)):
+        for n, method in enumerate(methods):
             cells = [c for c in report["results"].values() if c["method"] == method and field in c]
             cells.sort(key=lambda c: c["tokens"])
-            ax.plot([c["tokens"] for c in cells], [c[field] for c in cells], marker="o", color=f"C{n}", label=method)
+            (line,) = ax.plot([c["tokens"] for c in cells], [c[field] for c in cells], marker="o", color=f"C{n}", label=method)
+            handles.setdefault(method, line)
             floor = [(c["tokens"], floors(report, c)[field]) for c in cells if field in floors(report, c)]
             if floor:
                 ax.plot(*zip(*floor, strict=True), linestyle="--", color=f"C{n}", alpha=0.6, label=f"{method} floor")
+                handles.setdefault(FLOOR, None)
         ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel=label)
-        ax.legend()
+    if handles.pop(FLOOR, False) is None:  # last, in grey: each method's floor is dashed in its colour
+        from matplotlib.lines import Line2D
+
+        handles[FLOOR] = Line2D([], [], color="grey", linestyle="--")
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=4, fontsize=9, frameon=False)
     fig.suptitle(f"{report.get('model')} on {report.get('machine')}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05 * rows + 0.01, 1, 1))
     return save(fig, out_png)
