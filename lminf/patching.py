@@ -140,7 +140,7 @@ def patch(
             >= top_k_from_layer (with top_k > 0 the generation cache keeps every token);
         global_distance="capped" | "reindexed" is the older spelling of strategy "lminf" | "sinks".
     backend: the kernel, one of "auto", "torch", "flash_cpu", "compiled" (a decoding step's
-        attention through torch.compile, 2x faster on a CPU with a 16-bit cache; needs a C++
+        attention through torch.compile, 1.3-1.4x faster on a CPU with a 16-bit cache; needs a C++
         compiler, compiles for seconds on first use); or a function
         (strategy, q, k, v, layout, call) -> output that replaces the strategy's attention.
     kv_dtype: store the cache's keys and values in this dtype (torch.bfloat16 halves a float32
