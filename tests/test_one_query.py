@@ -5,7 +5,6 @@ fall-back where torch.compile cannot compile."""
 from __future__ import annotations
 
 import argparse
-import shutil
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from lminf.eval.methods import make_method
 from lminf.fast_decode import FastStep
 from lminf.generation import decoder
 from lminf.kernels import one_query as kernel
-from tests.conftest import tiny_model
+from tests.conftest import HAS_CXX, tiny_model
 from tests.reference import reference_attention
 from tests.test_fast_decode import decoded, tokens
 
@@ -32,8 +31,7 @@ def fresh_compiler():
     yield
 
 
-# torch.compile's CPU backend builds C++; without a compiler the kernel cannot run (the fall-back is tested below).
-HAS_CXX = any(shutil.which(name) for name in ("g++", "c++", "clang++"))
+# Without a C++ compiler the kernel cannot run (the fall-back is tested below).
 needs_compiler = pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler for torch.compile")
 
 

@@ -12,8 +12,8 @@ import pytest
 from lminf.cli import main
 from lminf.eval import cli as eval_cli
 from lminf.eval.race import ENGINES, LLAMA_CPP, LLAMA_CPP_PAST_TRAINING, _race_cell, llama_cpp_cell, prompt_ids, race_table
+from tests.conftest import HAS_CXX
 from tests.test_cli import lminf_cli
-from tests.test_one_query import HAS_CXX
 
 
 def test_the_prompt_is_the_start_of_pydecimal_repeated():

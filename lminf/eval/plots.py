@@ -123,7 +123,7 @@ def plot_bench(report: dict, out_png: Path):
     methods = bench_methods(report)
     rows = -(-(len(methods) + 1) // 4)  # one legend below the plots, 4 entries a row: inside, many methods hide the lines
     fig, axes = pyplot().subplots(1, 3, figsize=(15, 4 + 0.3 * rows))
-    handles = {}
+    handles, has_floor = {}, False
     for ax, (field, label) in zip(axes, BENCH_FIELDS, strict=True):
         for n, method in enumerate(methods):
             cells = [c for c in report["results"].values() if c["method"] == method and field in c]
@@ -133,9 +133,9 @@ def plot_bench(report: dict, out_png: Path):
             floor = [(c["tokens"], floors(report, c)[field]) for c in cells if field in floors(report, c)]
             if floor:
                 ax.plot(*zip(*floor, strict=True), linestyle="--", color=f"C{n}", alpha=0.6, label=f"{method} floor")
-                handles.setdefault(FLOOR, None)
+                has_floor = True
         ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel=label)
-    if handles.pop(FLOOR, False) is None:  # last, in grey: each method's floor is dashed in its colour
+    if has_floor:  # last, in grey: each method's floor is dashed in its colour
         from matplotlib.lines import Line2D
 
         handles[FLOOR] = Line2D([], [], color="grey", linestyle="--")
