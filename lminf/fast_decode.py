@@ -29,8 +29,10 @@ import torch
 from transformers import Cache, PreTrainedModel
 
 from lminf.caches.lambda_cache import LambdaCache, LambdaLayer
+from lminf.kernels import decode_layers
+from lminf.kernels.compiling import compiles
 from lminf.kernels.int4 import Int4Linear
-from lminf.kernels.one_query import COMPILED, compiled_pass, compiles
+from lminf.kernels.one_query import COMPILED, compiled_pass
 from lminf.kernels.sdpa import attend, use_flash
 from lminf.rope import rotate, rotation
 from lminf.strategies.windowed import WindowedStrategy
@@ -82,19 +84,24 @@ class FastStep:
         self.rotary = state.rotary
         self.inv_freq = state.rotary.inv_freq
         decoder = model.get_decoder()
-        self.embed, self.norm = decoder.embed_tokens, _norm(decoder.norm)
-        built_for = (model.dtype, model.device)  # a plan holds the weights as they were: rebuild after .to()
-        if _PLANS.get(model, (None,))[0] != built_for:
-            _PLANS[model] = built_for, [_Layer.of(layer, model.config) for layer in decoder.layers]
-        self.layers: list[_Layer] = _PLANS[model][1]
-        self.head = model.get_output_embeddings()
-        self.flash = use_flash(state.kernel, model.device)
+        self.embed = decoder.embed_tokens
         self.compiled = state.kernel == COMPILED
+        # A plan holds the weights as they were: rebuild after .to(); kernel "compiled" has its own.
+        built_for = (model.dtype, model.device, self.compiled)
+        if _PLANS.get(model, (None,))[0] != built_for:
+            _PLANS[model] = built_for, _plan(model, self.compiled)
+        self.layers, self.head = _PLANS[model][1]
+        self.flash = use_flash(state.kernel, model.device)
 
     @property
     def attention_kernel(self) -> str:
         """The kernel its attention runs on: "compiled", "flash_cpu" (torch's fused CPU kernel) or "torch"."""
         return COMPILED if self.compiled and compiles() else "flash_cpu" if self.flash else "torch"
+
+    @property
+    def layers_kernel(self) -> str:
+        """What runs the layers around the attention: "compiled" (lminf.kernels.decode_layers) or "modules"."""
+        return COMPILED if isinstance(self.head, _CompiledHead) and compiles() else "modules"
 
     @torch.inference_mode()
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
@@ -107,15 +114,10 @@ class FastStep:
         turn = cos, torch.cat((-sin[..., :half], sin[..., half:]), -1)  # x * cos + rotate_half(x) * sin, in 4 calls
         far = self._far(pos, x.device)
         for layer, cache_layer in zip(self.layers, self.cache.layers, strict=True):
-            qkv = layer.qkv(layer.norm1(x))  # (1, 1, [q | k | v])
-            qk = _rope(qkv[..., : layer.n_qk].view(1, -1, layer.head_dim), turn)  # q's and k's heads, rotated together
-            q, k = qk[:, : layer.n_q], qk[:, layer.n_q :, None]
-            keys, values = cache_layer.update(k, qkv[..., layer.n_qk :].view(1, -1, 1, layer.head_dim))
-            o = self._attend(q, keys, values, pos, far, layer.scaling)
-            x = x + layer.o_proj(o.reshape(1, 1, -1))
-            gate, up = layer.gate_up(layer.norm2(x)).chunk(2, -1)
-            x = x + layer.down(layer.act(gate) * up)
-        return self.head(self.norm(x))[:, -1].float()
+            q, k, v = layer.enter(x, turn)
+            keys, values = cache_layer.update(k, v)
+            x = layer.leave(x, self._attend(q, keys, values, pos, far, layer.scaling))
+        return self.head(x)
 
     def _far(self, pos: int, device: torch.device):
         """(first tokens read as far keys, the rotation that moves each such key to where the
@@ -162,8 +164,26 @@ class FastStep:
         return out.to(rows.dtype).reshape(1, -1, rows.shape[-1])
 
 
-# Per model: (dtype, device) it was built for, what a step runs in each decoder layer (see _Layer.of).
+def compiled_layers_fit(model: PreTrainedModel) -> bool:
+    """Whether kernel "compiled" runs this model's layers as compiled graphs too
+    (lminf.kernels.decode_layers: float32 or float64 nn.Linear weights on a CPU, Llama's norms
+    and gated MLP), not only its decoding attention."""
+    return model.config.model_type in FAMILIES and _CompiledLayer.fits(model)
+
+
+# Per model: (dtype, device, compiled) it was built for, (its layers, its head) as a step runs them (_plan).
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _plan(model: PreTrainedModel, compiled: bool) -> tuple[list, Callable]:
+    """What a step runs in each decoder layer and for the output: compiled graphs
+    (lminf.kernels.decode_layers) where asked and every layer fits them, the modules elsewhere."""
+    decoder, config = model.get_decoder(), model.config
+    if compiled and compiled_layers_fit(model):
+        layers = [_CompiledLayer.of(layer, config) for layer in decoder.layers]
+        return layers, _CompiledHead(decoder.norm.weight, _pair(model.get_output_embeddings()), decoder.norm.variance_epsilon)
+    head, norm = model.get_output_embeddings(), _norm(decoder.norm)
+    return [_Layer.of(layer, config) for layer in decoder.layers], lambda x: head(norm(x))[:, -1].float()
 
 
 @dataclass
@@ -182,6 +202,18 @@ class _Layer:
     head_dim: int
     scaling: float
 
+    def enter(self, x: torch.Tensor, turn: tuple[torch.Tensor, torch.Tensor]):
+        """x (1, 1, hidden) -> query (1, Hq, D), key and value (1, Hkv, 1, D), rotated."""
+        qkv = self.qkv(self.norm1(x))  # (1, 1, [q | k | v])
+        qk = _rope(qkv[..., : self.n_qk].view(1, -1, self.head_dim), turn)  # q's and k's heads, rotated together
+        return qk[:, : self.n_q], qk[:, self.n_q :, None], qkv[..., self.n_qk :].view(1, -1, 1, self.head_dim)
+
+    def leave(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """x and the attention's output (1, Hq, D) -> x after the layer."""
+        x = x + self.o_proj(attended.reshape(1, 1, -1))
+        gate, up = self.gate_up(self.norm2(x)).chunk(2, -1)
+        return x + self.down(self.act(gate) * up)
+
     @classmethod
     def of(cls, layer: torch.nn.Module, config) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -199,6 +231,64 @@ class _Layer:
             head_dim=attn.head_dim,
             scaling=attn.scaling,
         )
+
+
+_FLOATS = (torch.float32, torch.float64)  # the weights the compiled graphs were measured and tested with
+
+
+@dataclass
+class _CompiledLayer:
+    """One decoder layer as two compiled graphs around its attention (lminf.kernels.decode_layers)."""
+
+    before: tuple  # enter's arguments after x and the rotation
+    after: tuple  # leave's arguments after x and the attention's output
+    scaling: float
+
+    @staticmethod
+    def fits(model: PreTrainedModel) -> bool:
+        """Whether every layer is what the graphs compute: float CPU weights in nn.Linear (4-bit
+        layers keep their own kernel), Llama's RMSNorm, a SiLU-gated MLP."""
+        decoder = model.get_decoder()
+        linears = [model.get_output_embeddings()]
+        for layer in decoder.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+            if type(mlp.act_fn) is not torch.nn.SiLU and type(mlp.act_fn).__name__ != "SiLUActivation":  # transformers' own
+                return False
+        norms = [decoder.norm] + [n for layer in decoder.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        plain = all(type(m) is torch.nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype in _FLOATS for m in linears)
+        return plain and all(type(n).__name__.endswith("RMSNorm") and hasattr(n, "variance_epsilon") for n in norms)
+
+    @classmethod
+    def of(cls, layer: torch.nn.Module, config) -> _CompiledLayer:
+        attn, mlp = layer.self_attn, layer.mlp
+        norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
+        before = (norm1.weight, _pair(attn.q_proj), _pair(attn.k_proj), _pair(attn.v_proj), norm1.variance_epsilon, attn.head_dim)
+        mlp_linears = _pair(mlp.gate_proj), _pair(mlp.up_proj), _pair(mlp.down_proj)
+        after = (_pair(attn.o_proj), norm2.weight, *mlp_linears, norm2.variance_epsilon)
+        return cls(before, after, attn.scaling)
+
+    def enter(self, x: torch.Tensor, turn: tuple[torch.Tensor, torch.Tensor]):
+        return decode_layers.compiled_enter(x, *turn, *self.before)
+
+    def leave(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        return decode_layers.compiled_leave(x, attended, *self.after)
+
+
+@dataclass
+class _CompiledHead:
+    """The final norm and output layer as one compiled graph."""
+
+    norm: torch.Tensor
+    output: decode_layers.Linear
+    eps: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return decode_layers.compiled_head(x, self.norm, self.output, self.eps)
+
+
+def _pair(linear: torch.nn.Linear) -> decode_layers.Linear:
+    return linear.weight, linear.bias
 
 
 def _norm(module: torch.nn.Module) -> Callable:

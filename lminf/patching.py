@@ -30,8 +30,10 @@ from lminf.families import (
     layer_kinds,
     rotary_embedding,
 )
-from lminf.fast_decode import FastStep, why_not
+from lminf.fast_decode import FastStep, compiled_layers_fit, why_not
 from lminf.generation import PREFILL_CHUNK, cache_kwarg, prefill
+from lminf.kernels.linear_layout import arrange_linear_weights
+from lminf.kernels.one_query import COMPILED
 from lminf.kernels.sdpa import KERNELS
 from lminf.layout import Layout, lambda_mask
 from lminf.strategies import AttentionCall, Strategy, build
@@ -139,8 +141,10 @@ def patch(
         top_k=0, top_k_from_layer=4: middle tokens each query head also attends to, in layers
             >= top_k_from_layer (with top_k > 0 the generation cache keeps every token);
         global_distance="capped" | "reindexed" is the older spelling of strategy "lminf" | "sinks".
-    backend: the kernel, one of "auto", "torch", "flash_cpu", "compiled" (a decoding step's
-        attention through torch.compile, 1.3-1.4x faster on a CPU with a 16-bit cache; needs a C++
+    backend: the kernel, one of "auto", "torch", "flash_cpu", "compiled" (a decoding step
+        through torch.compile: its attention, and with float weights on a CPU its layers around
+        it, which this then stores row-major, as they read fastest; 1.6-1.7x faster float32
+        decoding on a 2-core CPU, 1.3-1.4x with 4-bit weights and a 16-bit cache; needs a C++
         compiler, compiles for seconds on first use); or a function
         (strategy, q, k, v, layout, call) -> output that replaces the strategy's attention.
     kv_dtype: store the cache's keys and values in this dtype (torch.bfloat16 halves a float32
@@ -167,6 +171,8 @@ def patch(
     )
     for module in attention_modules(model):
         module._lminf = state
+    if state.kernel == COMPILED and compiled_layers_fit(model):
+        arrange_linear_weights(model, input_major=False)  # what the compiled layers read fastest (decode_layers)
     if state.family.prepare is not None:
         state.prepared = state.family.prepare(model)
     if strategy.stateful:  # its attention reads its own cache layer: note which cache each forward call uses

@@ -8,13 +8,16 @@ import argparse
 
 import pytest
 import torch
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 import lminf
 from lminf import arguments
 from lminf.eval.methods import make_method
 from lminf.fast_decode import FastStep
 from lminf.generation import decoder
+from lminf.kernels import compiling, decode_layers
 from lminf.kernels import one_query as kernel
+from lminf.kernels.linear_layout import is_input_major
 from tests.conftest import HAS_CXX, tiny_model
 from tests.reference import reference_attention
 from tests.test_fast_decode import decoded, tokens
@@ -37,6 +40,21 @@ needs_compiler = pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler for tor
 
 def compiled_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def graphs(function) -> int:
+    """How many graphs torch.compile holds for `function` (one per set of guards it met)."""
+    return len(_debug_get_cache_entry_list(function.__code__))
+
+
+def perturbed(model):
+    """The model with random biases (Qwen2's q, k, v) and norm weights: initialised they are 0
+    and 1, which would hide a graph that drops them."""
+    g = torch.Generator().manual_seed(7)
+    for name, p in model.named_parameters():
+        if name.endswith("bias") or "norm" in name:
+            p.data += 0.1 * torch.randn(p.shape, generator=g)
+    return model
 
 
 def dense(rows, keys, values, scaling):
@@ -68,29 +86,35 @@ def test_compiled_decoding_equals_the_dense_reference(family, kv_dtype):
     # and with far keys. Both models store the same (16-bit) keys in the same cache, one token
     # at a time; the query stays float32.
     settings = dict(n_global=3, n_local=8, kv_dtype=kv_dtype)
-    model = lminf.patch(tiny_model(family), "lminf", backend="compiled", **settings)
+    model = lminf.patch(perturbed(tiny_model(family)), "lminf", backend="compiled", **settings)
     cache = lminf.make_cache(model)
     step = decoder(model, cache)
-    assert isinstance(step, FastStep) and step.attention_kernel == "compiled"
+    assert isinstance(step, FastStep) and (step.attention_kernel, step.layers_kernel) == ("compiled", "compiled")
     ids = tokens(40, seed=4)
     got = decoded(model, ids, 1, cache)
-    reference = lminf.patch(tiny_model(family), "lminf", backend=reference_attention, **settings)
+    reference = lminf.patch(perturbed(tiny_model(family)), "lminf", backend=reference_attention, **settings)
     ref = decoded(reference, ids, 1, lminf.make_cache(reference))  # its own forward, one token at a time
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-    assert compiled_graphs() >= 1  # the compiled kernel ran, not the fused one
+    # The attention, each layer's two graphs and the head ran compiled, and the layers share
+    # one graph each (one per layer would pass the recompile limit on a 30-layer model).
+    assert all(graphs(f) == 1 for f in (decode_layers.enter, decode_layers.leave, decode_layers.head))
+    assert graphs(kernel.one_query) >= 1
 
 
-def test_where_it_cannot_compile_it_says_so_and_decodes_with_the_fused_kernel(monkeypatch):
+def test_where_it_cannot_compile_it_says_so_and_decodes_with_the_plain_kernels(monkeypatch):
     def broken(*args):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(kernel, "_compiled", broken)
+    monkeypatch.setattr(compiling, "_graphs", {})  # nothing compiled yet in this process
+    monkeypatch.setattr(compiling, "_failed", None)
+    monkeypatch.setattr(torch, "compile", lambda function, **options: broken)
     model = lminf.patch(tiny_model("llama"), "lminf", n_global=3, n_local=8, backend="compiled")
     ids = tokens(20, seed=5)
-    with pytest.warns(UserWarning, match="cannot compile here.*no C\\+\\+ compiler"):
+    with pytest.warns(UserWarning, match="cannot compile here.*no C\\+\\+ compiler") as said:
         got = decoded(model, ids, 1)
-    assert kernel._compiled is False  # said once: later steps go straight to the fused kernel
-    assert decoder(model, lminf.make_cache(model)).attention_kernel == "flash_cpu"
+    assert len(said) == 1 and not compiling.compiles()  # said once: later steps run the plain kernels
+    step = decoder(model, lminf.make_cache(model))
+    assert (step.attention_kernel, step.layers_kernel) == ("flash_cpu", "modules")
     ref = lminf.patch(tiny_model("llama"), "lminf", backend=reference_attention, n_global=3, n_local=8)(ids).logits
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
@@ -104,3 +128,14 @@ def test_the_command_line_takes_the_kernel(monkeypatch):
     assert model._lminf.kernel == "compiled"
     assert make_method("lminf", args).settings()["kernel"] == "compiled"  # the eval commands' methods too
     assert "kernel" not in make_method("lminf", parser.parse_args([])).settings()
+
+
+def test_the_compiled_kernel_stores_the_weights_as_its_layers_read_them():
+    # Its layers read row-major weights fastest (lminf.kernels.decode_layers); the values stay.
+    model = tiny_model("llama")
+    want = {name: p.clone() for name, p in model.named_parameters()}
+    assert lminf.arrange_linear_weights(model) > 0  # some stored input-major, as loaded models are
+    lminf.patch(model, "lminf", backend="compiled")
+    assert not any(is_input_major(p) for p in model.parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p, want[name])

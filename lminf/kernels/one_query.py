@@ -8,14 +8,15 @@ bfloat16 cache and 1.51 with float32, against 0.86 and 1.12 for the kernel below
 EPYC, 2 threads; benchmarks/one_query_kernel.py). This one reads every stored key and value
 once, in its stored dtype, and sums in the query's (float32; float64 in the tests), so a 16-bit
 cache halves what a step reads and the query keeps its float32 bits. End to end (README, the
-race) it made decoding with a bfloat16 cache 1.3-1.4x faster, and float32 decoding no faster.
+race) it made decoding with a bfloat16 cache 1.3-1.4x faster, and float32 decoding no faster
+alone: there the layers around it are compiled too (lminf.kernels.decode_layers).
 """
 
 from __future__ import annotations
 
-import warnings
-
 import torch
+
+from lminf.kernels.compiling import compiled, compiles
 
 # "compiled": the decoding step's one-query pass through `compiled_pass` (lminf.fast_decode).
 COMPILED = "compiled"
@@ -33,29 +34,10 @@ def one_query(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scal
     return torch.stack([(p[:, r, :, None] * v).sum(-2) for r in range(rows.shape[2])], 1)[None]
 
 
-_compiled = None  # torch.compile(one_query), built on first use; False once it failed here
-
-
-def compiles() -> bool:
-    """False once `compiled_pass` failed to compile in this process (it then returns None)."""
-    return _compiled is not False
+_compiled = compiled(one_query, dynamic=True)  # dynamic shapes: one compile covers a cache that is still filling
 
 
 def compiled_pass(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor | None:
-    """`one_query` through torch.compile (dynamic shapes: one compile covers a cache that is
-    still filling); None where it cannot compile here (no C++ compiler, for one), said once."""
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(one_query, dynamic=True)
-    if _compiled is False:
-        return None
-    try:
-        return _compiled(rows, keys, values, scaling)
-    except Exception as error:  # torch.compile's failures have no common type
-        warnings.warn(
-            f"kernel 'compiled' cannot compile here ({type(error).__name__}: {error}); "
-            "decoding with torch's fused kernel instead.",
-            stacklevel=2,
-        )
-        _compiled = False
-        return None
+    """`one_query` through torch.compile; None once compiling failed here (the caller then
+    runs torch's fused kernel)."""
+    return _compiled(rows, keys, values, scaling) if compiles() else None
