@@ -75,19 +75,23 @@ def test_race_runs_every_engine(tmp_path):
     assert "decode_ms" in cells[f"{LLAMA_CPP}/48"] or "lminf[race]" in cells[f"{LLAMA_CPP}/48"]["error"]
     kv16 = cells["lminf-gguf-kv16/48"]
     assert kv16["settings"]["kv_dtype"] == "bfloat16" and kv16["cache_mib"] * 2 == cells["lminf-gguf/48"]["cache_mib"]
-    compiled = cells["lminf-gguf-kv16-compiled/48"]["decode_kernel"]
-    assert kv16["decode_kernel"] == "flash_cpu" and compiled == ("compiled" if HAS_CXX else "flash_cpu")
+    compiled = cells["lminf-gguf-kv16-compiled/48"]
+    assert kv16["decode_kernel"] == "flash_cpu" and compiled["decode_kernel"] == ("compiled" if HAS_CXX else "flash_cpu")
     assert cells["lminf-gguf/48"]["decode_bytes"] < 0.2 * cells["lminf/48"]["decode_bytes"]
     assert cells["lminf/48"]["input_major_weights"] > 0 and cells["lminf-row-major/48"]["input_major_weights"] == 0
+    # Float32 with kernel "compiled": its layers compiled too, over row-major weights.
+    assert cells["lminf-compiled/48"]["input_major_weights"] == 0
+    assert cells["lminf-compiled/48"]["decode_layers"] == ("compiled" if HAS_CXX else "modules")
+    assert compiled["decode_layers"] == cells["lminf/48"]["decode_layers"] == "modules"  # 4-bit layers keep their kernel
     assert cells["lminf-gguf/48"]["decode_step"] == "fast" and cells["lminf-gguf-forward/48"]["decode_step"] == "forward"
     assert doc.with_name("benchmarks-race.png").exists() and "lminf bench --race" in doc.read_text()
 
 
-def test_race_decodes_64_tokens_by_default(monkeypatch, tmp_path):
+def test_race_decodes_64_tokens_by_default(monkeypatch, tmp_path, capsys):
     seen = {}
 
-    def fake_race(lengths, settings, out_json, meta):  # what the command would run
-        seen.update(settings)
+    def fake_race(lengths, settings, out_json, meta, engines):  # what the command would run
+        seen.update(settings, engines=engines)
         return {"results": {}, "settings": settings}
 
     monkeypatch.setattr(eval_cli, "run_race", fake_race)
@@ -96,7 +100,11 @@ def test_race_decodes_64_tokens_by_default(monkeypatch, tmp_path):
     assert main(["bench", "--race", "--lengths", "48", "--out", str(tmp_path / "race.json")]) == 0
     assert seen["decode_tokens"] == 64
     assert main(["bench", "--race", "--lengths", "48", "--decode-tokens", "5", "--out", str(tmp_path / "r.json")]) == 0
-    assert seen["decode_tokens"] == 5
+    assert seen["decode_tokens"] == 5 and seen["engines"] == list(ENGINES)
+    assert main(["bench", "--race", "--methods", "lminf,llama.cpp", "--out", str(tmp_path / "e.json")]) == 0
+    assert seen["engines"] == ["lminf", "llama.cpp"]  # as given (run_race runs them in ENGINES' order)
+    assert main(["bench", "--race", "--methods", "lminf,fast", "--out", str(tmp_path / "f.json")]) == 2
+    assert "--race --methods takes a comma list of llama.cpp, lminf" in capsys.readouterr().err
 
 
 def test_race_refuses_options_it_sets_itself():

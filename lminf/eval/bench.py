@@ -32,7 +32,7 @@ from lminf.eval.runs import RunStore
 from lminf.fast_decode import FastStep
 from lminf.generation import decoder, forward_step, prefill
 from lminf.kernels.int4 import Int4Linear
-from lminf.kernels.linear_layout import arrange_linear_weights
+from lminf.kernels.linear_layout import arrange_linear_weights, input_major_count
 from lminf.memory import cache_mib, cache_tiers, peak_mib
 
 
@@ -45,7 +45,7 @@ def measure_cell(model_path: str | None, method: Method, length: int, settings: 
     model, _ = load_model(model_path, dtype, settings.get("weights", "dense"))
     model.to(device)
     # Row-major again off the CPU; settings "linear_layout": "row-major" measures the layout as loaded.
-    input_major = arrange_linear_weights(model, settings.get("linear_layout", "input-major") == "input-major")
+    arrange_linear_weights(model, settings.get("linear_layout", "input-major") == "input-major")
     method = method.resolved(model)
     ids = torch.randint(0, model.config.vocab_size, (1, length + 1), generator=torch.Generator().manual_seed(0))
     ids = (ids if prompt is None else prompt).to(device)
@@ -72,9 +72,12 @@ def measure_cell(model_path: str | None, method: Method, length: int, settings: 
         "decode_bytes": weight_bytes(model) + decode_keys * kv_bytes_per_token(model, cache_itemsize(cache)) // layers,
         "prefill_flops": prefill_flops(model, length, method),
         "settings": method.settings(),
-        "input_major_weights": input_major,  # linear weights stored input-major (lminf.kernels.linear_layout)
+        # Linear weights stored input-major (lminf.kernels.linear_layout), as decoding read them
+        # (kernel "compiled" stores its layers' weights row-major again).
+        "input_major_weights": input_major_count(model),
         "decode_step": "fast" if isinstance(step, FastStep) else "forward",  # which step ran (lminf.fast_decode)
-        **({"decode_kernel": step.attention_kernel} if isinstance(step, FastStep) else {}),  # after it ran
+        # What the step's attention and its layers ran on, after it ran (a failed compile falls back).
+        **({"decode_kernel": step.attention_kernel, "decode_layers": step.layers_kernel} if isinstance(step, FastStep) else {}),
     }
 
 

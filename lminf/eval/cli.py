@@ -22,8 +22,8 @@ from lminf.eval.methods import method_names, methods_from
 from lminf.eval.perplexity import run_ppl, run_stream
 from lminf.eval.plots import plot_bench, plot_grid, plot_ppl, plot_ruler, plot_stream
 from lminf.eval.race import DECODE_TOKENS as RACE_DECODE_TOKENS
+from lminf.eval.race import ENGINES, race_page, race_table, run_race
 from lminf.eval.race import LENGTHS as RACE_LENGTHS
-from lminf.eval.race import race_page, race_table, run_race
 from lminf.eval.report import write_report
 from lminf.eval.retrieval import Needle, Passkey, run_grid
 from lminf.eval.ruler import TASKS, Sources, check_tasks, run_ruler
@@ -117,7 +117,11 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         default=None,
         help=f"context lengths (comma list; default {BENCH_LENGTHS}, with --race {','.join(map(str, RACE_LENGTHS))})",
     )
-    bench.add_argument("--methods", default=BENCH_METHODS, help=f"comma list of {', '.join(choices('bench'))}")
+    bench.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma list of {', '.join(choices('bench'))} (default {BENCH_METHODS}); with --race, of its engines (default all)",
+    )
     bench.add_argument(
         "--decode-tokens", type=int, default=None, help="decode steps per cell, the median reported (default 32, with --race 64)"
     )
@@ -260,7 +264,7 @@ def bench_command(args: argparse.Namespace) -> int:
     args.out = args.out or Path("runs/race.json" if args.race else "runs/bench.json")
     if args.race:
         return race_command(args, lengths)
-    methods = methods_from(args.methods, args, choices("bench"))
+    methods = methods_from(args.methods or BENCH_METHODS, args, choices("bench"))
     settings = {
         "dtype": str(dtype_for(args.dtype, args.device)).removeprefix("torch."),
         "device": args.device,
@@ -298,7 +302,11 @@ def race_command(args: argparse.Namespace, lengths: list[int]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     meta = {"model": model_name(None), "machine": machine(), **({"note": args.note} if args.note else {})}
-    report = run_race(lengths, settings, args.out, meta)
+    engines = [e.strip() for e in (args.methods or ",".join(ENGINES)).split(",") if e.strip()]
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown or not engines:
+        raise ValueError(f"--race --methods takes a comma list of {', '.join(ENGINES)}; got {args.methods!r}.")
+    report = run_race(lengths, settings, args.out, meta, engines)
     table = race_table(report)
     plot_bench(report, args.out.with_suffix(".png"))
     print(table)

@@ -110,11 +110,15 @@ def lminf_cell(options: dict, ids: list[int], length: int, settings: dict) -> di
     return measure_cell(None, method, length, cell_settings, torch.tensor([ids]))
 
 
-def run_race(lengths: list[int], settings: dict, out_json: Path, meta: dict, progress: bool = True) -> dict:
-    """Every (engine, length) cell not already in `out_json`, one after the other; the JSON is
-    rewritten after each. The default model only: llama.cpp reads its GGUF file."""
+def run_race(
+    lengths: list[int], settings: dict, out_json: Path, meta: dict, engines: list[str] | None = None, progress: bool = True
+) -> dict:
+    """Every (engine, length) cell not already in `out_json`, one after the other, for `engines`
+    (default all of ENGINES, in their order); the JSON is rewritten after each. The default
+    model only: llama.cpp reads its GGUF file."""
+    engines = [e for e in ENGINES if e in (engines or ENGINES)]
     store = RunStore(out_json, {"settings": settings}, "holds a race with other settings ({settings}); use another --out.")
-    store.report.update({**meta, "methods": {name: options or {} for name, options in ENGINES.items()}})
+    store.report.update({**meta, "methods": {name: ENGINES[name] or {} for name in engines}})
     context = multiprocessing.get_context("spawn")
     if "rates" not in store.report:
         store.report["rates"] = _in_child(context, measure_rates, "cpu", "float32", settings["threads"])
@@ -124,7 +128,8 @@ def run_race(lengths: list[int], settings: dict, out_json: Path, meta: dict, pro
     tokenizer, trained = AutoTokenizer.from_pretrained(source), training_length(AutoConfig.from_pretrained(source))
     for length in lengths:
         ids = prompt_ids(tokenizer, length)
-        for engine, options in ENGINES.items():
+        for engine in engines:
+            options = ENGINES[engine]
             compute = functools.partial(_race_cell, context, engine, options, gguf, ids, length, settings, trained, progress)
             store.cell(f"{engine}/{length}", compute)
     return store.report

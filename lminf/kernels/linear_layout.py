@@ -47,3 +47,9 @@ def arrange_linear_weights(model: torch.nn.Module, input_major: bool = True) -> 
 def is_input_major(weight: torch.Tensor) -> bool:
     """Whether a 2-D weight (out, in) is stored as its contiguous transpose."""
     return weight.ndim == 2 and weight.t().is_contiguous() and not weight.is_contiguous()
+
+
+def input_major_count(model: torch.nn.Module) -> int:
+    """How many distinct nn.Linear weights are stored input-major."""
+    weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    return sum(is_input_major(w) for w in weights.values())
