@@ -59,9 +59,9 @@ def add_model_args(
         "--kernel",
         choices=KERNELS,
         default="auto",
-        help="attention kernel: compiled runs a decoding step through torch.compile, its attention and (float "
-        "weights on CPU) its layers (needs a C++ compiler; the first step compiles, ~20 s, 3-4 s cached; float32 decoding "
-        "1.3-1.8x faster on CPU, 1.3-1.4x with --weights gguf --kv-dtype bfloat16); "
+        help="attention kernel: compiled runs a decoding step through torch.compile, its attention and (on CPU) "
+        "its layers (needs a C++ compiler; the first step compiles, ~20 s, 3-4 s cached; float32 decoding "
+        "1.3-1.7x faster on CPU, 1.1-1.4x with --weights gguf --kv-dtype bfloat16); "
         "auto: torch's fused kernel on CPU, plain matmuls elsewhere",
     )
     if strategy:

@@ -13,9 +13,10 @@ at every step against the dense float64 reference, before the window fills and a
 ring's wrap; against the forward with a 16-bit cache and with 4-bit weights, to their rounding).
 With the default model's 4-bit weights, `generate` through it was 1.6x (1k context) and 1.2x
 (8k) faster than through the forward on a 2-core CPU; 1.1-1.2x with float32 weights (README,
-Faster decoding on a CPU; benchmarks/generate_ab.py). lminf.generation.decoder picks it where
-it applies, the model's forward elsewhere; a patched model's `generate` decodes through it the
-same way (lminf.patching).
+Faster decoding on a CPU; benchmarks/generate_ab.py). With kernel "compiled" the layers around the
+attention run as compiled graphs instead of the modules (lminf.kernels.decode_layers).
+lminf.generation.decoder picks it where it applies, the model's forward elsewhere; a patched
+model's `generate` decodes through it the same way (lminf.patching).
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ def _plan(model: PreTrainedModel, compiled: bool) -> tuple[list, Callable]:
     decoder, config = model.get_decoder(), model.config
     if compiled and compiled_layers_fit(model):
         layers = [_CompiledLayer.of(layer, config) for layer in decoder.layers]
-        return layers, _CompiledHead(decoder.norm.weight, _pair(model.get_output_embeddings()), decoder.norm.variance_epsilon)
+        return layers, _CompiledHead(decoder.norm.weight, _weights(model.get_output_embeddings()), decoder.norm.variance_epsilon)
     head, norm = model.get_output_embeddings(), _norm(decoder.norm)
     return [_Layer.of(layer, config) for layer in decoder.layers], lambda x: head(norm(x))[:, -1].float()
 
@@ -233,7 +234,7 @@ class _Layer:
         )
 
 
-_FLOATS = (torch.float32, torch.float64)  # the weights the compiled graphs were measured and tested with
+_FLOATS = (torch.float32, torch.float64)  # the float weights the compiled graphs were measured and tested with
 
 
 @dataclass
@@ -246,8 +247,8 @@ class _CompiledLayer:
 
     @staticmethod
     def fits(model: PreTrainedModel) -> bool:
-        """Whether every layer is what the graphs compute: float CPU weights in nn.Linear (4-bit
-        layers keep their own kernel), Llama's RMSNorm, a SiLU-gated MLP."""
+        """Whether every layer is what the graphs compute: float CPU weights in nn.Linear or 4-bit
+        Int4Linear layers, Llama's RMSNorm, a SiLU-gated MLP."""
         decoder = model.get_decoder()
         linears = [model.get_output_embeddings()]
         for layer in decoder.layers:
@@ -256,16 +257,20 @@ class _CompiledLayer:
             if type(mlp.act_fn) is not torch.nn.SiLU and type(mlp.act_fn).__name__ != "SiLUActivation":  # transformers' own
                 return False
         norms = [decoder.norm] + [n for layer in decoder.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
-        plain = all(type(m) is torch.nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype in _FLOATS for m in linears)
+        floats = [m for m in linears if not isinstance(m, Int4Linear)]
+        plain = all(type(m) is torch.nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype in _FLOATS for m in floats)
         return plain and all(type(n).__name__.endswith("RMSNorm") and hasattr(n, "variance_epsilon") for n in norms)
 
     @classmethod
     def of(cls, layer: torch.nn.Module, config) -> _CompiledLayer:
         attn, mlp = layer.self_attn, layer.mlp
         norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
-        before = (norm1.weight, _pair(attn.q_proj), _pair(attn.k_proj), _pair(attn.v_proj), norm1.variance_epsilon, attn.head_dim)
-        mlp_linears = _pair(mlp.gate_proj), _pair(mlp.up_proj), _pair(mlp.down_proj)
-        after = (_pair(attn.o_proj), norm2.weight, *mlp_linears, norm2.variance_epsilon)
+        n_q = config.num_attention_heads
+        n_qk = (n_q + config.num_key_value_heads) * attn.head_dim
+        qkv = _weights_side_by_side([attn.q_proj, attn.k_proj, attn.v_proj])
+        before = (norm1.weight, qkv, norm1.variance_epsilon, n_q, n_qk, attn.head_dim)
+        gate_up = _weights_side_by_side([mlp.gate_proj, mlp.up_proj])
+        after = (_weights(attn.o_proj), norm2.weight, gate_up, _weights(mlp.down_proj), norm2.variance_epsilon)
         return cls(before, after, attn.scaling)
 
     def enter(self, x: torch.Tensor, turn: tuple[torch.Tensor, torch.Tensor]):
@@ -287,8 +292,16 @@ class _CompiledHead:
         return decode_layers.compiled_head(x, self.norm, self.output, self.eps)
 
 
-def _pair(linear: torch.nn.Linear) -> decode_layers.Linear:
-    return linear.weight, linear.bias
+def _weights(linear: torch.nn.Module) -> decode_layers.Linear:
+    return linear.weights() if isinstance(linear, Int4Linear) else (linear.weight, linear.bias)
+
+
+def _weights_side_by_side(linears: list[torch.nn.Module]) -> tuple[decode_layers.Linear, ...]:
+    """What decode_layers.side_by_side reads: 4-bit layers joined into one (their codes shared,
+    one kernel call) where they fit, the layers one by one elsewhere."""
+    if Int4Linear.fit_side_by_side(linears):
+        return (Int4Linear.side_by_side(linears).weights(),)
+    return tuple(_weights(linear) for linear in linears)
 
 
 def _norm(module: torch.nn.Module) -> Callable:

@@ -142,9 +142,9 @@ def patch(
             >= top_k_from_layer (with top_k > 0 the generation cache keeps every token);
         global_distance="capped" | "reindexed" is the older spelling of strategy "lminf" | "sinks".
     backend: the kernel, one of "auto", "torch", "flash_cpu", "compiled" (a decoding step
-        through torch.compile: its attention, and with float weights on a CPU its layers around
-        it, which this then stores row-major, as they read fastest; 1.3-1.8x faster float32
-        decoding on a 2-core CPU, 1.3-1.4x with 4-bit weights and a 16-bit cache; needs a C++
+        through torch.compile: its attention, and on a CPU its layers around it (float weights,
+        which this then stores row-major, as they read fastest, or 4-bit ones); 1.3-1.7x faster
+        float32 decoding on a 2-core CPU, 1.1-1.4x with 4-bit weights and a 16-bit cache; needs a C++
         compiler; the first step compiles, ~20 s on a 2-core CPU, 3-4 s from torch's cache); or a function
         (strategy, q, k, v, layout, call) -> output that replaces the strategy's attention.
     kv_dtype: store the cache's keys and values in this dtype (torch.bfloat16 halves a float32

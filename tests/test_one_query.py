@@ -1,6 +1,7 @@
-"""The decoding step's compiled attention (lminf.kernels.one_query, kernel "compiled") against
-the dense float64 formula, through the fast step against the float64 reference model, and its
-fall-back where torch.compile cannot compile."""
+"""Kernel "compiled": the decoding step's compiled attention (lminf.kernels.one_query) against
+the dense float64 formula; the step with its compiled layers (lminf.kernels.decode_layers)
+against the dense float64 reference model (float weights) and the model's forward (4-bit
+weights); one graph per function for all layers; its fall-back where torch.compile cannot compile."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import lminf
 from lminf import arguments
 from lminf.eval.methods import make_method
 from lminf.fast_decode import FastStep
-from lminf.generation import decoder
+from lminf.generation import cache_kwarg, decoder
 from lminf.kernels import compiling, decode_layers
 from lminf.kernels import one_query as kernel
 from lminf.kernels.linear_layout import is_input_major
@@ -139,3 +140,39 @@ def test_the_compiled_kernel_stores_the_weights_as_its_layers_read_them():
     assert not any(is_input_major(p) for p in model.parameters())
     for name, p in model.named_parameters():
         assert torch.equal(p, want[name])
+
+
+def four_bit(model):
+    """The model with every decoder and output linear layer as 4-bit Int4Linear (its weights
+    quantized to Q4_1 blocks), so they run on the int4 kernel as `--weights gguf` does."""
+    from gguf import GGMLQuantizationType, quants
+
+    from lminf.gguf_weights import GROUP, block_parts
+    from lminf.kernels.int4 import Int4Linear
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                raw = quants.quantize(child.weight.detach().numpy(), GGMLQuantizationType.Q4_1)
+                parts = block_parts(raw, GGMLQuantizationType.Q4_1)
+                setattr(parent, name, Int4Linear(parts, GROUP, None if child.bias is None else child.bias.detach().clone()))
+    return model
+
+
+@needs_compiler
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_compiled_four_bit_layers_equal_the_forward(family):
+    # Wide enough that q, k, v (and gate, up) join at the int4 kernel's tile edge, as the default model's do.
+    sizes = dict(hidden_size=128, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    model = lminf.patch(four_bit(perturbed(tiny_model(family, **sizes))), "lminf", backend="compiled", n_global=3, n_local=8)
+    ids = tokens(30, seed=6)
+    cache = lminf.make_cache(model)
+    assert decoder(model, cache).layers_kernel == "compiled"
+    got = decoded(model, ids, 1, cache)
+    # The model's own forward, one token at a time: the same 4-bit kernel on the same inputs
+    # (the graphs compute the norms as the modules do, so the bfloat16 rounding of the kernel's
+    # inputs falls the same way).
+    plain = lminf.make_cache(model)
+    want = torch.cat([model(ids[:, t : t + 1], **cache_kwarg(model, plain)).logits[:, -1:] for t in range(ids.shape[1])], 1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert all(graphs(f) == 1 for f in (decode_layers.enter, decode_layers.leave, decode_layers.head))

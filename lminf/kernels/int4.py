@@ -14,6 +14,7 @@ not exact (one-pass NLL within 0.05% on two books, docs/results.md), which is wh
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -22,6 +23,25 @@ _MM = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
 _PACK = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
 TILE = 64  # the kernel packs its rows in tiles of this many: packed layers join only at a tile's edge
 Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (codes (N, K) in 0..15, scale (N, K / group), zero (N, K / group))
+
+
+class Int4Weights(NamedTuple):
+    """An Int4Linear's tensors, as `int4_linear` reads them (also inside a compiled graph)."""
+
+    packed: tuple[torch.Tensor, ...]  # per part, the kernel's packing of its codes
+    scale_zero: tuple[torch.Tensor, ...]  # per part, (K / group, N, [scale, zero]) in COMPUTE
+    group: int
+    bias: torch.Tensor | None
+
+
+def int4_linear(x: torch.Tensor, weights: Int4Weights) -> torch.Tensor:
+    """x (..., K) @ W.T (+ bias), W the sum of the parts; the kernel reads bfloat16 inputs, the output is in x's dtype."""
+    flat = x.reshape(-1, x.shape[-1]).to(COMPUTE)
+    y = _MM(flat, weights.packed[0], weights.group, weights.scale_zero[0]).to(x.dtype)
+    for packed, scale_zero in zip(weights.packed[1:], weights.scale_zero[1:], strict=True):
+        y = y + _MM(flat, packed, weights.group, scale_zero).to(x.dtype)
+    y = y.reshape(*x.shape[:-1], -1)
+    return y if weights.bias is None else y + weights.bias
 
 
 def available() -> bool:
@@ -57,12 +77,15 @@ class Int4Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             raise RuntimeError("lminf's 4-bit weights run on CPU only; load the model with dense weights for a GPU.")
-        flat = x.reshape(-1, self.in_features).to(COMPUTE)
-        y = _MM(flat, self.packed0, self.group, self.scale_zero0).to(x.dtype)
-        for i in range(1, self.n_parts):
-            y = y + _MM(flat, getattr(self, f"packed{i}"), self.group, getattr(self, f"scale_zero{i}")).to(x.dtype)
-        y = y.reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features; this layer takes {self.in_features}.")
+        return int4_linear(x, self.weights())
+
+    def weights(self) -> Int4Weights:
+        """Its tensors (views of its buffers, not copies)."""
+        parts = range(self.n_parts)
+        packed = tuple(getattr(self, f"packed{i}") for i in parts)
+        return Int4Weights(packed, tuple(getattr(self, f"scale_zero{i}") for i in parts), self.group, self.bias)
 
     @classmethod
     def side_by_side(cls, layers: Sequence[Int4Linear]) -> Int4Linear:
