@@ -167,8 +167,8 @@ class FastStep:
 
 def compiled_layers_fit(model: PreTrainedModel) -> bool:
     """Whether kernel "compiled" runs this model's layers as compiled graphs too
-    (lminf.kernels.decode_layers: float32 or float64 nn.Linear weights on a CPU, Llama's norms
-    and gated MLP), not only its decoding attention."""
+    (lminf.kernels.decode_layers: float32 or float64 nn.Linear weights on a CPU or 4-bit
+    Int4Linear layers, Llama's norms and gated MLP), not only its decoding attention."""
     return model.config.model_type in FAMILIES and _CompiledLayer.fits(model)
 
 
