@@ -9,9 +9,9 @@ prefill time and the median decoding step. Engines (ENGINES): llama.cpp through
 llama-cpp-python (`pip install 'lminf[race]'`; never a test dependency) with its defaults
 (16-bit cache) and the same threads and batch; lminf with float32 weights, with the file's own
 blocks (`--weights gguf`), with those and a 16-bit cache, and with those and the decoding
-step's attention through torch.compile (`--kernel compiled`); and float32 with its linear
-weights row-major as loaded, beside the input-major layout lminf.load_model gives them on
-CPU, and float32 with the compiled attention; and the file's blocks decoded through the
+step through torch.compile (`--kernel compiled`: its attention and layers); and float32 with
+its linear weights row-major as loaded, beside the input-major layout lminf.load_model gives
+them on CPU, and float32 compiled; and the file's blocks decoded through the
 model's forward, beside the fast decoding step (lminf.fast_decode) every other lminf engine
 takes. Above the model's training length llama.cpp is not run (see LLAMA_CPP_PAST_TRAINING);
 lminf runs alone there.
