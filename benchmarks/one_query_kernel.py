@@ -1,4 +1,5 @@
-"""A decoding step's attention: torch's fused CPU kernel against the compiled one (lminf.kernels.one_query).
+"""A decoding step's attention: torch's fused CPU kernel against the compiled one (lminf.kernels.one_query),
+as it runs (in parts past `PARTS_ABOVE` keys) and in one part.
 
     python benchmarks/one_query_kernel.py [--keys 8196] [--layers 30] [--rounds 8] [--threads 2]
                                           [--out runs/one-query-kernel.json]
@@ -21,7 +22,8 @@ from pathlib import Path
 import torch
 
 from lminf.eval.runs import machine
-from lminf.kernels.one_query import compiled_pass
+from lminf.kernels.compiling import compiled
+from lminf.kernels.one_query import compiled_pass, one_query
 from lminf.kernels.sdpa import attend
 
 HEADS, ROWS, HEAD_DIM = 3, 3, 64
@@ -40,7 +42,9 @@ def main() -> None:
     kernels = {
         "flash_cpu": lambda k, v: attend(rows, k, v, None, scaling, True)[0],
         "compiled": lambda k, v: compiled_pass(rows, k, v, scaling),
+        "compiled_one_part": lambda k, v: whole(rows, k, v, scaling),
     }
+    whole = compiled(one_query, dynamic=True)
     cells = []
     for stored in (torch.float32, torch.bfloat16):
         # Views of larger storage, as the cache's keys are.

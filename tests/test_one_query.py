@@ -79,13 +79,41 @@ def test_one_query_equals_the_dense_formula(stored, shape):
     assert compiled_graphs() == 1
 
 
+@pytest.mark.parametrize("n_keys, parts", [(1, 8), (37, 4), (64, 8), (300, 8), (20, 3)])  # parts that leave keys over, and none
+def test_the_pass_in_parts_equals_the_dense_formula(n_keys, parts):
+    g = torch.Generator().manual_seed(n_keys)
+    rows = torch.randn(1, 2, 3, 16, generator=g)
+    keys, values = (3 * torch.randn(1, 2, n_keys, 16, generator=g) for _ in range(2))  # spread scores: the maximum matters
+    want = dense(rows, keys, values, 0.25)
+    torch.testing.assert_close(kernel.one_query_in_parts(rows, keys, values, 0.25, parts).double(), want, rtol=1e-5, atol=1e-5)
+    got = kernel.one_query_in_parts(rows.double(), keys.double(), values.double(), 0.25, parts)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)  # in float64: the same sum, not an approximation
+
+
+@needs_compiler
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_past_parts_above_the_compiled_pass_runs_in_parts(stored):
+    n_keys = kernel.PARTS_ABOVE + 5
+    assert kernel.parts_for(n_keys) == 8 and kernel.parts_for(8 * kernel.PARTS_ABOVE + 1) == 16
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(1, 3, 3, 64, generator=g)
+    keys, values = (torch.randn(1, 3, n_keys, 64, generator=g).to(stored) for _ in range(2))
+    got = kernel.compiled_pass(rows, keys, values, 0.125)
+    torch.testing.assert_close(got.double(), dense(rows, keys, values, 0.125), rtol=1e-5, atol=1e-5)
+    assert graphs(kernel.one_query_in_parts) == 1 and graphs(kernel.one_query) == 0
+
+
 @needs_compiler
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16])
-def test_compiled_decoding_equals_the_dense_reference(family, kv_dtype):
+@pytest.mark.parametrize("in_parts", [False, True])
+def test_compiled_decoding_equals_the_dense_reference(family, kv_dtype, in_parts, monkeypatch):
     # A one-token prompt: every later token decodes through the fast step, past the ring's wrap
     # and with far keys. Both models store the same (16-bit) keys in the same cache, one token
-    # at a time; the query stays float32.
+    # at a time; the query stays float32. in_parts: the pass runs in 3 parts from 5 keys on.
+    if in_parts:
+        monkeypatch.setattr(kernel, "PARTS_ABOVE", 4)
+        monkeypatch.setattr(kernel, "parts_for", lambda n_keys: 3)
     settings = dict(n_global=3, n_local=8, kv_dtype=kv_dtype)
     model = lminf.patch(perturbed(tiny_model(family)), "lminf", backend="compiled", **settings)
     cache = lminf.make_cache(model)
@@ -99,7 +127,7 @@ def test_compiled_decoding_equals_the_dense_reference(family, kv_dtype):
     # The attention, each layer's two graphs and the head ran compiled, and the layers share
     # one graph each (one per layer would pass the recompile limit on a 30-layer model).
     assert all(graphs(f) == 1 for f in (decode_layers.enter, decode_layers.leave, decode_layers.head))
-    assert graphs(kernel.one_query) >= 1
+    assert graphs(kernel.one_query_in_parts if in_parts else kernel.one_query) >= 1
 
 
 def test_where_it_cannot_compile_it_says_so_and_decodes_with_the_plain_kernels(monkeypatch):
