@@ -114,11 +114,14 @@ class FastStep:
         half = cos.shape[-1] // 2
         turn = cos, torch.cat((-sin[..., :half], sin[..., half:]), -1)  # x * cos + rotate_half(x) * sin, in 4 calls
         far = self._far(pos, x.device)
-        for layer, cache_layer in zip(self.layers, self.cache.layers, strict=True):
-            q, k, v = layer.enter(x, turn)
+        layers = self.layers
+        q, k, v = layers[0].enter(x, turn)
+        for i, (layer, cache_layer) in enumerate(zip(layers, self.cache.layers, strict=True)):
             keys, values = cache_layer.update(k, v)
-            x = layer.leave(x, self._attend(q, keys, values, pos, far, layer.scaling))
-        return self.head(x)
+            attended = self._attend(q, keys, values, pos, far, layer.scaling)
+            if i + 1 < len(layers):  # this layer's end and the next one's start: one call
+                x, q, k, v = layer.leave_enter(x, attended, turn, layers[i + 1])
+        return self.head.after(layer, x, attended)
 
     def _far(self, pos: int, device: torch.device):
         """(first tokens read as far keys, the rotation that moves each such key to where the
@@ -176,15 +179,14 @@ def compiled_layers_fit(model: PreTrainedModel) -> bool:
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _plan(model: PreTrainedModel, compiled: bool) -> tuple[list, Callable]:
+def _plan(model: PreTrainedModel, compiled: bool) -> tuple[list, _Head | _CompiledHead]:
     """What a step runs in each decoder layer and for the output: compiled graphs
     (lminf.kernels.decode_layers) where asked and every layer fits them, the modules elsewhere."""
     decoder, config = model.get_decoder(), model.config
     if compiled and compiled_layers_fit(model):
         layers = [_CompiledLayer.of(layer, config) for layer in decoder.layers]
         return layers, _CompiledHead(decoder.norm.weight, _weights(model.get_output_embeddings()), decoder.norm.variance_epsilon)
-    head, norm = model.get_output_embeddings(), _norm(decoder.norm)
-    return [_Layer.of(layer, config) for layer in decoder.layers], lambda x: head(norm(x))[:, -1].float()
+    return [_Layer.of(layer, config) for layer in decoder.layers], _Head(_norm(decoder.norm), model.get_output_embeddings())
 
 
 @dataclass
@@ -215,6 +217,11 @@ class _Layer:
         gate, up = self.gate_up(self.norm2(x)).chunk(2, -1)
         return x + self.down(self.act(gate) * up)
 
+    def leave_enter(self, x: torch.Tensor, attended: torch.Tensor, turn, following: _Layer):
+        """leave, then the following layer's enter -> (x, query, key, value)."""
+        x = self.leave(x, attended)
+        return x, *following.enter(x, turn)
+
     @classmethod
     def of(cls, layer: torch.nn.Module, config) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -239,7 +246,8 @@ _FLOATS = (torch.float32, torch.float64)  # the float weights the compiled graph
 
 @dataclass
 class _CompiledLayer:
-    """One decoder layer as two compiled graphs around its attention (lminf.kernels.decode_layers)."""
+    """One decoder layer as compiled graphs around its attention (lminf.kernels.decode_layers):
+    the first layer's enter, then each layer's leave joined with the next one's enter."""
 
     before: tuple  # enter's arguments after x and the rotation
     after: tuple  # leave's arguments after x and the attention's output
@@ -276,20 +284,32 @@ class _CompiledLayer:
     def enter(self, x: torch.Tensor, turn: tuple[torch.Tensor, torch.Tensor]):
         return decode_layers.compiled_enter(x, *turn, *self.before)
 
-    def leave(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        return decode_layers.compiled_leave(x, attended, *self.after)
+    def leave_enter(self, x: torch.Tensor, attended: torch.Tensor, turn, following: _CompiledLayer):
+        return decode_layers.compiled_leave_enter(x, attended, self.after, *turn, following.before)
+
+
+@dataclass
+class _Head:
+    """The final norm and output layer, as modules."""
+
+    norm: Callable
+    output: torch.nn.Module
+
+    def after(self, layer: _Layer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The last layer's leave, then the next token's logits (1, vocab), float32."""
+        return self.output(self.norm(layer.leave(x, attended)))[:, -1].float()
 
 
 @dataclass
 class _CompiledHead:
-    """The final norm and output layer as one compiled graph."""
+    """The last layer's leave, the final norm and the output layer as one compiled graph."""
 
     norm: torch.Tensor
     output: decode_layers.Linear
     eps: float
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return decode_layers.compiled_head(x, self.norm, self.output, self.eps)
+    def after(self, layer: _CompiledLayer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        return decode_layers.compiled_leave_head(x, attended, layer.after, self.norm, self.output, self.eps)
 
 
 def _weights(linear: torch.nn.Module) -> decode_layers.Linear:

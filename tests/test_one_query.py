@@ -126,7 +126,7 @@ def test_compiled_decoding_equals_the_dense_reference(family, kv_dtype, in_parts
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     # The attention, each layer's two graphs and the head ran compiled, and the layers share
     # one graph each (one per layer would pass the recompile limit on a 30-layer model).
-    assert all(graphs(f) == 1 for f in (decode_layers.enter, decode_layers.leave, decode_layers.head))
+    assert all(graphs(f) == 1 for f in (decode_layers.enter, decode_layers.leave_enter, decode_layers.leave_head))
     assert graphs(kernel.one_query_in_parts if in_parts else kernel.one_query) >= 1
 
 
@@ -203,4 +203,4 @@ def test_compiled_four_bit_layers_equal_the_forward(family):
     plain = lminf.make_cache(model)
     want = torch.cat([model(ids[:, t : t + 1], **cache_kwarg(model, plain)).logits[:, -1:] for t in range(ids.shape[1])], 1)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert all(graphs(f) == 1 for f in (decode_layers.enter, decode_layers.leave, decode_layers.head))
+    assert all(graphs(f) == 1 for f in (decode_layers.enter, decode_layers.leave_enter, decode_layers.leave_head))

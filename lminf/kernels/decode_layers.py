@@ -9,9 +9,11 @@ over row-major weights, and compiled with the norm, activation and residuals aro
 products read at 29 GB/s (output projection and MLP of 30 layers, side by side: 32.7 ms eager,
 12.3 ms compiled). So a layer runs as two graphs around its attention: `enter` (norm, q, k, v,
 rotary) and `leave` (output projection, residual, norm, gated MLP, residual); `head` is the
-final norm and output layer. With 4-bit weights (lminf.kernels.int4) the products stay torch's
-int4 kernel, called from inside the graphs, and what lies between them compiles: 30 layers'
-`leave` took 7.0 ms against 10.1-10.5 as modules, the same numbers (same machine, side by side).
+final norm and output layer. A step calls `enter` once, then between attentions `leave_enter`
+(one layer's leave and the next one's enter), and last `leave_head`. With 4-bit weights
+(lminf.kernels.int4) the products stay torch's int4 kernel, called from inside the graphs, and
+what lies between them compiles: 30 layers' `leave` took 7.0 ms against 10.1-10.5 as modules,
+the same numbers (same machine, side by side).
 
 Run eagerly (where compiling fails), each function is the modules' own computation: `linear` is
 F.linear, `rms_norm` Llama's RMSNorm (in float32, back to the input's dtype), the MLP SiLU-gated.
@@ -79,7 +81,20 @@ def head(x, norm: torch.Tensor, output: Linear, eps: float) -> torch.Tensor:
     return linear(rms_norm(x, norm, eps), output)[:, -1].float()
 
 
+def leave_enter(x, attended, after: tuple, cos, signed_sin, before: tuple):
+    """`leave` one layer (its arguments after x and attended: `after`), then `enter` the next
+    (after x and the rotation: `before`) -> (x, query, key, value): one call between two
+    attentions, not two (a compiled call costs 20-50 µs of guards and launch on a CPU)."""
+    x = leave(x, attended, *after)
+    return x, *enter(x, cos, signed_sin, *before)
+
+
+def leave_head(x, attended, after: tuple, norm: torch.Tensor, output: Linear, eps: float) -> torch.Tensor:
+    """`leave` the last layer, then `head`: the next token's logits (1, vocab), float32."""
+    return head(leave(x, attended, *after), norm, output, eps)
+
+
 # Static shapes: a step's layers all have the same, so each is one graph for every layer.
-compiled_enter = compiled(enter, dynamic=False)
-compiled_leave = compiled(leave, dynamic=False)
-compiled_head = compiled(head, dynamic=False)
+compiled_enter = compiled(enter, dynamic=False)  # the first layer's
+compiled_leave_enter = compiled(leave_enter, dynamic=False)
+compiled_leave_head = compiled(leave_head, dynamic=False)
