@@ -35,10 +35,11 @@ def one_query(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scal
 
 
 # Above this many keys the pass runs in parts: the compiler sums more than 4,096 float32 terms
-# through a slower, more accurate loop (inductor's cascade sum), which made the default model's
-# pass over 8,196 keys 1.3x slower than in 8 parts (1.15 vs 0.87 ms a layer, float32 cache;
-# 0.85 vs 0.71 bfloat16; 2-core AMD EPYC, 2 threads, 30 layers' caches as in
-# benchmarks/one_query_kernel.py).
+# through a slower, more accurate loop (inductor's cascade sum): over the default model's 8,196
+# keys one part took 1.32 and 1.00 ms a layer in two runs against 1.19 and 0.80 in 8 parts
+# (float32 cache), 0.84 and 0.64 against 0.57 (bfloat16); 2-core AMD EPYC, 2 threads,
+# benchmarks/one_query_kernel.py, docs/measurements/one-query-kernel.json. Decoding at 8k: 1.1x
+# (float32) and 1.2x (4-bit weights, 16-bit cache) faster (docs/measurements/decode-step-ab-session29.json).
 PARTS_ABOVE = 4096
 
 
