@@ -11,7 +11,18 @@ import pytest
 
 from lminf.cli import main
 from lminf.eval import cli as eval_cli
-from lminf.eval.race import ENGINES, LLAMA_CPP, LLAMA_CPP_PAST_TRAINING, _race_cell, llama_cpp_cell, prompt_ids, race_table
+from lminf.eval import race
+from lminf.eval.bench import bandwidth_said
+from lminf.eval.race import (
+    ENGINES,
+    LLAMA_CPP,
+    LLAMA_CPP_PAST_TRAINING,
+    _race_cell,
+    llama_cpp_cell,
+    medians,
+    prompt_ids,
+    race_table,
+)
 from tests.conftest import HAS_CXX
 from tests.test_cli import lminf_cli
 
@@ -31,7 +42,7 @@ def test_the_prompt_is_the_start_of_pydecimal_repeated():
 
 def test_llama_cpp_is_not_run_past_the_training_length():
     cell = _race_cell(None, LLAMA_CPP, None, None, [], 8192, {"decode_tokens": 64}, 8192, False)
-    assert cell == {"method": LLAMA_CPP, "tokens": 8192, "skipped": LLAMA_CPP_PAST_TRAINING}
+    assert cell == {"method": LLAMA_CPP, "tokens": 8192, "round": 0, "skipped": LLAMA_CPP_PAST_TRAINING}
 
 
 def test_a_missing_llama_cpp_says_what_to_install(monkeypatch):
@@ -60,6 +71,61 @@ def test_race_table_has_a_row_per_cell_and_the_ratios():
     assert "| llama.cpp | 16,384 | not run | | | |" in table and f"- llama.cpp at 16,384: {LLAMA_CPP_PAST_TRAINING}." in table
 
 
+def test_rounds_give_medians_ratios_within_a_round_and_each_cells_own_floor(tmp_path):
+    """Three rounds: the table shows medians with their ranges; a ratio to llama.cpp pairs cells of
+    one round (a slow round slows both); each cell's floor uses the bandwidth it read itself."""
+    results = {}
+    for r, (rival, ours, gb_s) in enumerate([(10.0, 12.0, 10.0), (20.0, 22.0, 5.0), (11.0, 16.5, 20.0)]):
+        suffix = f"/{r}" if r else ""
+        results[f"llama.cpp/1024{suffix}"] = {"method": LLAMA_CPP, "tokens": 1024, "round": r, "decode_ms": rival}
+        results[f"llama.cpp/1024{suffix}"] |= {"prefill_s": 1.0, "peak_mib": 400.0}
+        results[f"lminf/1024{suffix}"] = {"method": "lminf", "tokens": 1024, "round": r, "decode_ms": ours, "read_gb_s": gb_s}
+        results[f"lminf/1024{suffix}"] |= {"prefill_s": 2.0, "peak_mib": 500.0, "decode_bytes": 10**8, "prefill_flops": 10**9}
+    results["lminf/1024/2"].update(cache_mib=30.0)  # only one round recorded it: no median of it
+    results["lminf-gguf/1024"] = {"method": "lminf-gguf", "tokens": 1024, "round": 0, "error": "MemoryError: x"}
+    results["lminf-gguf/1024/1"] = {"method": "lminf-gguf", "tokens": 1024, "round": 1, "decode_ms": 5.0, "read_gb_s": 10.0}
+    results["lminf-gguf/1024/1"] |= {"prefill_s": 1.0, "peak_mib": 300.0, "decode_bytes": 10**8, "prefill_flops": 10**9}
+    report = {"rates": {"bandwidth_gb_s": 1000.0, "matmul_tflop_s": 0.1}, "results": results}
+    table = race_table(report)
+    # decode medians 11.0 and 16.5 (range), floor 1e8 bytes at the median reading 10 GB/s; 3 rounds
+    assert "| llama.cpp | 1,024 | 1024 | 11.0 [10.0-20.0] | 400 | - | 3 |" in table
+    assert "| lminf | 1,024 | 512 | 16.5 [12.0-22.0] (10.0) | 500 | - | 3 |" in table
+    # within rounds: 12/10, 22/20, 16.5/11 -> 1.2, 1.1, 1.5; floors 10, 20, 5 ms -> 1.2, 1.1, 3.3
+    assert "| lminf | 1,024 | 1.20x [1.10-1.50] | 0.50x [0.50-0.50] | 1.20x [1.10-3.30] |" in table
+    assert "| lminf-gguf | 1,024 | 0.25x | 1.00x | 0.50x |" in table  # round 1 only, against llama.cpp's round 1
+    assert "- lminf-gguf at 1,024 (round 0): MemoryError: x." in table and "within a round" in table
+    view = medians(report)["results"]
+    assert "each cell measured reading as many bytes (5.0-20.0 GB/s)" in bandwidth_said(report)
+    assert view["lminf/1024"]["decode_ms"] == 16.5 and view["lminf/1024"]["rounds"] == 3 and "cache_mib" not in view["lminf/1024"]
+
+
+def test_more_rounds_extend_a_run_and_every_round_runs_every_engine(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_child(context, fn, *args):  # no processes: what a cell would return
+        calls.append(fn.__name__)
+        return {"bandwidth_gb_s": 1.0, "matmul_tflop_s": 1.0} if fn.__name__ == "measure_rates" else {"decode_ms": 1.0}
+
+    monkeypatch.setattr(race, "_in_child", fake_child)
+    out, settings = tmp_path / "race.json", {"chunk": 8, "decode_tokens": 2, "threads": 1}
+    report = race.run_race([48, 96], settings, out, {}, ["lminf", LLAMA_CPP], rounds=2, progress=False)
+    assert list(report["results"]) == [
+        "llama.cpp/48",
+        "lminf/48",
+        "llama.cpp/96",
+        "lminf/96",
+        "llama.cpp/48/1",
+        "lminf/48/1",
+        "llama.cpp/96/1",
+        "lminf/96/1",
+    ]  # round after round, the engines side by side within it
+    assert [c["round"] for c in report["results"].values()] == [0] * 4 + [1] * 4 and len(calls) == 1 + 8
+    report = race.run_race([48, 96], settings, out, {}, ["lminf", LLAMA_CPP], rounds=3, progress=False)
+    assert len(report["results"]) == 12 and len(calls) == 1 + 12  # only round 2 ran
+    with pytest.raises(ValueError, match="--rounds must be >= 1"):
+        race.run_race([48], settings, out, {}, ["lminf"], rounds=0, progress=False)
+
+
 @pytest.mark.slow  # runs the default model in child processes
 def test_race_runs_every_engine(tmp_path):
     out, doc = tmp_path / "race.json", tmp_path / "benchmarks.md"
@@ -78,6 +144,7 @@ def test_race_runs_every_engine(tmp_path):
     compiled = cells["lminf-gguf-kv16-compiled/48"]
     assert kv16["decode_kernel"] == "flash_cpu" and compiled["decode_kernel"] == ("compiled" if HAS_CXX else "flash_cpu")
     assert cells["lminf-gguf/48"]["decode_bytes"] < 0.2 * cells["lminf/48"]["decode_bytes"]
+    assert all(cells[f"{e}/48"]["read_gb_s"] > 0 for e in ENGINES if e != LLAMA_CPP)  # each cell's own reading
     assert cells["lminf/48"]["input_major_weights"] > 0 and cells["lminf-row-major/48"]["input_major_weights"] == 0
     # Float32 with kernel "compiled": its layers compiled too, over row-major weights.
     assert cells["lminf-compiled/48"]["input_major_weights"] == 0
@@ -91,15 +158,16 @@ def test_race_runs_every_engine(tmp_path):
 def test_race_decodes_64_tokens_by_default(monkeypatch, tmp_path, capsys):
     seen = {}
 
-    def fake_race(lengths, settings, out_json, meta, engines):  # what the command would run
-        seen.update(settings, engines=engines)
+    def fake_race(lengths, settings, out_json, meta, engines, rounds):  # what the command would run
+        seen.update(settings, engines=engines, rounds=rounds)
         return {"results": {}, "settings": settings}
 
     monkeypatch.setattr(eval_cli, "run_race", fake_race)
     monkeypatch.setattr(eval_cli, "race_table", lambda report: "")
     monkeypatch.setattr(eval_cli, "plot_bench", lambda report, path: None)
     assert main(["bench", "--race", "--lengths", "48", "--out", str(tmp_path / "race.json")]) == 0
-    assert seen["decode_tokens"] == 64
+    assert seen["decode_tokens"] == 64 and seen["rounds"] == 1
+    assert main(["bench", "--race", "--rounds", "3", "--out", str(tmp_path / "race.json")]) == 0 and seen["rounds"] == 3
     assert main(["bench", "--race", "--lengths", "48", "--decode-tokens", "5", "--out", str(tmp_path / "r.json")]) == 0
     assert seen["decode_tokens"] == 5 and seen["engines"] == list(ENGINES)
     assert main(["bench", "--race", "--methods", "lminf,llama.cpp", "--out", str(tmp_path / "e.json")]) == 0

@@ -18,6 +18,7 @@ from lminf.eval.methods import Method
 from lminf.eval.plots import plot_ruler
 from lminf.eval.report import write_report
 from lminf.eval.ruler import NOISE, TASKS, Sources, fit, render, run_ruler, score, scores, zeta
+from lminf.eval.runs import merge_runs
 from tests.conftest import tiny_model
 
 BOOK = " ".join(f"Sentence {i} tells of the mill by the river, where nobody spoke of it." for i in range(3000))
@@ -196,6 +197,58 @@ def test_grid_scores_resumes_plots_and_reports(tmp_path, tokenizer, sources):
     text = write_report(out.parent, tmp_path / "docs" / "results.md").read_text()
     assert "## RULER, synthetic tasks\n" in text and "## RULER, synthetic tasks (methods)\n" in text
     assert "Not run: silent at 1,500." in text
+
+
+def test_a_grid_split_over_workers_merges_into_the_one_run(tmp_path, tokenizer, sources):
+    """Two processes that each ran some methods (and one method at different lengths) join into
+    what one process running them all writes; anything that would lose or pick data is refused."""
+    model = tiny_model()
+    grid = dict(tokenizer=tokenizer, tasks=["niah_single_1", "fwe"], samples=1, seed=1, sources=sources, progress=False)
+    whole = run_ruler(model, methods=[Echo(), Silent()], lengths=[1100, 1500], out_json=tmp_path / "whole.json", **grid)
+    a, b, joined = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "joined.json"
+    run_ruler(model, methods=[Echo()], lengths=[1100, 1500], out_json=a, **grid)
+    run_ruler(model, methods=[Silent()], lengths=[1100], out_json=b, **grid)
+    run_ruler(model, methods=[Silent()], lengths=[1500], out_json=b, **grid)  # the worker resumed, longer prompts
+
+    def cells(report):  # what the grid measured; times and load differ from run to run
+        return {k: (c["output"], c["score"], c["prompt_tokens"]) for k, c in report["results"].items()}
+
+    done = subprocess.run(
+        [sys.executable, "-m", "lminf.cli", "eval", "merge", str(a), str(b), "--out", str(joined), "--about", "two workers"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    merged = json.loads(joined.read_text())
+    assert cells(merged) == cells(whole) and merged["methods"] == whole["methods"]
+    assert merged["about"] == "two workers" and "How it was run: two workers" in write_report_of(merged, tmp_path)
+    assert merge_runs([joined, a, b], joined) == merged  # merging again as the workers go on changes nothing
+
+    with pytest.raises(ValueError, match="exists and is not one of the runs"):
+        merge_runs([a, b], joined)
+    changed = json.loads(b.read_text())
+    changed["results"]["silent/fwe/1500/0"]["score"] = 0.5
+    (tmp_path / "changed.json").write_text(json.dumps(changed))
+    with pytest.raises(ValueError, match="both hold cell silent/fwe/1500/0"):
+        merge_runs([a, b, tmp_path / "changed.json"], tmp_path / "x.json")
+    changed = {**json.loads(b.read_text()), "seed": 2}
+    (tmp_path / "changed.json").write_text(json.dumps(changed))
+    with pytest.raises(ValueError, match="differ in seed"):
+        merge_runs([a, tmp_path / "changed.json"], tmp_path / "x.json")
+    changed = json.loads(b.read_text())
+    changed["methods"]["echo"] = {"says": "more"}
+    (tmp_path / "changed.json").write_text(json.dumps(changed))
+    with pytest.raises(ValueError, match="both hold method echo"):
+        merge_runs([a, tmp_path / "changed.json"], tmp_path / "x.json")
+    assert not (tmp_path / "x.json").exists()
+
+
+def write_report_of(report: dict, tmp_path) -> str:
+    runs = tmp_path / "report-runs"
+    runs.mkdir(exist_ok=True)
+    (runs / "ruler.json").write_text(json.dumps(report))
+    return write_report(runs, tmp_path / "report" / "results.md").read_text()
 
 
 def test_the_real_text_haystack_falls_back_to_pythons_manual(monkeypatch):

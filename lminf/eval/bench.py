@@ -12,8 +12,12 @@ lminf.eval.tables.bench_table, lminf.eval.plots.plot_bench.
 Floors: each cell also records the least work it needs (the bytes one decoding step must
 read, the FLOPs of the prefill counting only the query-key pairs the method keeps, from
 `kept_pairs`: every causal pair for vanilla, the strategy's count, layer by layer, otherwise), and the
-run measures the machine's read bandwidth and dense matmul rate first, in a child under
-the same settings; work over rate is the floor shown beside each time.
+run measures the machine's dense matmul rate first, in a child under the same settings; work
+over rate is the floor shown beside each time. The read bandwidth is measured by each cell,
+after its decoding steps, in its own process: summing as many bytes as its step reads. A step
+that fits the last-level cache (300 MiB on one host here) is read from the cache; one larger
+is read from memory; so one fixed-size probe gives one cell's floor and not another's. Cells
+of older runs, without their own reading, use the run's 256 MiB probe.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ def measure_cell(model_path: str | None, method: Method, length: int, settings: 
     layers = model.config.num_hidden_layers
     # Keys and values one decoding step reads: those the next query (position `length`) attends to, per layer.
     decode_keys = sum(method.kept_pairs(length + 1, layer) - method.kept_pairs(length, layer) for layer in range(layers))
-    return {
+    cell = {
         "prefill_s": prefill_s,
         "decode_ms": 1000 * statistics.median(steps[1:] or steps),  # the first step warms up
         "peak_mib": peak_mib(device),
@@ -79,6 +83,9 @@ def measure_cell(model_path: str | None, method: Method, length: int, settings: 
         # What the step's attention and its layers ran on, after it ran (a failed compile falls back).
         **({"decode_kernel": step.attention_kernel, "decode_layers": step.layers_kernel} if isinstance(step, FastStep) else {}),
     }
+    del model, cache, step  # the probe's buffer in their place: the peak above stays the cell's own
+    cell["read_gb_s"] = read_rate(cell["decode_bytes"], device)
+    return cell
 
 
 def _decode_steps(step, token: torch.Tensor, n: int, device) -> list[float]:
@@ -147,6 +154,13 @@ def measure_rates(device: str, dtype: str, threads: int | None) -> dict:
     return {"bandwidth_gb_s": x.numel() * x.element_size() / read_s / 1e9, "matmul_tflop_s": 2 * n**3 / matmul_s / 1e12}
 
 
+def read_rate(nbytes: int, device, tries: int = 5) -> float:
+    """GB/s reading `nbytes` (summing float32 ones, the best of `tries` after one warm-up): the
+    bandwidth a decoding step that reads that many bytes, again and again, can have at best."""
+    x = torch.ones(max(nbytes // 4, 1), dtype=torch.float32, device=device)
+    return x.numel() * 4 / _best(lambda: x.sum(), device, tries) / 1e9
+
+
 def _best(fn, device, tries: int = 5) -> float:
     fn()
     times = []
@@ -213,14 +227,28 @@ def _bench_cell(context, model_path, method: Method, length: int, settings: dict
 
 def floors(report: dict, cell: dict) -> dict:
     """The least time a cell's work can take on this machine: prefill FLOPs at the dense
-    matmul rate, a decoding step's bytes at the read bandwidth. {} when not measured."""
+    matmul rate, a decoding step's bytes at the read bandwidth the cell measured reading as
+    many bytes (older cells: the run's probe). {} when not measured."""
     rates = report.get("rates") or {}
     if "prefill_flops" not in cell or "matmul_tflop_s" not in rates:
         return {}
     return {
         "prefill_s": cell["prefill_flops"] / (rates["matmul_tflop_s"] * 1e12),
-        "decode_ms": 1000 * cell["decode_bytes"] / (rates["bandwidth_gb_s"] * 1e9),
+        "decode_ms": 1000 * cell["decode_bytes"] / (read_gb_s(report, cell) * 1e9),
     }
+
+
+def bandwidth_said(report: dict) -> str:
+    """The read bandwidth behind a run's floors, in words (its range where cells measured their own)."""
+    own = [c["read_gb_s"] for c in report["results"].values() if "read_gb_s" in c]
+    if own:
+        return f"the read bandwidth each cell measured reading as many bytes ({min(own):.1f}-{max(own):.1f} GB/s)"
+    return f"the measured read bandwidth ({report['rates']['bandwidth_gb_s']:.1f} GB/s, a 256 MiB probe)"
+
+
+def read_gb_s(report: dict, cell: dict) -> float:
+    """The read bandwidth a cell's floor uses: its own reading, else the run's probe."""
+    return cell.get("read_gb_s") or report["rates"]["bandwidth_gb_s"]
 
 
 def bench_methods(report: dict) -> list[str]:

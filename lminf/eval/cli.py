@@ -22,12 +22,12 @@ from lminf.eval.methods import method_names, methods_from
 from lminf.eval.perplexity import run_ppl, run_stream
 from lminf.eval.plots import plot_bench, plot_grid, plot_ppl, plot_ruler, plot_stream
 from lminf.eval.race import DECODE_TOKENS as RACE_DECODE_TOKENS
-from lminf.eval.race import ENGINES, race_page, race_table, run_race
+from lminf.eval.race import ENGINES, medians, race_page, race_table, run_race
 from lminf.eval.race import LENGTHS as RACE_LENGTHS
 from lminf.eval.report import write_report
 from lminf.eval.retrieval import Needle, Passkey, run_grid
 from lminf.eval.ruler import TASKS, Sources, check_tasks, run_ruler
-from lminf.eval.runs import machine
+from lminf.eval.runs import machine, merge_runs
 from lminf.eval.tables import bench_page, bench_table, grid_table, ppl_table, ruler_table, stream_table, write_section
 
 # Default method lists: every method name is accepted (lminf.eval.methods.method_names).
@@ -89,6 +89,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     ruler.add_argument("--out", type=Path, default=Path("runs/ruler.json"), help="JSON (resumed if present); PNG beside it")
 
+    merge = evaluate.add_parser("merge", help="join the JSON files of one evaluation split across processes")
+    merge.add_argument("runs", type=Path, nargs="+", help="the runs' JSON files (two or more)")
+    merge.add_argument("--out", type=Path, required=True, help="the joined JSON (may be one of the runs; no other existing file)")
+    merge.add_argument("--about", default=None, help="how the run was made, kept in the JSON and shown in the report")
+
     report = evaluate.add_parser("report", help="write docs/results.md from the evaluations' JSON files")
     report.add_argument("--runs", type=Path, default=Path("runs"), help="folder with ppl.json, stream.json, passkey.json, ...")
     report.add_argument("--out", type=Path, default=Path("docs/results.md"))
@@ -125,6 +130,13 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--decode-tokens", type=int, default=None, help="decode steps per cell, the median reported (default 32, with --race 64)"
     )
+    bench.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="with --race: run every cell this many times, round after round; the tables show medians and ranges, "
+        "ratios taken within a round (default 1; more rounds extend a finished run)",
+    )
     bench.add_argument("--vanilla-up-to", type=int, default=16384, help="longest context vanilla runs at (it is quadratic)")
     bench.add_argument("--chunk-size", type=int, default=2048, help="prompt tokens per prefill step")
     bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -153,6 +165,10 @@ def run(args: argparse.Namespace) -> int:
         return bench_command(args)
     if args.evaluation == "report":
         print(f"wrote {write_report(args.runs, args.out)}", file=sys.stderr)
+        return 0
+    if args.evaluation == "merge":
+        report = merge_runs(args.runs, args.out, args.about)
+        print(f"wrote {args.out}: {len(report['results'])} cells of {', '.join(report['methods'])}", file=sys.stderr)
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -264,6 +280,8 @@ def bench_command(args: argparse.Namespace) -> int:
     args.out = args.out or Path("runs/race.json" if args.race else "runs/bench.json")
     if args.race:
         return race_command(args, lengths)
+    if args.rounds is not None:
+        raise ValueError("--rounds is for --race (lminf bench runs each cell once).")
     methods = methods_from(args.methods or BENCH_METHODS, args, choices("bench"))
     settings = {
         "dtype": str(dtype_for(args.dtype, args.device)).removeprefix("torch."),
@@ -306,15 +324,15 @@ def race_command(args: argparse.Namespace, lengths: list[int]) -> int:
     unknown = [e for e in engines if e not in ENGINES]
     if unknown or not engines:
         raise ValueError(f"--race --methods takes a comma list of {', '.join(ENGINES)}; got {args.methods!r}.")
-    report = run_race(lengths, settings, args.out, meta, engines)
+    report = run_race(lengths, settings, args.out, meta, engines, args.rounds or 1)
     table = race_table(report)
-    plot_bench(report, args.out.with_suffix(".png"))
+    plot_bench(medians(report), args.out.with_suffix(".png"))
     print(table)
     if args.doc:  # its own section of the page (default "race"), with copies of the JSON and plot named after it
         section = "race" if args.section == "bench" else args.section
         copies = args.doc.with_name(f"{args.doc.stem}-{section}.md")
         copies.with_suffix(".json").write_text(json.dumps(report, indent=2))
-        plot_bench(report, copies.with_suffix(".png"))
+        plot_bench(medians(report), copies.with_suffix(".png"))
         write_section(args.doc, section, race_page(report, args.doc, table, copies))
     print(f"wrote {args.out}" + (f" and {args.doc}" if args.doc else ""), file=sys.stderr)
     return 0

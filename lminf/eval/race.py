@@ -15,6 +15,12 @@ them on CPU, and float32 compiled; and the file's blocks decoded through the
 model's forward, beside the fast decoding step (lminf.fast_decode) every other lminf engine
 takes. Above the model's training length llama.cpp is not run (see LLAMA_CPP_PAST_TRAINING);
 lminf runs alone there.
+
+Rounds: this host's speed drifts 20-30% between processes minutes apart, more than the targets'
+margins, so `rounds` runs every cell that many times, round after round (engines side by side
+within a round). The tables show medians over the rounds, and each ratio is taken within a
+round (an engine against llama.cpp in the same round) before its median; the range of each is
+shown beside it.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from lminf.default_model import BUILT_IN, DEFAULT_MODEL, model_source
-from lminf.eval.bench import _in_child, floors, measure_cell, measure_rates
+from lminf.eval.bench import _in_child, bandwidth_said, floors, measure_cell, measure_rates
 from lminf.eval.methods import Patched
 from lminf.eval.runs import RunStore
 from lminf.families import training_length
@@ -111,11 +117,20 @@ def lminf_cell(options: dict, ids: list[int], length: int, settings: dict) -> di
 
 
 def run_race(
-    lengths: list[int], settings: dict, out_json: Path, meta: dict, engines: list[str] | None = None, progress: bool = True
+    lengths: list[int],
+    settings: dict,
+    out_json: Path,
+    meta: dict,
+    engines: list[str] | None = None,
+    rounds: int = 1,
+    progress: bool = True,
 ) -> dict:
-    """Every (engine, length) cell not already in `out_json`, one after the other, for `engines`
-    (default all of ENGINES, in their order); the JSON is rewritten after each. The default
-    model only: llama.cpp reads its GGUF file."""
+    """Every (engine, length, round) cell not already in `out_json`, one after the other, for
+    `engines` (default all of ENGINES, in their order); the JSON is rewritten after each. Round 0's
+    cells are keyed "engine/length" (as runs before rounds), later ones "engine/length/round",
+    so more rounds extend a run. The default model only: llama.cpp reads its GGUF file."""
+    if rounds < 1:
+        raise ValueError("--rounds must be >= 1.")
     engines = [e for e in ENGINES if e in (engines or ENGINES)]
     store = RunStore(out_json, {"settings": settings}, "holds a race with other settings ({settings}); use another --out.")
     store.report.update({**meta, "methods": {name: ENGINES[name] or {} for name in engines}})
@@ -126,17 +141,17 @@ def run_race(
     gguf = model_info.gguf(model_info)
     source = model_source(None)  # the tokenizer and config only: the cells load the model themselves
     tokenizer, trained = AutoTokenizer.from_pretrained(source), training_length(AutoConfig.from_pretrained(source))
-    for length in lengths:
-        ids = prompt_ids(tokenizer, length)
-        for engine in engines:
-            options = ENGINES[engine]
-            compute = functools.partial(_race_cell, context, engine, options, gguf, ids, length, settings, trained, progress)
-            store.cell(f"{engine}/{length}", compute)
+    prompts = {length: prompt_ids(tokenizer, length) for length in lengths}
+    for round_ in range(rounds):
+        for length in lengths:
+            for engine in engines:
+                args = (context, engine, ENGINES[engine], gguf, prompts[length], length, settings, trained, progress, round_)
+                store.cell(f"{engine}/{length}" + (f"/{round_}" if round_ else ""), functools.partial(_race_cell, *args))
     return store.report
 
 
-def _race_cell(context, engine, options, gguf, ids, length, settings, trained, progress) -> dict:
-    cell = {"method": engine, "tokens": length}
+def _race_cell(context, engine, options, gguf, ids, length, settings, trained, progress, round_: int = 0) -> dict:
+    cell = {"method": engine, "tokens": length, "round": round_}
     if options is None and length + settings["decode_tokens"] > trained:
         cell["skipped"] = LLAMA_CPP_PAST_TRAINING
     elif options is None:
@@ -148,34 +163,82 @@ def _race_cell(context, engine, options, gguf, ids, length, settings, trained, p
     return cell
 
 
+def rounds_of(report: dict) -> dict[tuple[str, int], list[dict]]:
+    """Each (engine, length)'s cells, one per round (a run made before rounds: one), in ENGINES' order."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    order = list(ENGINES)
+    for c in sorted(report["results"].values(), key=lambda c: (c["tokens"], order.index(c["method"]), c.get("round", 0))):
+        groups.setdefault((c["method"], c["tokens"]), []).append(c)
+    return groups
+
+
+def medians(report: dict) -> dict:
+    """The race with one cell per (engine, length): each figure the median over the rounds that
+    ran (`rounds` says how many), for the plot and the first table."""
+    results = {}
+    for (engine, length), cells in rounds_of(report).items():
+        ran = [c for c in cells if "decode_ms" in c]
+        cell = {**(ran or cells)[0], "rounds": len(ran)}
+        for field in ("prefill_s", "decode_ms", "peak_mib", "cache_mib", "read_gb_s"):
+            if ran and all(field in c for c in ran):
+                cell[field] = statistics.median(c[field] for c in ran)
+        results[f"{engine}/{length}"] = cell
+    return {**report, "results": results}
+
+
 def race_table(report: dict) -> str:
-    """One row per (engine, length): prefill tokens/s, decoding ms/token (its floor), memory;
-    then each lminf engine's decoding time over llama.cpp's, and over its own floor."""
-    cells = sorted(report["results"].values(), key=lambda c: (c["tokens"], list(ENGINES).index(c["method"])))
-    lines = ["| engine | tokens | prefill tokens/s | decode ms/token (floor) | peak MiB | KV cache MiB |"]
-    lines.append("|---|---:|---:|---:|---:|---:|")
+    """One row per (engine, length): prefill tokens/s, decoding ms/token (its floor), memory,
+    medians over the rounds; then each lminf engine's decoding time over llama.cpp's in the same
+    round, and over its own floor, the median over rounds, with their range where rounds > 1."""
+    groups, view = rounds_of(report), medians(report)
+    several = any(len(cells) > 1 for cells in groups.values())
+
+    def spread(values: list[float], digits: int = 2) -> str:  # the range over rounds, where there are several
+        return f" [{min(values):.{digits}f}-{max(values):.{digits}f}]" if len(values) > 1 else ""
+
+    lines = ["| engine | tokens | prefill tokens/s | decode ms/token (floor) | peak MiB | KV cache MiB |" + " rounds |" * several]
+    lines.append("|---|---:|---:|---:|---:|---:|" + "---:|" * several)
     reasons = {}  # why a cell did not run, said once below the table
-    for c in cells:
+    for (engine, length), cells in groups.items():
+        partly = any("decode_ms" in c for c in cells)  # then say which rounds did not run
+        for c in cells:
+            where = f"{engine} at {length:,}" + (f" (round {c.get('round', 0)})" if partly else "")
+            if "decode_ms" not in c and where not in reasons.setdefault(c.get("skipped") or c.get("error"), []):
+                reasons[c.get("skipped") or c.get("error")].append(where)
+        c = view["results"][f"{engine}/{length}"]
         if "decode_ms" not in c:
-            reasons.setdefault(c.get("skipped") or c.get("error"), []).append(f"{c['method']} at {c['tokens']:,}")
-            lines.append(f"| {c['method']} | {c['tokens']:,} | {'not run' if 'skipped' in c else 'failed'} | | | |")
+            lines.append(f"| {engine} | {length:,} | {'not run' if 'skipped' in c else 'failed'} | | | |" + " |" * several)
             continue
-        floor = floors(report, c).get("decode_ms")
-        shown = f"{c['decode_ms']:.1f}" + ("" if floor is None else f" ({floor:.1f})")
+        floor = floors(view, c).get("decode_ms")
+        shown = f"{c['decode_ms']:.1f}" + spread([x["decode_ms"] for x in cells if "decode_ms" in x], 1)
+        shown += "" if floor is None else f" ({floor:.1f})"
         kv = f"{c['cache_mib']:.0f}" if "cache_mib" in c else "-"
-        speed = c["tokens"] / c["prefill_s"]
-        lines.append(f"| {c['method']} | {c['tokens']:,} | {speed:.0f} | {shown} | {c['peak_mib']:.0f} | {kv} |")
+        speed = length / c["prefill_s"]
+        row = f"| {engine} | {length:,} | {speed:.0f} | {shown} | {c['peak_mib']:.0f} | {kv} |"
+        lines.append(row + (f" {c['rounds']} |" if several else ""))
     lines += [""] + [f"- {', '.join(where)}: {reason}." for reason, where in reasons.items()]
     lines += ["", "| engine | tokens | decode time / llama.cpp's | prefill speed / llama.cpp's | decode time / its floor |"]
     lines.append("|---|---:|---:|---:|---:|")
-    for c in cells:
-        rival = report["results"].get(f"{LLAMA_CPP}/{c['tokens']}", {})
-        if c["method"] == LLAMA_CPP or "decode_ms" not in c:
+    for (engine, length), cells in groups.items():
+        ran = [c for c in cells if "decode_ms" in c]
+        if engine == LLAMA_CPP or not ran:
             continue
-        ratio = lambda a, b: "-" if not b else f"{a / b:.2f}x"  # noqa: E731
-        decode, prefill = ratio(c["decode_ms"], rival.get("decode_ms")), ratio(rival.get("prefill_s", 0), c["prefill_s"])
-        own = ratio(c["decode_ms"], floors(report, c).get("decode_ms"))
-        lines.append(f"| {c['method']} | {c['tokens']:,} | {decode} | {prefill if rival.get('prefill_s') else '-'} | {own} |")
+        rival = {c.get("round", 0): c for c in groups.get((LLAMA_CPP, length), []) if "decode_ms" in c}
+        paired = [(c, rival[c.get("round", 0)]) for c in ran if c.get("round", 0) in rival]
+        own = [c["decode_ms"] / floors(report, c)["decode_ms"] for c in ran if floors(report, c)]
+        columns = [
+            [c["decode_ms"] / r["decode_ms"] for c, r in paired],
+            [r["prefill_s"] / c["prefill_s"] for c, r in paired],
+            own,
+        ]
+        shown = [f"{statistics.median(v):.2f}x{spread(v)}" if v else "-" for v in columns]
+        lines.append(f"| {engine} | {length:,} | {' | '.join(shown)} |")
+    if several:
+        lines += [
+            "",
+            "- Medians over the rounds, their range in brackets; each ratio is taken within a round (llama.cpp's cell of "
+            "the same round), then its median.",
+        ]
     return "\n".join(lines)
 
 
@@ -190,6 +253,6 @@ def race_page(report: dict, doc: Path, table: str, copies: Path) -> str:
         f"{' (' + ', '.join(versions) + ')' if versions else ''}.\n\n"
         f"Machine: {report['machine']}. Cells run one after the other.{' ' + report['note'] if report.get('note') else ''}\n\n"
         f"{table}\n\n- In parentheses, the floor: the bytes a decoding step reads (every weight as stored, plus the keys "
-        f"and values it attends to) at the measured read bandwidth ({report['rates']['bandwidth_gb_s']:.1f} GB/s).\n\n"
+        f"and values it attends to) at {bandwidth_said(report)}.\n\n"
         f"![time and memory vs context]({copies.with_suffix('.png').name})\n"
     )

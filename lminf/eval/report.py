@@ -84,6 +84,7 @@ def _header(title: str, report: dict, png: str) -> list[str]:
         "",
         f"Model {report.get('model')} ({report.get('dtype')}), training length {report.get('training_length')}; "
         f"machine: {report.get('machine')}." + (f" The model: {report['model_about']}." if report.get("model_about") else ""),
+        *(["", f"How it was run: {report['about']}"] if report.get("about") else []),
         "",
         f"![{title}]({png})",
         "",

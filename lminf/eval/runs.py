@@ -70,6 +70,38 @@ class RunStore:
         tmp.replace(self.path)
 
 
+def merge_runs(paths: Sequence[Path], out: Path, about: str | None = None) -> dict:
+    """Join runs of one evaluation that were split across processes (e.g. two 1-thread workers
+    on a 2-core machine) into `out`: their methods and cells side by side. Nothing is lost or
+    silently picked: the runs must agree on every field but their methods and cells, a method
+    on its settings, and a cell two runs both hold on its whole content. The runs' "machine"
+    may differ (a run resumed on another host): every cell records its own, the first run's is
+    kept. `out` may be one of `paths` (merging again as workers go on); another existing file
+    is refused. `about` is a line saying how the run was made, kept and shown in the report."""
+    if len(paths) < 2:
+        raise ValueError("merge needs at least two runs.")
+    runs = {Path(p): json.loads(Path(p).read_text()) for p in paths}
+    (first, merged), *rest = runs.items()
+    merged = {**merged, "methods": dict(merged.get("methods") or {}), "results": dict(merged.get("results") or {})}
+    for path, run in rest:
+        fields = (set(merged) | set(run)) - {"methods", "results", "about", "machine"}
+        differ = sorted(f for f in fields if merged.get(f) != run.get(f))
+        if differ:
+            raise ValueError(f"{path} and {first} are not runs of one evaluation: they differ in {', '.join(differ)}.")
+        for kind, things in (("method", "methods"), ("cell", "results")):
+            for key, value in (run.get(things) or {}).items():
+                if merged[things].setdefault(key, value) != value:
+                    raise ValueError(f"{path} and {first} both hold {kind} {key}, with different contents.")
+    if about:
+        merged["about"] = about
+    if Path(out).exists() and Path(out).resolve() not in {p.resolve() for p in runs}:
+        raise ValueError(f"{out} exists and is not one of the runs merged; merge into a new file or name it among them.")
+    store = RunStore(out, {})
+    store.report = merged
+    store.save()
+    return merged
+
+
 def conditions() -> dict:
     """What a timed cell ran under: a grid may be resumed with other threads or on another machine,
     and may share the machine for a while. When it finished (UTC) and the 1-minute load average

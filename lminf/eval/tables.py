@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lminf.eval.bench import bench_methods, floors
+from lminf.eval.bench import bandwidth_said, bench_methods, floors
 from lminf.eval.retrieval import accuracy
 from lminf.eval.ruler import TASKS, scores
 
@@ -114,7 +114,7 @@ def _bench_notes(report: dict) -> list[str]:
         notes.append(
             f"- In parentheses, the floor: prefill FLOPs at the measured dense matmul rate "
             f"({1000 * rates['matmul_tflop_s']:.0f} GFLOP/s), a decoding step's bytes (every weight, plus the keys and "
-            f"values it attends to) at the measured read bandwidth ({rates['bandwidth_gb_s']:.1f} GB/s)."
+            f"values it attends to) at {bandwidth_said(report)}."
         )
     return [""] + notes if notes else []
 
