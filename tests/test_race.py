@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import _pydecimal
 import json
+import multiprocessing
+import os
+import signal
 import sys
 
 import pytest
@@ -12,7 +15,7 @@ import pytest
 from lminf.cli import main
 from lminf.eval import cli as eval_cli
 from lminf.eval import race
-from lminf.eval.bench import bandwidth_said
+from lminf.eval.bench import _in_child, bandwidth_said
 from lminf.eval.race import (
     ENGINES,
     LLAMA_CPP,
@@ -69,6 +72,17 @@ def test_race_table_has_a_row_per_cell_and_the_ratios():
     assert "| lminf-gguf | 1,024 | 1.50x | 2.00x | 1.50x |" in table  # decode 15 / 10, prefill 2 s / 1 s, 15 / 10 ms floor
     assert "| lminf-gguf | 16,384 | - | - | 2.00x |" in table  # llama.cpp did not run there
     assert "| llama.cpp | 16,384 | not run | | | |" in table and f"- llama.cpp at 16,384: {LLAMA_CPP_PAST_TRAINING}." in table
+
+
+def _dies() -> dict:  # a cell whose process ends in native code, without a word (as llama.cpp on SIGILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+    return {}
+
+
+def test_a_cell_whose_process_dies_says_so_instead_of_waiting_forever():
+    context = multiprocessing.get_context("spawn")
+    assert _in_child(context, _dies) == {"error": "the cell's process died (signal SIGKILL) without a result"}
+    assert _in_child(context, len, [1, 2]) == 2  # a result put just before the process ends is kept
 
 
 def test_rounds_give_medians_ratios_within_a_round_and_each_cells_own_floor(tmp_path):

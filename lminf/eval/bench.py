@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import queue
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -181,10 +183,23 @@ def _child(queue, fn, *args) -> None:
 
 
 def _in_child(context, fn, *args) -> dict:
-    queue = context.Queue()
-    child = context.Process(target=_child, args=(queue, fn, *args))
+    """fn(*args) in a fresh process: its result, or {"error": ...} where it raised or died. A crash
+    in native code (llama.cpp built for instructions this CPU refuses to run) ends the process
+    without a word; the cell then says so instead of waiting for it forever."""
+    results = context.Queue()
+    child = context.Process(target=_child, args=(results, fn, *args))
     child.start()
-    result = queue.get()
+    while True:
+        alive = child.is_alive()  # before the look: a result put just before it exited is still found
+        try:
+            result = results.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if not alive:
+                child.join()
+                code = child.exitcode
+                how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+                return {"error": f"the cell's process died ({how}) without a result"}
     child.join()
     return result
 
