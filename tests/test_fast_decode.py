@@ -121,9 +121,14 @@ def test_default_model_decodes_the_same(weights):
     want = torch.cat([first, *steps], 1)
     if weights == "dense":
         torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-4)
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
     else:  # the 4-bit kernel rounds its inputs to bfloat16, so float32 noise grows to bfloat16 noise
         assert float((got - want).norm() / want.norm()) < 2e-2
-    assert torch.equal(got.argmax(-1), want.argmax(-1))
+        # which flips near-ties (an Intel Xeon here: 2 of 80 steps, the forward's top two 0.005 and 0.016
+        # apart): the fast step's choice is the forward's best or within 0.05 of it, and rarely not the best
+        chosen = want.gather(-1, got.argmax(-1, keepdim=True)).squeeze(-1)
+        behind = want.amax(-1) - chosen
+        assert float(behind.max()) < 0.05 and int((behind > 0).sum()) <= 4
 
 
 @pytest.fixture
