@@ -21,6 +21,7 @@ model's `generate` decodes through it the same way (lminf.patching).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 from collections.abc import Callable
@@ -116,12 +117,14 @@ class FastStep:
         far = self._far(pos, x.device)
         layers = self.layers
         q, k, v = layers[0].enter(x, turn)
-        for i, (layer, cache_layer) in enumerate(zip(layers, self.cache.layers, strict=True)):
+        for layer, following, cache_layer in zip(layers, [*layers[1:], None], self.cache.layers, strict=True):
             keys, values = cache_layer.update(k, v)
-            attended = self._attend(q, keys, values, pos, far, layer.scaling)
-            if i + 1 < len(layers):  # this layer's end and the next one's start: one call
-                x, q, k, v = layer.leave_enter(x, attended, turn, layers[i + 1])
-        return self.head.after(layer, x, attended)
+            with self._seen(keys, values, pos, far) as (keys, values):
+                rows = q.reshape(1, keys.shape[1], -1, q.shape[-1])  # grouped query heads as rows of their key head
+                if following is None:
+                    return self.head.after(layer, x, self._pass(rows, keys, values, layer.scaling))
+                # this layer's attention and end, the next one's start: one call where compiled
+                x, q, k, v = layer.attend_leave_enter(self._pass, rows, keys, values, x, turn, following)
 
     def _far(self, pos: int, device: torch.device):
         """(first tokens read as far keys, the rotation that moves each such key to where the
@@ -137,26 +140,26 @@ class FastStep:
         target = q_pos - q_at + (k_pos if k_at is None else k_at)
         return n_far, rotation(target - k_pos, self.inv_freq)
 
-    def _attend(self, q, keys, values, pos: int, far, scaling: float) -> torch.Tensor:
-        """One query (1, Hq, D) over the stored keys (1, Hkv, S, D) -> (1, Hq, D).
+    @contextlib.contextmanager
+    def _seen(self, keys, values, pos: int, far):
+        """The stored keys (1, Hkv, S, D) and values the query at `pos` sees, as one pass reads them.
 
         Stored keys are [first n_sink | the rest]: in order (positions 0..pos) until the cache
         is full, then the rest is a ring that is exactly the window. Either way they are the
-        first tokens outside the window (far keys) and the window: one pass of torch's fused
-        kernel reads them all, the far keys moved (see `_far`) in place for it and put back after."""
+        first tokens outside the window (far keys) and the window: one pass of a fused kernel
+        reads them all, the far keys moved (see `_far`) in place for it and put back after."""
         n_far, k_turn = far
-        hkv, d = keys.shape[1], q.shape[-1]  # q: (1, Hq, D)
         start = max(0, pos - self.strategy.n_local + 1) if keys.shape[-2] == pos + 1 else self.strategy.n_global
-        rows = q.reshape(1, hkv, -1, d)  # grouped query heads as rows of their key head
         if not n_far:
-            return self._pass(rows, keys[:, :, start:], values[:, :, start:], scaling)
+            yield keys[:, :, start:], values[:, :, start:]
+            return
         # One token at a time, the cache never returns a dropped key (a full cache takes the
         # new key into its ring), so the far keys are exactly those before the window.
         assert start == n_far, (start, n_far)
         stored = keys[:, :, :n_far].clone()
         try:
             keys[:, :, :n_far] = rotate(stored, k_turn)
-            return self._pass(rows, keys, values, scaling)
+            yield keys, values
         finally:
             keys[:, :, :n_far] = stored
 
@@ -217,9 +220,9 @@ class _Layer:
         gate, up = self.gate_up(self.norm2(x)).chunk(2, -1)
         return x + self.down(self.act(gate) * up)
 
-    def leave_enter(self, x: torch.Tensor, attended: torch.Tensor, turn, following: _Layer):
-        """leave, then the following layer's enter -> (x, query, key, value)."""
-        x = self.leave(x, attended)
+    def attend_leave_enter(self, attend: Callable, rows, keys, values, x: torch.Tensor, turn, following: _Layer):
+        """attend(rows, keys, values, scaling), leave, then the following layer's enter -> (x, query, key, value)."""
+        x = self.leave(x, attend(rows, keys, values, self.scaling))
         return x, *following.enter(x, turn)
 
     @classmethod
@@ -284,7 +287,13 @@ class _CompiledLayer:
     def enter(self, x: torch.Tensor, turn: tuple[torch.Tensor, torch.Tensor]):
         return decode_layers.compiled_enter(x, *turn, *self.before)
 
-    def leave_enter(self, x: torch.Tensor, attended: torch.Tensor, turn, following: _CompiledLayer):
+    def attend_leave_enter(self, attend: Callable, rows, keys, values, x: torch.Tensor, turn, following: _CompiledLayer):
+        """The compiled attention, leave and the following layer's enter as one graph; `attend`
+        (torch's fused kernel) and the two graphs once compiling failed."""
+        if compiles():
+            step = decode_layers.compiled_attend_leave_enter
+            return step(rows, keys, values, self.scaling, x, self.after, *turn, following.before)
+        attended = attend(rows, keys, values, self.scaling)
         return decode_layers.compiled_leave_enter(x, attended, self.after, *turn, following.before)
 
 

@@ -73,12 +73,17 @@ _compiled = compiled(one_query, dynamic=True)  # dynamic shapes: one compile cov
 _compiled_in_parts = compiled(one_query_in_parts, dynamic=True)
 
 
+def parts(n_keys: int) -> int:
+    """How many parts a pass over n_keys keys runs in: 1 up to PARTS_ABOVE keys, `parts_for` above."""
+    return parts_for(n_keys) if n_keys > PARTS_ABOVE else 1
+
+
 def compiled_pass(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor | None:
     """`one_query` through torch.compile, in parts over more than PARTS_ABOVE keys; None once
     compiling failed here (the caller then runs torch's fused kernel)."""
     if not compiles():
         return None
-    n_keys = keys.shape[-2]
-    if n_keys > PARTS_ABOVE:
-        return _compiled_in_parts(rows, keys, values, scaling, parts_for(n_keys))
+    n_parts = parts(keys.shape[-2])
+    if n_parts > 1:
+        return _compiled_in_parts(rows, keys, values, scaling, n_parts)
     return _compiled(rows, keys, values, scaling)
