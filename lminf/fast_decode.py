@@ -35,7 +35,7 @@ from lminf.kernels import decode_layers
 from lminf.kernels.compiling import compiles
 from lminf.kernels.int4 import Int4Linear
 from lminf.kernels.one_query import COMPILED, compiled_pass
-from lminf.kernels.sdpa import attend, use_flash
+from lminf.kernels.sdpa import one_query_pass, use_flash
 from lminf.rope import rotate, rotation
 from lminf.strategies.windowed import WindowedStrategy
 
@@ -167,7 +167,7 @@ class FastStep:
         """rows (1, Hkv, rep, D) over keys and values (1, Hkv, S, D) -> (1, Hq, D); the query sees itself, so S > 0."""
         out = compiled_pass(rows, keys, values, scaling) if self.compiled else None
         if out is None:
-            out, _ = attend(rows, keys, values, None, scaling, self.flash)
+            out = one_query_pass(rows, keys, values, scaling, self.flash)
         return out.to(rows.dtype).reshape(1, -1, rows.shape[-1])
 
 

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lminf.kernels import sdpa
 from lminf.kernels.sdpa import softmax_lse
 from lminf.layout import Layout
 from lminf.strategies import AttentionCall, LMInfinite
@@ -81,3 +82,37 @@ def test_softmax_lse_equals_torch_and_empties_rows_without_keys():
     keep = torch.isfinite(s).any(-1)
     torch.testing.assert_close(lse[keep], torch.logsumexp(s, -1)[keep], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(p[keep], torch.softmax(s, -1)[keep], rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n_kv=st.sampled_from([1, 2, 3, 4]),
+    rep=st.sampled_from([1, 3]),
+    n_keys=st.integers(1, 40),
+    offset=st.integers(0, 5),
+    threads=st.sampled_from([1, 2, 3, 4]),
+    kv_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_one_query_pass_in_parts_equals_the_dense_formula(n_kv, rep, n_keys, offset, threads, kv_dtype):
+    # The fast step's pass (lminf.fast_decode): keys cut into parts so every thread has equal work,
+    # the last keys left over, the stored keys a slice of a longer cache (a view, not a copy).
+    g = torch.Generator().manual_seed(n_keys + 7 * offset)
+    stored = torch.randn(1, n_kv, n_keys + offset + 3, 8, generator=g).to(kv_dtype)
+    keys, values = stored[:, :, offset : offset + n_keys], stored.flip(-1)[:, :, offset : offset + n_keys]
+    rows = torch.randn(1, n_kv, rep, 8, generator=g)
+    # A 16-bit cache: the fused kernel rounds the query and its probabilities to it (hence the
+    # looser tolerance there); float32: exact to rounding.
+    q = rows.to(kv_dtype).double()
+    scores = (q @ keys.double().transpose(-1, -2)) * 0.3
+    want = torch.softmax(scores, -1) @ values.double()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        sdpa.SPLIT_FROM, split_from = 1, sdpa.SPLIT_FROM  # every pass in parts where threads share heads unevenly
+        got = sdpa.one_query_pass(rows, keys, values, 0.3, flash=True)
+    finally:
+        sdpa.SPLIT_FROM = split_from
+        torch.set_num_threads(before)
+    assert got.dtype == torch.float32 and got.shape == rows.shape
+    tolerance = 1e-5 if kv_dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.double(), want, rtol=tolerance, atol=tolerance)

@@ -11,6 +11,7 @@ from transformers import DynamicCache
 import lminf
 from lminf.fast_decode import FAMILIES, FastStep, why_not
 from lminf.generation import cache_kwarg, decoder
+from lminf.kernels import sdpa
 from lminf.serve.session import Sampling, Session, stream_tokens
 from tests.conftest import tiny_model
 from tests.reference import reference_attention
@@ -52,6 +53,19 @@ def test_decoding_equals_the_dense_reference(family, case, prompt):
         ref = decoded(reference, ids, prompt, DynamicCache())
     torch.testing.assert_close(got, ref, **FP32)
     assert cache.get_seq_length() == 50
+
+
+def test_the_pass_in_parts_decodes_the_same(monkeypatch):
+    # Long passes run in parts so threads share them evenly (lminf.kernels.sdpa.one_query_pass):
+    # here every pass, with 3 threads over the tiny models' 2 key heads (3 parts, keys left over).
+    monkeypatch.setattr(sdpa, "SPLIT_FROM", 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        test_decoding_equals_the_dense_reference("llama", "lminf", 13)
+        test_decoding_equals_the_dense_reference("qwen2", "sinks", 1)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("strategy", ["lminf", "sinks"])

@@ -10,6 +10,8 @@ step's one query through torch.compile (lminf.kernels.one_query). A GPU backend 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # torch's fused CPU attention that also returns the log-sum-exp (an aten op, not public API).
@@ -56,6 +58,41 @@ def attend(
         s = s.masked_fill_(~mask, -torch.inf)
     p, lse = softmax_lse(s)
     return wide(p.to(v.dtype) @ v), lse
+
+
+# A one-query pass over at least this many keys runs in parts on the fused kernel (`one_query_pass`):
+# below it, merging the parts cost more than the even work saved (decoding steps 1.02-1.05x the
+# time at 1k and 2k context, even at 4k, 0.92x at 8k; Intel Xeon, 2 threads, docs/measurements/one-query-in-parts-ab.json).
+SPLIT_FROM = 4096
+
+
+def one_query_pass(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float, flash: bool) -> torch.Tensor:
+    """One query's heads grouped by their key head, rows (1, Hkv, rep, D), over keys and values
+    (1, Hkv, S, D), S > 0 -> (1, Hkv, rep, D) float32 (float64 stays float64).
+
+    Why in parts: the fused kernel shares whole heads out between its threads, so the default
+    model's 3 key heads on 2 threads left one thread idle a third of the time. Cut into parts
+    (each part a batch row of its own, so Hkv * parts is a multiple of the threads) the work is
+    even: over 8,192 keys 0.83-0.88 ms a layer against 0.99 (float32 cache, Intel Xeon, 2
+    threads), and decoding at 8k context took 0.92x the time with float32 weights, 0.89x with
+    4-bit weights and a 16-bit cache. The parts merge through their log-sum-exps."""
+    hkv, n_keys = keys.shape[1], keys.shape[2]
+    threads = torch.get_num_threads()
+    parts = threads // math.gcd(hkv, threads)
+    if not flash or parts == 1 or n_keys < max(SPLIT_FROM, parts):
+        return attend(rows, keys, values, None, scaling, flash)[0]
+    size = n_keys // parts
+    cut = size * parts
+
+    def split(x: torch.Tensor) -> torch.Tensor:  # (1, Hkv, S, D) -> (parts, Hkv, size, D), a view
+        return x[0, :, :cut].unflatten(1, (parts, size)).transpose(0, 1)
+
+    o, lse = attend(rows.expand(parts, -1, -1, -1), split(keys), split(values), None, scaling, flash)
+    if cut < n_keys:  # the last keys, fewer than parts
+        rest_o, rest_lse = attend(rows, keys[:, :, cut:], values[:, :, cut:], None, scaling, flash)
+        o, lse = torch.cat((o, rest_o)), torch.cat((lse, rest_lse))
+    share = torch.softmax(lse, 0)  # every part saw keys: its lse is finite
+    return (o * share[..., None]).sum(0, keepdim=True)
 
 
 def softmax_lse(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
