@@ -11,7 +11,8 @@ products read at 29 GB/s (output projection and MLP of 30 layers, side by side: 
 rotary) and `leave` (output projection, residual, norm, gated MLP, residual); `head` is the
 final norm and output layer. A step calls `enter` once, then for each layer but the last
 `attend_leave_enter` (its attention, lminf.kernels.one_query, its leave and the next one's enter:
-one call a layer; 4-13% faster steps than the attention as a call of its own, the same numbers),
+one call a layer: 0.89-0.94x the time per step of the attention as a call of its own, the same
+numbers; docs/measurements/merged-attention-ab.json),
 and last the attention and `leave_head`. With 4-bit weights
 (lminf.kernels.int4) the products stay torch's int4 kernel, called from inside the graphs, and
 what lies between them compiles: 30 layers' `leave` took 7.0 ms against 10.1-10.5 as modules,
