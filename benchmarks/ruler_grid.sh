@@ -14,17 +14,22 @@ cd "$(dirname "$0")/.."
 OUT="$PWD/docs/measurements/ruler-grid"
 CODE="${CODE:-$PWD}"
 mkdir -p "$OUT" runs
+# infllm at 16k is split by task between the workers, so both finish near the same time
+INFLLM_A=niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multikey_3
+INFLLM_B=niah_multivalue,niah_multiquery,vt,cwe,fwe
 ruler() {  # ruler WORKER lminf-eval-ruler-flags...
     (cd "$CODE" && PYTHONPATH="$CODE" lminf eval ruler --samples 4 --threads 1 --out "$OUT/$1.json" "${@:2}")
 }
 {
     ruler a --methods vanilla --lengths 4096,8192,16384 &&
-        ruler a --methods sinks,infllm --lengths 16384
+        ruler a --methods sinks --lengths 16384 &&
+        ruler a --methods infllm --lengths 16384 --tasks "$INFLLM_A"
 } >> runs/ruler-grid-a.log 2>&1 &
 sleep 60  # the first worker converts and caches the model; the second then only reads it
 {
     ruler b --methods lminf --lengths 4096,8192 &&
         ruler b --methods infllm --lengths 8192 &&
-        ruler b --methods lminf,lminf-topk --lengths 16384
+        ruler b --methods lminf,lminf-topk --lengths 16384 &&
+        ruler b --methods infllm --lengths 16384 --tasks "$INFLLM_B"
 } >> runs/ruler-grid-b.log 2>&1 &
 wait
