@@ -39,6 +39,12 @@ def fresh_compiler():
 needs_compiler = pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler for torch.compile")
 
 
+@pytest.fixture
+def inductor_only(monkeypatch):
+    """The attention as torch.compile generates it, not lminf's C++ kernel (tests/test_native.py)."""
+    monkeypatch.setattr(kernel.native, "op", lambda: None)
+
+
 def compiled_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
@@ -67,7 +73,7 @@ def dense(rows, keys, values, scaling):
 @needs_compiler
 @pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(3, 3, 1), (1, 4, 37), (2, 1, 300)])  # (key heads, rows per head, keys)
-def test_one_query_equals_the_dense_formula(stored, shape):
+def test_one_query_equals_the_dense_formula(stored, shape, inductor_only):
     hkv, rep, n = shape
     g = torch.Generator().manual_seed(n)
     rows = torch.randn(1, hkv, rep, 16, generator=g)
@@ -80,7 +86,7 @@ def test_one_query_equals_the_dense_formula(stored, shape):
 
 
 @pytest.mark.parametrize("n_keys, parts", [(1, 8), (37, 4), (64, 8), (300, 8), (20, 3)])  # parts that leave keys over, and none
-def test_the_pass_in_parts_equals_the_dense_formula(n_keys, parts):
+def test_the_pass_in_parts_equals_the_dense_formula(n_keys, parts, inductor_only):
     g = torch.Generator().manual_seed(n_keys)
     rows = torch.randn(1, 2, 3, 16, generator=g)
     keys, values = (3 * torch.randn(1, 2, n_keys, 16, generator=g) for _ in range(2))  # spread scores: the maximum matters
@@ -92,7 +98,7 @@ def test_the_pass_in_parts_equals_the_dense_formula(n_keys, parts):
 
 @needs_compiler
 @pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
-def test_past_parts_above_the_compiled_pass_runs_in_parts(stored):
+def test_past_parts_above_the_compiled_pass_runs_in_parts(stored, inductor_only):
     n_keys = kernel.PARTS_ABOVE + 5
     assert kernel.parts_for(n_keys) == 8 and kernel.parts_for(8 * kernel.PARTS_ABOVE + 1) == 16
     g = torch.Generator().manual_seed(1)
@@ -106,11 +112,18 @@ def test_past_parts_above_the_compiled_pass_runs_in_parts(stored):
 @needs_compiler
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16])
-@pytest.mark.parametrize("in_parts", [False, True])
-def test_compiled_decoding_equals_the_dense_reference(family, kv_dtype, in_parts, monkeypatch):
+@pytest.mark.parametrize("attention", ["inductor", "inductor in parts", "native"])
+def test_compiled_decoding_equals_the_dense_reference(family, kv_dtype, attention, monkeypatch):
     # A one-token prompt: every later token decodes through the fast step, past the ring's wrap
     # and with far keys. Both models store the same (16-bit) keys in the same cache, one token
-    # at a time; the query stays float32. in_parts: the pass runs in 3 parts from 5 keys on.
+    # at a time; the query stays float32. The attention as torch.compile generates it (in parts:
+    # 3 parts from 5 keys on), or lminf's C++ kernel (lminf.kernels.native) inside the graphs.
+    in_parts = attention == "inductor in parts"
+    if attention == "native":
+        if not kernel.prepare():
+            pytest.skip(f"lminf's C++ kernel cannot be built here: {kernel.native.why_not()}")
+    else:
+        monkeypatch.setattr(kernel.native, "op", lambda: None)
     if in_parts:
         monkeypatch.setattr(kernel, "PARTS_ABOVE", 4)
         monkeypatch.setattr(kernel, "parts_for", lambda n_keys: 3)

@@ -10,7 +10,8 @@ products read at 29 GB/s (output projection and MLP of 30 layers, side by side: 
 12.3 ms compiled). So a layer runs as two graphs around its attention: `enter` (norm, q, k, v,
 rotary) and `leave` (output projection, residual, norm, gated MLP, residual); `head` is the
 final norm and output layer. A step calls `enter` once, then for each layer but the last
-`attend_leave_enter` (its attention, lminf.kernels.one_query, its leave and the next one's enter:
+`attend_leave_enter` (its attention, lminf.kernels.one_query (lminf's C++ kernel for a float32
+query where it is built: lminf.kernels.native), its leave and the next one's enter:
 one call a layer: 0.89-0.94x the time per step of the attention as a call of its own, the same
 numbers; docs/measurements/merged-attention-ab.json),
 and last the attention and `leave_head`. With 4-bit weights
@@ -126,7 +127,8 @@ def compiled_attend_leave_enter(rows, keys, values, scaling: float, x, after: tu
     lminf.kernels.one_query.PARTS_ABOVE keys; one graph for every number of keys (past one)."""
     for stored in (keys, values):
         torch._dynamo.maybe_mark_dynamic(stored, 2)
-    parts = one_query.parts(keys.shape[-2])
+    one_query.prepare()
+    parts = one_query.parts(keys.shape[-2], rows)
     if parts > 1:
         return _attend_in_parts_leave_enter(rows, keys, values, scaling, parts, x, after, cos, signed_sin, before)
     return _attend_leave_enter(rows, keys, values, scaling, x, after, cos, signed_sin, before)

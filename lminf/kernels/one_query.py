@@ -16,15 +16,31 @@ from __future__ import annotations
 
 import torch
 
+from lminf.kernels import native
 from lminf.kernels.compiling import compiled, compiles
 
 # "compiled": the decoding step's one-query pass through `compiled_pass` (lminf.fast_decode).
 COMPILED = "compiled"
+_native = None  # lminf's C++ kernel (lminf.kernels.native) once `prepare` found it; read inside the graphs
+
+
+def prepare() -> bool:
+    """Build or load lminf's C++ kernel before a graph that calls it is traced; whether it runs."""
+    global _native
+    _native = native.op()
+    return _native is not None
+
+
+def _on_native(rows: torch.Tensor) -> bool:
+    return _native is not None and rows.dtype == torch.float32 and rows.device.type == "cpu"
 
 
 def one_query(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
     """rows (1, Hkv, rep, D): a query's heads grouped by their key head; keys and values
-    (1, Hkv, S, D), S > 0 -> (1, Hkv, rep, D) in rows' dtype. No mask: every key is seen."""
+    (1, Hkv, S, D), S > 0 -> (1, Hkv, rep, D) in rows' dtype. No mask: every key is seen.
+    float32 rows on a CPU: lminf's C++ kernel where `prepare` found it (the same sums in one pass)."""
+    if _on_native(rows):
+        return _native(rows[0], keys[0], values[0], scaling)[None]
     k, v = keys[0].to(rows.dtype), values[0].to(rows.dtype)
     # One reduction per query row, not one broadcast over the rows: the compiler fuses the
     # rows' sums into one loop over the keys, so each key is read once (0.54 vs 0.84 ms a layer
@@ -45,7 +61,10 @@ PARTS_ABOVE = 4096
 
 def one_query_in_parts(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float, parts: int) -> torch.Tensor:
     """`one_query` with the keys' sums taken in `parts` parts (each of S // parts keys, and the
-    S % parts keys left over) and then added; the same softmax (one maximum over every key)."""
+    S % parts keys left over) and then added; the same softmax (one maximum over every key).
+    lminf's C++ kernel where `one_query` runs it (its own parts)."""
+    if _on_native(rows):
+        return one_query(rows, keys, values, scaling)
     k, v = keys[0].to(rows.dtype), values[0].to(rows.dtype)
     hkv, n_keys, d = k.shape
     rep, size = rows.shape[2], n_keys // parts
@@ -73,9 +92,10 @@ _compiled = compiled(one_query, dynamic=True)  # dynamic shapes: one compile cov
 _compiled_in_parts = compiled(one_query_in_parts, dynamic=True)
 
 
-def parts(n_keys: int) -> int:
-    """How many parts a pass over n_keys keys runs in: 1 up to PARTS_ABOVE keys, `parts_for` above."""
-    return parts_for(n_keys) if n_keys > PARTS_ABOVE else 1
+def parts(n_keys: int, rows: torch.Tensor) -> int:
+    """How many parts a pass over n_keys keys runs in: 1 up to PARTS_ABOVE keys, `parts_for` above;
+    1 where lminf's C++ kernel runs (it cuts the keys itself: one graph for every length)."""
+    return parts_for(n_keys) if n_keys > PARTS_ABOVE and not _on_native(rows) else 1
 
 
 def compiled_pass(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor | None:
@@ -83,7 +103,8 @@ def compiled_pass(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     compiling failed here (the caller then runs torch's fused kernel)."""
     if not compiles():
         return None
-    n_parts = parts(keys.shape[-2])
+    prepare()
+    n_parts = parts(keys.shape[-2], rows)
     if n_parts > 1:
         return _compiled_in_parts(rows, keys, values, scaling, n_parts)
     return _compiled(rows, keys, values, scaling)

@@ -1,0 +1,167 @@
+// One query's attention on a CPU, in one pass over the stored keys and values (lminf/kernels/native.py builds it).
+//
+// rows (Hkv, rep, D) float32: a query's heads grouped by their key head; keys and values
+// (Hkv, S, D) in float32, float64, bfloat16 or float16, each row of D contiguous (a cache's
+// view). Every key is seen. -> (Hkv, rep, D) float32: softmax(rows . keys * scale) . values,
+// summed in float32, the 16-bit keys and values widened as they are read (the query keeps its
+// float32 bits). Each key head's keys are cut into parts the threads share; each part keeps
+// its maximum, sum and weighted values (an online softmax) and the parts merge at the end.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace {
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t BLOCK = 32;  // keys scored before their exponentials are taken
+constexpr int64_t MAX_D = 256;
+constexpr int64_t MAX_REP = 16;
+
+inline float hsum(const Vec& x) {
+  return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, x);
+}
+
+// One part of one key head: keys [begin, end) -> its maximum m, sum l and weighted values acc per row.
+// FIXED_D: the head size as a constant where it is a usual one (loops unrolled), else 0.
+template <typename T, int64_t FIXED_D>
+void part(const float* q, const T* k, const T* v, int64_t rep, int64_t d_, int64_t k_row, int64_t v_row,
+          int64_t begin, int64_t end, float scale, float* acc, float* m, float* l) {
+  const int64_t d = FIXED_D ? FIXED_D : d_;
+  const bool whole_vectors = d % Vec::size() == 0;
+  alignas(64) float kf[MAX_D * BLOCK];
+  alignas(64) float sc[MAX_REP * BLOCK];
+  alignas(64) float vf[MAX_D];
+  for (int64_t r = 0; r < rep; ++r) {
+    m[r] = -std::numeric_limits<float>::infinity();
+    l[r] = 0.f;
+  }
+  std::fill(acc, acc + rep * d, 0.f);
+  for (int64_t j0 = begin; j0 < end; j0 += BLOCK) {
+    const int64_t nb = std::min(BLOCK, end - j0);
+    for (int64_t j = 0; j < nb; ++j) {
+      const T* row = k + (j0 + j) * k_row;
+      for (int64_t t = 0; t < d; ++t) kf[j * d + t] = static_cast<float>(row[t]);
+    }
+    for (int64_t r = 0; r < rep; ++r) {  // scores, four keys at a time (four independent chains of products)
+      const float* qr = q + r * d;
+      float* s = sc + r * BLOCK;
+      int64_t j = 0;
+      for (; whole_vectors && j + 4 <= nb; j += 4) {
+        Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+        const float* k0 = kf + j * d;
+        for (int64_t t = 0; t < d; t += Vec::size()) {
+          const Vec qv = Vec::loadu(qr + t);
+          a0 = at::vec::fmadd(qv, Vec::loadu(k0 + t), a0);
+          a1 = at::vec::fmadd(qv, Vec::loadu(k0 + d + t), a1);
+          a2 = at::vec::fmadd(qv, Vec::loadu(k0 + 2 * d + t), a2);
+          a3 = at::vec::fmadd(qv, Vec::loadu(k0 + 3 * d + t), a3);
+        }
+        s[j] = hsum(a0) * scale;
+        s[j + 1] = hsum(a1) * scale;
+        s[j + 2] = hsum(a2) * scale;
+        s[j + 3] = hsum(a3) * scale;
+      }
+      for (; j < nb; ++j) {
+        float dot = 0.f;
+        for (int64_t t = 0; t < d; ++t) dot += qr[t] * kf[j * d + t];
+        s[j] = dot * scale;
+      }
+    }
+    for (int64_t r = 0; r < rep; ++r) {  // exponentials against the running maximum
+      float* s = sc + r * BLOCK;
+      float top = m[r];
+      for (int64_t j = 0; j < nb; ++j) top = std::max(top, s[j]);
+      const float fix = std::exp(m[r] - top);  // 0 on the first block (m = -inf)
+      l[r] *= fix;
+      for (int64_t t = 0; t < d; ++t) acc[r * d + t] *= fix;
+      m[r] = top;
+      int64_t j = 0;
+      Vec sum(0.f);
+      for (; j + Vec::size() <= nb; j += Vec::size()) {  // Sleef's exp: within 1 ulp
+        const Vec p = (Vec::loadu(s + j) - Vec(top)).exp();
+        p.store(s + j);
+        sum = sum + p;
+      }
+      float total = hsum(sum);
+      for (; j < nb; ++j) {
+        s[j] = std::exp(s[j] - top);
+        total += s[j];
+      }
+      l[r] += total;
+    }
+    for (int64_t j = 0; j < nb; ++j) {  // weighted values
+      const T* row = v + (j0 + j) * v_row;
+      for (int64_t t = 0; t < d; ++t) vf[t] = static_cast<float>(row[t]);
+      for (int64_t r = 0; r < rep; ++r) {
+        const float p = sc[r * BLOCK + j];
+        float* ar = acc + r * d;
+        for (int64_t t = 0; t < d; ++t) ar[t] += p * vf[t];
+      }
+    }
+  }
+}
+
+at::Tensor one_query(const at::Tensor& rows, const at::Tensor& keys, const at::Tensor& values, double scale) {
+  TORCH_CHECK(rows.dim() == 3 && keys.dim() == 3 && values.dim() == 3, "lminf::one_query: rows, keys and values are 3-D");
+  TORCH_CHECK(rows.scalar_type() == at::kFloat, "lminf::one_query: rows are float32");
+  TORCH_CHECK(keys.scalar_type() == values.scalar_type(), "lminf::one_query: keys and values of one dtype");
+  TORCH_CHECK(keys.sizes() == values.sizes() && keys.size(0) == rows.size(0) && keys.size(2) == rows.size(2),
+              "lminf::one_query: rows (Hkv, rep, D), keys and values (Hkv, S, D)");
+  TORCH_CHECK(keys.size(1) > 0, "lminf::one_query: at least one key");
+  TORCH_CHECK(keys.size(2) <= MAX_D && rows.size(1) <= MAX_REP, "lminf::one_query: D <= 256 and rep <= 16");
+  TORCH_CHECK(keys.stride(2) == 1 && values.stride(2) == 1, "lminf::one_query: each key's and value's D contiguous");
+  const auto q = rows.contiguous();
+  const int64_t hkv = keys.size(0), s = keys.size(1), d = keys.size(2), rep = q.size(1);
+  // parts per key head: the threads share Hkv * parts items; more past 4,096 keys (measured faster)
+  const int64_t parts = std::min<int64_t>(s, at::get_num_threads() * (s > 4096 ? 4 : 1));
+  const int64_t size = (s + parts - 1) / parts;
+  auto acc = at::empty({hkv, parts, rep, d}, q.options());
+  auto ml = at::empty({hkv, parts, 2, rep}, q.options());
+  float* acc_p = acc.data_ptr<float>();
+  float* ml_p = ml.data_ptr<float>();
+  const float* q_p = q.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, keys.scalar_type(), "lminf::one_query", [&] {
+    const scalar_t* k_p = keys.data_ptr<scalar_t>();
+    const scalar_t* v_p = values.data_ptr<scalar_t>();
+    const auto run = d == 64 ? &part<scalar_t, 64> : d == 128 ? &part<scalar_t, 128> : &part<scalar_t, 0>;
+    at::parallel_for(0, hkv * parts, 1, [&](int64_t a, int64_t b) {
+      for (int64_t item = a; item < b; ++item) {
+        const int64_t h = item / parts, c = item % parts;
+        const int64_t begin = std::min(s, c * size), end = std::min(s, begin + size);
+        float* m = ml_p + item * 2 * rep;
+        run(q_p + h * rep * d, k_p + h * keys.stride(0), v_p + h * values.stride(0), rep, d, keys.stride(1),
+            values.stride(1), begin, end, static_cast<float>(scale), acc_p + item * rep * d, m, m + rep);
+      }
+    });
+  });
+  auto out = at::empty({hkv, rep, d}, q.options());
+  float* out_p = out.data_ptr<float>();
+  for (int64_t h = 0; h < hkv; ++h) {  // merge the parts: each weighs exp(its maximum - the largest)
+    for (int64_t r = 0; r < rep; ++r) {
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t c = 0; c < parts; ++c) top = std::max(top, ml_p[(h * parts + c) * 2 * rep + r]);
+      float* o = out_p + (h * rep + r) * d;
+      std::fill(o, o + d, 0.f);
+      float total = 0.f;
+      for (int64_t c = 0; c < parts; ++c) {
+        const float* m = ml_p + (h * parts + c) * 2 * rep;
+        if (m[rep + r] == 0.f) continue;  // an empty part
+        const float w = std::exp(m[r] - top);
+        total += w * m[rep + r];
+        const float* a = acc_p + ((h * parts + c) * rep + r) * d;
+        for (int64_t t = 0; t < d; ++t) o[t] += w * a[t];
+      }
+      for (int64_t t = 0; t < d; ++t) o[t] /= total;
+    }
+  }
+  return out;
+}
+}  // namespace
+
+TORCH_LIBRARY(lminf, lib) { lib.def("one_query(Tensor rows, Tensor keys, Tensor values, float scale) -> Tensor"); }
+TORCH_LIBRARY_IMPL(lminf, CPU, lib) { lib.impl("one_query", &one_query); }
