@@ -62,7 +62,8 @@ def add_model_args(
         help="attention kernel: compiled runs a decoding step through torch.compile, its attention and (on CPU) "
         "its layers (needs a C++ compiler; the first step compiles, ~20 s, 3-4 s cached; float32 decoding "
         "1.3-1.7x faster on CPU, 1.1-1.4x with --weights gguf --kv-dtype bfloat16); "
-        "auto: torch's fused kernel on CPU, plain matmuls elsewhere",
+        "auto: on CPU lminf's C++ kernel for a decoding step's float32 query (built on first use, ~10 s; "
+        "LMINF_NATIVE=0 turns it off) and torch's fused kernel for the rest, plain matmuls elsewhere",
     )
     if strategy:
         parser.add_argument("--strategy", default="lminf", choices=sorted(STRATEGIES), help="attention strategy (default lminf)")

@@ -34,7 +34,7 @@ from lminf.caches.lambda_cache import LambdaCache, LambdaLayer
 from lminf.kernels import decode_layers
 from lminf.kernels.compiling import compiles
 from lminf.kernels.int4 import Int4Linear
-from lminf.kernels.one_query import COMPILED, compiled_pass
+from lminf.kernels.one_query import COMPILED, compiled_pass, native_pass, prepare
 from lminf.kernels.sdpa import one_query_pass, use_flash
 from lminf.rope import rotate, rotation
 from lminf.strategies.windowed import WindowedStrategy
@@ -94,11 +94,16 @@ class FastStep:
             _PLANS[model] = built_for, _plan(model, self.compiled)
         self.layers, self.head = _PLANS[model][1]
         self.flash = use_flash(state.kernel, model.device)
+        # kernel "auto" on a CPU: lminf's C++ kernel for a float32 query (lminf.kernels.native), where it builds
+        self.native = state.kernel == "auto" and model.device.type == "cpu" and model.dtype == torch.float32 and prepare()
 
     @property
     def attention_kernel(self) -> str:
-        """The kernel its attention runs on: "compiled", "flash_cpu" (torch's fused CPU kernel) or "torch"."""
-        return COMPILED if self.compiled and compiles() else "flash_cpu" if self.flash else "torch"
+        """The kernel its attention runs on: "compiled", "native" (lminf's C++ kernel), "flash_cpu"
+        (torch's fused CPU kernel) or "torch"."""
+        if self.compiled and compiles():
+            return COMPILED
+        return "native" if self.native else "flash_cpu" if self.flash else "torch"
 
     @property
     def layers_kernel(self) -> str:
@@ -166,6 +171,8 @@ class FastStep:
     def _pass(self, rows, keys, values, scaling: float) -> torch.Tensor:
         """rows (1, Hkv, rep, D) over keys and values (1, Hkv, S, D) -> (1, Hq, D); the query sees itself, so S > 0."""
         out = compiled_pass(rows, keys, values, scaling) if self.compiled else None
+        if out is None and self.native:
+            out = native_pass(rows, keys, values, scaling)
         if out is None:
             out = one_query_pass(rows, keys, values, scaling, self.flash)
         return out.to(rows.dtype).reshape(1, -1, rows.shape[-1])

@@ -141,7 +141,8 @@ def patch(
         top_k=0, top_k_from_layer=4: middle tokens each query head also attends to, in layers
             >= top_k_from_layer (with top_k > 0 the generation cache keeps every token);
         global_distance="capped" | "reindexed" is the older spelling of strategy "lminf" | "sinks".
-    backend: the kernel, one of "auto", "torch", "flash_cpu", "compiled" (a decoding step
+    backend: the kernel, one of "auto" (on a CPU torch's fused kernel, and lminf's C++ kernel
+        for a decoding step's float32 query: lminf.kernels.native), "torch", "flash_cpu", "compiled" (a decoding step
         through torch.compile: its attention, and on a CPU its layers around it (float weights,
         which this then stores row-major, as they read fastest, or 4-bit ones); 1.3-1.7x faster
         float32 decoding on a 2-core CPU, 1.1-1.4x with 4-bit weights and a 16-bit cache; needs a C++

@@ -11,9 +11,9 @@ from transformers import DynamicCache
 import lminf
 from lminf.fast_decode import FAMILIES, FastStep, why_not
 from lminf.generation import cache_kwarg, decoder
-from lminf.kernels import sdpa
+from lminf.kernels import native, sdpa
 from lminf.serve.session import Sampling, Session, stream_tokens
-from tests.conftest import tiny_model
+from tests.conftest import HAS_CXX, tiny_model
 from tests.reference import reference_attention
 from tests.strategies import CASES
 
@@ -37,13 +37,26 @@ def decoded(model, ids: torch.Tensor, prompt: int, cache=None, n_global=None) ->
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("prompt", [13, 1])  # past the window already; one token, the cache fills while decoding
-def test_decoding_equals_the_dense_reference(family, case, prompt):
+@pytest.mark.parametrize("attention", ["native", "flash_cpu"])  # lminf's C++ kernel (built here), torch's fused kernel
+def test_decoding_equals_the_dense_reference(family, case, prompt, attention, monkeypatch):
+    if attention == "flash_cpu":
+        monkeypatch.setattr(native, "op", lambda: None)
+    elif not HAS_CXX:
+        pytest.skip("no C++ compiler to build lminf's kernel")
+    decodes_as_the_reference(family, case, prompt, attention)
+
+
+def decodes_as_the_reference(family: str, case: str, prompt: int, attention: str) -> None:
+    """The fast step's logits (where it applies; the forward elsewhere) against the dense float64 reference."""
     strategy = CASES[case]
     model = lminf.patch(tiny_model(family), strategy)
     cache = lminf.make_cache(model)
     fast = strategy.name in ("lminf", "sinks", "lminf-original") and not strategy.keeps_middle
     assert (why_not(model, cache) is None) == fast, why_not(model, cache)
-    assert isinstance(decoder(model, cache), FastStep) == fast
+    step = decoder(model, cache)
+    assert isinstance(step, FastStep) == fast
+    if fast:
+        assert step.attention_kernel == attention
     ids = tokens(50)  # the ring of 8 wraps several times
     got = decoded(model, ids, prompt, cache)
     reference = lminf.patch(tiny_model(family), strategy, backend=reference_attention)
@@ -59,11 +72,12 @@ def test_the_pass_in_parts_decodes_the_same(monkeypatch):
     # Long passes run in parts so threads share them evenly (lminf.kernels.sdpa.one_query_pass):
     # here every pass, with 3 threads over the tiny models' 2 key heads (3 parts, keys left over).
     monkeypatch.setattr(sdpa, "SPLIT_FROM", 1)
+    monkeypatch.setattr(native, "op", lambda: None)  # torch's fused kernel, not lminf's C++ one
     before = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        test_decoding_equals_the_dense_reference("llama", "lminf", 13)
-        test_decoding_equals_the_dense_reference("qwen2", "sinks", 1)
+        decodes_as_the_reference("llama", "lminf", 13, "flash_cpu")
+        decodes_as_the_reference("qwen2", "sinks", 1, "flash_cpu")
     finally:
         torch.set_num_threads(before)
 

@@ -56,8 +56,9 @@ def test_the_kernel_equals_the_dense_formula(op, hkv, rep, head_dim, n_keys, dty
     finally:
         torch.set_num_threads(before)
     assert got.dtype == torch.float32 and got.shape == rows.shape
-    # The keys as stored (16 bits read, not rounded again); the sums in float32.
-    torch.testing.assert_close(got.double(), dense(rows, keys, values, scale), rtol=2e-5, atol=2e-5)
+    # The keys as stored (16 bits read, not rounded again); the sums in float32, whose rounding
+    # grows with the values' and the scores' size (spread).
+    torch.testing.assert_close(got.double(), dense(rows, keys, values, scale), rtol=2e-5, atol=3e-5 * spread)
 
 
 @pytest.mark.parametrize("n_keys", [4097, 8195])

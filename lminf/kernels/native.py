@@ -3,10 +3,13 @@
 Why: a decoding step's attention reads each stored key and value once and does little
 arithmetic on them, but neither torch's fused CPU kernel nor the kernel torch.compile
 generates (lminf.kernels.one_query) comes near the memory's speed on one query: inductor's
-sums each key's 64 products across a vector, per key and query row. Over 1,025 keys in
-bfloat16 (the default model's 3 key heads of 3 rows) this one took 54 us a layer against
-134 for inductor's, over 8,193 keys 414-486 against 702; float32 67 and 707-733 against
-torch's fused kernel's 77 and 825 (Intel Xeon, 2 threads, 30 layers' caches).
+sums each key's 64 products across a vector, per key and query row, and the fused kernel
+rounds the query to a 16-bit cache's dtype. This one scores four keys at a time and adds
+their lanes together. One layer of the default model (3 key heads of 3 rows; 30 layers'
+caches in turn; Intel Xeon, 2 threads; micro-benchmark runs kept in the JSON below): 38 us
+over 1,025 bfloat16 keys and 428 over 8,193, against 134 and 702 for inductor's; float32 46
+and 608 against the fused kernel's 77 and 825.
+Whole decoding steps: docs/measurements/native-attention-ab.json (0.79-0.99x the time).
 
 Built with the C++ compiler torch.compile uses (kernel "compiled" needs one anyway) into
 lminf's cache folder (kernels/ under ~/.cache/lminf or $LMINF_CACHE), against this torch, for this CPU's vector
@@ -19,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -60,7 +64,8 @@ def _load():
         torch.ops.load_library(str(library))
     except Exception as error:  # a missing compiler or headers: torch's kernels run instead
         _state["why"] = f"{type(error).__name__}: {str(error)[-500:]}"
-        warnings.warn(f"lminf's C++ attention kernel is not available here ({_state['why']}); using torch's.", stacklevel=3)
+        said = f"lminf's C++ attention kernel is not available here ({_state['why']}); decoding uses torch's kernels"
+        warnings.warn(f"{said} (LMINF_NATIVE=0 says nothing).", stacklevel=3)
         return None
     torch.library.register_fake("lminf::one_query")(_shape)
     return torch.ops.lminf.one_query
@@ -96,6 +101,7 @@ def _built() -> Path:
     if library.exists():
         return library
     cache.mkdir(parents=True, exist_ok=True)
+    print(f"lminf: building its C++ attention kernel into {cache} (once for this torch and CPU, about 10 s)", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=cache) as work:  # built aside, then moved: two processes may build at once
         built = Path(work) / library.name
         done = subprocess.run(_command(SOURCE, built), capture_output=True, text=True)

@@ -35,6 +35,11 @@ def _on_native(rows: torch.Tensor) -> bool:
     return _native is not None and rows.dtype == torch.float32 and rows.device.type == "cpu"
 
 
+def native_pass(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor | None:
+    """`one_query` on lminf's C++ kernel, called directly (no graph); None where it does not run."""
+    return _native(rows[0], keys[0], values[0], scaling)[None] if _on_native(rows) else None
+
+
 def one_query(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
     """rows (1, Hkv, rep, D): a query's heads grouped by their key head; keys and values
     (1, Hkv, S, D), S > 0 -> (1, Hkv, rep, D) in rows' dtype. No mask: every key is seen.
