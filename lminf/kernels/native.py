@@ -32,10 +32,12 @@ import torch
 SOURCE = Path(__file__).with_name("one_query_cpu.cpp")
 # at::vec's instruction sets, as torch names them, and the flags that select them
 _ISA_FLAGS = {
-    "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw"]
-    + ["-mfma"],
+    "AVX512": [
+        "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
+        "-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma",
+    ],
     "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
-}
+}  # fmt: skip
 _state: dict = {}  # "op": the loaded op or None, "why": why not
 
 
