@@ -33,7 +33,7 @@ from lminf.families import (
 from lminf.fast_decode import FastStep, compiled_layers_fit, why_not
 from lminf.generation import PREFILL_CHUNK, cache_kwarg, prefill
 from lminf.kernels.linear_layout import arrange_linear_weights
-from lminf.kernels.one_query import COMPILED
+from lminf.kernels.one_query import COMPILED, prepare
 from lminf.kernels.sdpa import KERNELS
 from lminf.layout import Layout, lambda_mask
 from lminf.strategies import AttentionCall, Strategy, build
@@ -174,6 +174,8 @@ def patch(
         module._lminf = state
     if state.kernel == COMPILED and compiled_layers_fit(model):
         arrange_linear_weights(model, input_major=False)  # what the compiled layers read fastest (decode_layers)
+    if state.kernel in ("auto", COMPILED) and model.device.type == "cpu" and model.dtype == torch.float32:
+        prepare()  # lminf's C++ attention kernel (lminf.kernels.native): built now on first use, not in a timed decoding step
     if state.family.prepare is not None:
         state.prepared = state.family.prepare(model)
     if strategy.stateful:  # its attention reads its own cache layer: note which cache each forward call uses
