@@ -94,8 +94,10 @@ class FastStep:
             _PLANS[model] = built_for, _plan(model, self.compiled)
         self.layers, self.head = _PLANS[model][1]
         self.flash = use_flash(state.kernel, model.device)
-        # kernel "auto" on a CPU: lminf's C++ kernel for a float32 query (lminf.kernels.native), where it builds
-        self.native = state.kernel == "auto" and model.device.type == "cpu" and model.dtype == torch.float32 and prepare()
+        # lminf's C++ kernel for a float32 query on a CPU (lminf.kernels.native), where it builds: kernel
+        # "auto" calls it here, kernel "compiled" inside its graphs (lminf.kernels.one_query reads what this found)
+        native = model.device.type == "cpu" and model.dtype == torch.float32 and prepare()
+        self.native = native and state.kernel == "auto"
 
     @property
     def attention_kernel(self) -> str:

@@ -43,6 +43,7 @@ needs_compiler = pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler for tor
 def inductor_only(monkeypatch):
     """The attention as torch.compile generates it, not lminf's C++ kernel (tests/test_native.py)."""
     monkeypatch.setattr(kernel.native, "op", lambda: None)
+    monkeypatch.setattr(kernel, "_native", None)
 
 
 def compiled_graphs() -> int:
@@ -124,6 +125,7 @@ def test_compiled_decoding_equals_the_dense_reference(family, kv_dtype, attentio
             pytest.skip(f"lminf's C++ kernel cannot be built here: {kernel.native.why_not()}")
     else:
         monkeypatch.setattr(kernel.native, "op", lambda: None)
+        monkeypatch.setattr(kernel, "_native", None)
     if in_parts:
         monkeypatch.setattr(kernel, "PARTS_ABOVE", 4)
         monkeypatch.setattr(kernel, "parts_for", lambda n_keys: 3)
@@ -134,7 +136,10 @@ def test_compiled_decoding_equals_the_dense_reference(family, kv_dtype, attentio
     step = decoder(model, cache)
     assert isinstance(step, FastStep) and (step.attention_kernel, step.layers_kernel) == ("compiled", "compiled")
     ids = tokens(40, seed=4)
-    got = decoded(model, ids, 1, cache)
+    with torch.profiler.profile() as profiled:
+        got = decoded(model, ids, 1, cache)
+    ran_native = any(event.name == "lminf::one_query" for event in profiled.events())
+    assert ran_native == (attention == "native")  # lminf's C++ kernel ran inside the graphs, or not at all
     plain = perturbed(tiny_model(family, num_hidden_layers=layers))
     reference = lminf.patch(plain, "lminf", backend=reference_attention, **settings)
     ref = decoded(reference, ids, 1, lminf.make_cache(reference))  # its own forward, one token at a time

@@ -127,7 +127,6 @@ def compiled_attend_leave_enter(rows, keys, values, scaling: float, x, after: tu
     lminf.kernels.one_query.PARTS_ABOVE keys; one graph for every number of keys (past one)."""
     for stored in (keys, values):
         torch._dynamo.maybe_mark_dynamic(stored, 2)
-    one_query.prepare()
     parts = one_query.parts(keys.shape[-2], rows)
     if parts > 1:
         return _attend_in_parts_leave_enter(rows, keys, values, scaling, parts, x, after, cos, signed_sin, before)

@@ -21,7 +21,7 @@ from lminf.kernels.compiling import compiled, compiles
 
 # "compiled": the decoding step's one-query pass through `compiled_pass` (lminf.fast_decode).
 COMPILED = "compiled"
-_native = None  # lminf's C++ kernel (lminf.kernels.native) once `prepare` found it; read inside the graphs
+_native = None  # lminf's C++ kernel (lminf.kernels.native) once `prepare` (a FastStep's start) found it; read inside the graphs
 
 
 def prepare() -> bool:
@@ -44,8 +44,9 @@ def one_query(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scal
     """rows (1, Hkv, rep, D): a query's heads grouped by their key head; keys and values
     (1, Hkv, S, D), S > 0 -> (1, Hkv, rep, D) in rows' dtype. No mask: every key is seen.
     float32 rows on a CPU: lminf's C++ kernel where `prepare` found it (the same sums in one pass)."""
-    if _on_native(rows):
-        return _native(rows[0], keys[0], values[0], scaling)[None]
+    out = native_pass(rows, keys, values, scaling)
+    if out is not None:
+        return out
     k, v = keys[0].to(rows.dtype), values[0].to(rows.dtype)
     # One reduction per query row, not one broadcast over the rows: the compiler fuses the
     # rows' sums into one loop over the keys, so each key is read once (0.54 vs 0.84 ms a layer
@@ -66,10 +67,7 @@ PARTS_ABOVE = 4096
 
 def one_query_in_parts(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float, parts: int) -> torch.Tensor:
     """`one_query` with the keys' sums taken in `parts` parts (each of S // parts keys, and the
-    S % parts keys left over) and then added; the same softmax (one maximum over every key).
-    lminf's C++ kernel where `one_query` runs it (its own parts)."""
-    if _on_native(rows):
-        return one_query(rows, keys, values, scaling)
+    S % parts keys left over) and then added; the same softmax (one maximum over every key)."""
     k, v = keys[0].to(rows.dtype), values[0].to(rows.dtype)
     hkv, n_keys, d = k.shape
     rep, size = rows.shape[2], n_keys // parts
@@ -108,7 +106,6 @@ def compiled_pass(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     compiling failed here (the caller then runs torch's fused kernel)."""
     if not compiles():
         return None
-    prepare()
     n_parts = parts(keys.shape[-2], rows)
     if n_parts > 1:
         return _compiled_in_parts(rows, keys, values, scaling, n_parts)
