@@ -6,6 +6,9 @@
 // summed in float32, the 16-bit keys and values widened as they are read (the query keeps its
 // float32 bits). Each key head's keys are cut into parts the threads share; each part keeps
 // its maximum, sum and weighted values (an online softmax) and the parts merge at the end.
+// Per block of keys: the rows' scores four keys at a time, their maxima and exponentials a vector
+// at a time, the weighted values summed in registers, and the next block's rows asked of the
+// memory (prefetched) meanwhile: a step reads each layer's cache cold, after the weights.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -65,6 +68,68 @@ inline void widen(const T* src, float* dst, int64_t d) {
   for (; t < d; ++t) dst[t] = static_cast<float>(src[t]);
 }
 
+// Each of a block's rows [j0, j0 + nb) as float32: where stored for float32, else widened into buf.
+template <typename T>
+inline void as_float(const T* base, int64_t stride, int64_t j0, int64_t nb, int64_t d, float* buf, const float** rows) {
+  for (int64_t j = 0; j < nb; ++j) {
+    const T* row = base + (j0 + j) * stride;
+    if constexpr (std::is_same_v<T, float>) {
+      rows[j] = row;
+    } else {
+      widen(row, buf + j * d, d);
+      rows[j] = buf + j * d;
+    }
+  }
+}
+
+// Asks the memory for rows [from, to) of keys and values, for a block read later.
+template <typename T>
+inline void prefetch(const T* k, const T* v, int64_t k_row, int64_t v_row, int64_t from, int64_t to, int64_t d) {
+  const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
+  for (int64_t j = from; j < to; ++j) {
+    for (int64_t b = 0; b < bytes; b += 64) {  // a cache line at a time
+      __builtin_prefetch(reinterpret_cast<const char*>(k + j * k_row) + b);
+      __builtin_prefetch(reinterpret_cast<const char*>(v + j * v_row) + b);
+    }
+  }
+}
+
+// acc (G rows of D) += p[g][j] * value[j] over the block's keys j, the sums held in registers
+// through the block (a sum kept in memory waits on its own store at every key).
+template <int64_t D, int64_t G>
+inline void weigh_group(const float* const* value, const float* p, int64_t nb, float* acc) {
+  constexpr int64_t NV = D / Vec::size();
+  Vec a[G][NV];
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t t = 0; t < NV; ++t) a[g][t] = Vec::loadu(acc + g * D + t * Vec::size());
+  for (int64_t j = 0; j < nb; ++j) {
+    Vec x[NV];
+    for (int64_t t = 0; t < NV; ++t) x[t] = Vec::loadu(value[j] + t * Vec::size());
+    for (int64_t g = 0; g < G; ++g) {
+      const Vec w(p[g * BLOCK + j]);
+      for (int64_t t = 0; t < NV; ++t) a[g][t] = at::vec::fmadd(w, x[t], a[g][t]);
+    }
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t t = 0; t < NV; ++t) a[g][t].store(acc + g * D + t * Vec::size());
+}
+
+// Every row's weighted values (sc: rows' weights, BLOCK apart), rows in groups the registers hold.
+template <int64_t D>
+inline void weigh_values(const float* const* value, const float* sc, int64_t nb, int64_t rep, float* acc) {
+  constexpr int64_t GROUP = std::clamp<int64_t>(20 / (D / Vec::size()), 1, 4);
+  for (int64_t r = 0; r < rep; r += GROUP) {
+    const float* p = sc + r * BLOCK;
+    float* a = acc + r * D;
+    switch (std::min(GROUP, rep - r)) {
+      case 4: weigh_group<D, 4>(value, p, nb, a); break;
+      case 3: weigh_group<D, 3>(value, p, nb, a); break;
+      case 2: weigh_group<D, 2>(value, p, nb, a); break;
+      default: weigh_group<D, 1>(value, p, nb, a);
+    }
+  }
+}
+
 // One part of one key head: keys [begin, end) -> its maximum m, sum l and weighted values acc per row.
 // FIXED_D: the head size as a constant where it is a usual one (loops unrolled), else 0.
 template <typename T, int64_t FIXED_D>
@@ -73,27 +138,23 @@ void part(const float* q, const T* k, const T* v, int64_t rep, int64_t d_, int64
   const int64_t d = FIXED_D ? FIXED_D : d_;
   const bool whole_vectors = d % Vec::size() == 0;
   alignas(64) float kf[MAX_D * BLOCK];
+  alignas(64) float vf[MAX_D * BLOCK];
   alignas(64) float sc[MAX_REP * BLOCK];
-  alignas(64) float vf[MAX_D];
+  alignas(64) float qs[MAX_REP * MAX_D];  // the rows times the scale: the scores come out scaled
+  for (int64_t i = 0; i < rep * d; ++i) qs[i] = q[i] * scale;
   for (int64_t r = 0; r < rep; ++r) {
     m[r] = -std::numeric_limits<float>::infinity();
     l[r] = 0.f;
   }
   std::fill(acc, acc + rep * d, 0.f);
+  prefetch(k, v, k_row, v_row, begin, std::min(end, begin + BLOCK), d);
   for (int64_t j0 = begin; j0 < end; j0 += BLOCK) {
     const int64_t nb = std::min(BLOCK, end - j0);
-    const float* key[BLOCK];  // each key's row as float32: where stored, else widened into kf
-    for (int64_t j = 0; j < nb; ++j) {
-      const T* row = k + (j0 + j) * k_row;
-      if constexpr (std::is_same_v<T, float>) {
-        key[j] = row;
-      } else {
-        widen(row, kf + j * d, d);
-        key[j] = kf + j * d;
-      }
-    }
+    prefetch(k, v, k_row, v_row, j0 + BLOCK, std::min(end, j0 + 2 * BLOCK), d);
+    const float* key[BLOCK];
+    as_float(k, k_row, j0, nb, d, kf, key);
     for (int64_t r = 0; r < rep; ++r) {  // scores, four keys at a time (four independent chains of products)
-      const float* qr = q + r * d;
+      const float* qr = qs + r * d;
       float* s = sc + r * BLOCK;
       int64_t j = 0;
       for (; whole_vectors && j + 4 <= nb; j += 4) {
@@ -106,23 +167,28 @@ void part(const float* q, const T* k, const T* v, int64_t rep, int64_t d_, int64
           a3 = at::vec::fmadd(qv, Vec::loadu(key[j + 3] + t), a3);
         }
         hsum4(a0, a1, a2, a3, s + j);
-        for (int64_t i = j; i < j + 4; ++i) s[i] *= scale;
       }
       for (; j < nb; ++j) {
         float dot = 0.f;
         for (int64_t t = 0; t < d; ++t) dot += qr[t] * key[j][t];
-        s[j] = dot * scale;
+        s[j] = dot;
       }
     }
     for (int64_t r = 0; r < rep; ++r) {  // exponentials against the running maximum
       float* s = sc + r * BLOCK;
       float top = m[r];
-      for (int64_t j = 0; j < nb; ++j) top = std::max(top, s[j]);
+      int64_t j = 0;
+      if (nb >= Vec::size()) {  // a vector of maxima (one chain of maxima key by key took a fifth of the time)
+        Vec most = Vec::loadu(s);
+        for (j = Vec::size(); j + Vec::size() <= nb; j += Vec::size()) most = at::vec::maximum(most, Vec::loadu(s + j));
+        top = std::max(top, at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, most));
+      }
+      for (; j < nb; ++j) top = std::max(top, s[j]);
       const float fix = std::exp(m[r] - top);  // 0 on the first block (m = -inf)
       l[r] *= fix;
       for (int64_t t = 0; t < d; ++t) acc[r * d + t] *= fix;
       m[r] = top;
-      int64_t j = 0;
+      j = 0;
       Vec sum(0.f);
       for (; j + Vec::size() <= nb; j += Vec::size()) {  // Sleef's exp: within 1 ulp
         const Vec p = (Vec::loadu(s + j) - Vec(top)).exp();
@@ -136,18 +202,17 @@ void part(const float* q, const T* k, const T* v, int64_t rep, int64_t d_, int64
       }
       l[r] += total;
     }
-    for (int64_t j = 0; j < nb; ++j) {  // weighted values
-      const T* row = v + (j0 + j) * v_row;
-      const float* value = vf;
-      if constexpr (std::is_same_v<T, float>) {
-        value = row;
-      } else {
-        widen(row, vf, d);
-      }
-      for (int64_t r = 0; r < rep; ++r) {
-        const float p = sc[r * BLOCK + j];
-        float* ar = acc + r * d;
-        for (int64_t t = 0; t < d; ++t) ar[t] += p * value[t];
+    const float* value[BLOCK];  // weighted values
+    as_float(v, v_row, j0, nb, d, vf, value);
+    if constexpr (FIXED_D > 0 && FIXED_D % Vec::size() == 0) {
+      weigh_values<FIXED_D>(value, sc, nb, rep, acc);
+    } else {
+      for (int64_t j = 0; j < nb; ++j) {
+        for (int64_t r = 0; r < rep; ++r) {
+          const float p = sc[r * BLOCK + j];
+          float* ar = acc + r * d;
+          for (int64_t t = 0; t < d; ++t) ar[t] += p * value[j][t];
+        }
       }
     }
   }
