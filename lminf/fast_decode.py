@@ -14,7 +14,9 @@ ring's wrap; against the forward with a 16-bit cache and with 4-bit weights, to 
 With the default model's 4-bit weights, `generate` through it was 1.6x (1k context) and 1.2x
 (8k) faster than through the forward on a 2-core CPU; 1.1-1.2x with float32 weights (README,
 Faster decoding on a CPU; benchmarks/generate_ab.py). With kernel "compiled" the layers around the
-attention run as compiled graphs instead of the modules (lminf.kernels.decode_layers).
+attention run as compiled graphs instead of the modules (lminf.kernels.decode_layers); with float32
+weights on a CPU in kernel "auto", as lminf's C++ layers (lminf.kernels.native, decode_layer_cpu.cpp:
+two calls a layer, 0.81x / 0.91x the time per token at 1k / 8k).
 lminf.generation.decoder picks it where it applies, the model's forward elsewhere; a patched
 model's `generate` decodes through it the same way (lminf.patching).
 """
@@ -31,7 +33,7 @@ import torch
 from transformers import Cache, PreTrainedModel
 
 from lminf.caches.lambda_cache import LambdaCache, LambdaLayer
-from lminf.kernels import decode_layers
+from lminf.kernels import decode_layers, native
 from lminf.kernels.compiling import compiles
 from lminf.kernels.int4 import Int4Linear
 from lminf.kernels.one_query import COMPILED, compiled_pass, native_pass, prepare
@@ -88,16 +90,18 @@ class FastStep:
         decoder = model.get_decoder()
         self.embed = decoder.embed_tokens
         self.compiled = state.kernel == COMPILED
+        # lminf's C++ layers (lminf.kernels.native) for float32 weights on a CPU in kernel "auto", where they build
+        native_layers = state.kernel == "auto" and _NativeLayer.fits(model) and native.layers() is not None
         # A plan holds the weights as they were: rebuild after .to(); kernel "compiled" has its own.
-        built_for = (model.dtype, model.device, self.compiled)
+        built_for = (model.dtype, model.device, self.compiled, native_layers)
         if _PLANS.get(model, (None,))[0] != built_for:
-            _PLANS[model] = built_for, _plan(model, self.compiled)
+            _PLANS[model] = built_for, _plan(model, self.compiled, native_layers)
         self.layers, self.head = _PLANS[model][1]
         self.flash = use_flash(state.kernel, model.device)
         # lminf's C++ kernel for a float32 query on a CPU (lminf.kernels.native), where it builds: kernel
         # "auto" calls it here, kernel "compiled" inside its graphs (lminf.kernels.one_query reads what this found)
-        native = model.device.type == "cpu" and model.dtype == torch.float32 and prepare()
-        self.native = native and state.kernel == "auto"
+        native_attention = model.device.type == "cpu" and model.dtype == torch.float32 and prepare()
+        self.native = native_attention and state.kernel == "auto"
 
     @property
     def attention_kernel(self) -> str:
@@ -109,8 +113,11 @@ class FastStep:
 
     @property
     def layers_kernel(self) -> str:
-        """What runs the layers around the attention: "compiled" (lminf.kernels.decode_layers) or "modules"."""
-        return COMPILED if isinstance(self.head, _CompiledHead) and compiles() else "modules"
+        """What runs the layers around the attention: "compiled" (lminf.kernels.decode_layers), "native"
+        (lminf's C++ layers, decode_layer_cpu.cpp) or "modules"."""
+        if isinstance(self.head, _CompiledHead) and compiles():
+            return COMPILED
+        return "native" if isinstance(self.layers[0], _NativeLayer) else "modules"
 
     @torch.inference_mode()
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
@@ -191,14 +198,18 @@ def compiled_layers_fit(model: PreTrainedModel) -> bool:
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _plan(model: PreTrainedModel, compiled: bool) -> tuple[list, _Head | _CompiledHead]:
+def _plan(model: PreTrainedModel, compiled: bool, native_layers: bool) -> tuple[list, _Head | _CompiledHead]:
     """What a step runs in each decoder layer and for the output: compiled graphs
-    (lminf.kernels.decode_layers) where asked and every layer fits them, the modules elsewhere."""
+    (lminf.kernels.decode_layers) where asked and every layer fits them, lminf's C++ layers
+    where asked, the modules elsewhere."""
     decoder, config = model.get_decoder(), model.config
     if compiled and compiled_layers_fit(model):
         layers = [_CompiledLayer.of(layer, config) for layer in decoder.layers]
         return layers, _CompiledHead(decoder.norm.weight, _weights(model.get_output_embeddings()), decoder.norm.variance_epsilon)
-    return [_Layer.of(layer, config) for layer in decoder.layers], _Head(_norm(decoder.norm), model.get_output_embeddings())
+    head = _Head(_norm(decoder.norm), model.get_output_embeddings())
+    if native_layers:
+        return [_NativeLayer.of(layer, native.layers()) for layer in decoder.layers], head
+    return [_Layer.of(layer, config) for layer in decoder.layers], head
 
 
 @dataclass
@@ -251,6 +262,46 @@ class _Layer:
             head_dim=attn.head_dim,
             scaling=attn.scaling,
         )
+
+
+@dataclass
+class _NativeLayer:
+    """One decoder layer as lminf's C++ layer runs it (decode_layer_cpu.cpp): its `enter` and
+    `leave`, each one call of plain loops around torch's products (not ~130 torch calls)."""
+
+    ops: object  # torch.ops.lminf
+    before: tuple  # enter's arguments after x: norm, eps, q, k, v projections (weight, bias each)
+    after: tuple  # leave's arguments after x and the attention's output
+    scaling: float
+    head_dim: int
+
+    @staticmethod
+    def fits(model: PreTrainedModel) -> bool:
+        """Whether every layer is what the C++ layer computes: float32 nn.Linear weights on a CPU
+        (Llama's family), Llama's RMSNorm, a SiLU-gated MLP."""
+        linears = [m for layer in model.get_decoder().layers for m in layer.modules() if "Linear" in type(m).__name__]
+        plain = all(type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 for m in linears)
+        return plain and model.config.model_type in FAMILIES and _CompiledLayer.fits(model)
+
+    @classmethod
+    def of(cls, layer: torch.nn.Module, ops) -> _NativeLayer:
+        attn, mlp = layer.self_attn, layer.mlp
+        norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
+        qkv = [t for m in (attn.q_proj, attn.k_proj, attn.v_proj) for t in (m.weight, m.bias)]
+        mlp_weights = [t for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj) for t in (m.weight, m.bias)]
+        before = (norm1.weight, norm1.variance_epsilon, *qkv)
+        after = (attn.o_proj.weight, attn.o_proj.bias, norm2.weight, norm2.variance_epsilon, *mlp_weights)
+        return cls(ops, before, after, attn.scaling, attn.head_dim)
+
+    def enter(self, x: torch.Tensor, turn: tuple[torch.Tensor, torch.Tensor]):
+        return self.ops.enter(x, *self.before, *turn, self.head_dim)
+
+    def leave(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        return self.ops.leave(x, attended, *self.after)
+
+    def attend_leave_enter(self, attend: Callable, rows, keys, values, x: torch.Tensor, turn, following: _NativeLayer):
+        x = self.leave(x, attend(rows, keys, values, self.scaling))
+        return x, *following.enter(x, turn)
 
 
 _FLOATS = (torch.float32, torch.float64)  # the float weights the compiled graphs were measured and tested with

@@ -37,7 +37,8 @@ def decoded(model, ids: torch.Tensor, prompt: int, cache=None, n_global=None) ->
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("prompt", [13, 1])  # past the window already; one token, the cache fills while decoding
-@pytest.mark.parametrize("attention", ["native", "flash_cpu"])  # lminf's C++ kernel (built here), torch's fused kernel
+# lminf's C++ kernels (built here: the attention and the layers around it), torch's fused kernel and the modules
+@pytest.mark.parametrize("attention", ["native", "flash_cpu"])
 def test_decoding_equals_the_dense_reference(family, case, prompt, attention, monkeypatch):
     if attention == "flash_cpu":
         monkeypatch.setattr(native, "op", lambda: None)
@@ -57,6 +58,7 @@ def decodes_as_the_reference(family: str, case: str, prompt: int, attention: str
     assert isinstance(step, FastStep) == fast
     if fast:
         assert step.attention_kernel == attention
+        assert step.layers_kernel == ("native" if attention == "native" else "modules")
     ids = tokens(50)  # the ring of 8 wraps several times
     got = decoded(model, ids, prompt, cache)
     reference = lminf.patch(tiny_model(family), strategy, backend=reference_attention)

@@ -89,6 +89,41 @@ def test_it_is_off_where_asked_and_says_why_where_it_cannot_build(monkeypatch, t
     assert native.op() is None and native.why_not() == "LMINF_NATIVE=0"
     monkeypatch.setenv("LMINF_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "false")  # a compiler that fails
-    with pytest.raises(RuntimeError, match="compiling one_query_cpu.cpp failed"):
+    with pytest.raises(RuntimeError, match="compiling one_query_cpu.cpp and decode_layer_cpu.cpp failed"):
         native._built()
     assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-built left where the next run would load it
+
+
+@pytest.mark.parametrize("bias", [False, True])  # Qwen2's q, k, v projections have biases; Llama's none
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_the_layer_equals_its_formulas_in_float64(op, bias, head_dim):
+    # decode_layer_cpu.cpp's enter and leave against lminf.kernels.decode_layers' (eager: the modules'
+    # formulas), those run in float64 on the same numbers.
+    from lminf.kernels import decode_layers
+
+    g = torch.Generator().manual_seed(head_dim + bias)
+    hidden, n_q, n_kv, inner = 3 * head_dim, 6, 2, 5 * head_dim
+
+    def linear(n_out, n_in):
+        return torch.randn(n_out, n_in, generator=g) / n_in**0.5, torch.randn(n_out, generator=g) if bias else None
+
+    q, k, v = linear(n_q * head_dim, hidden), linear(n_kv * head_dim, hidden), linear(n_kv * head_dim, hidden)
+    o, gate, up, down = linear(hidden, n_q * head_dim), linear(inner, hidden), linear(inner, hidden), linear(hidden, inner)
+    norm1, norm2 = 1 + 0.1 * torch.randn(hidden, generator=g), 1 + 0.1 * torch.randn(hidden, generator=g)
+    angle = torch.rand(head_dim // 2, generator=g) * 6
+    cos, sin = torch.cat([angle.cos()] * 2), torch.cat([-angle.sin(), angle.sin()])
+    x, attended = torch.randn(1, 1, hidden, generator=g), torch.randn(1, n_q, head_dim, generator=g)
+
+    def wide(layer):
+        return tuple(None if t is None else t.double() for t in layer)
+
+    got = native.layers().enter(x, norm1, 1e-5, *q, *k, *v, cos[None, None], sin[None, None], head_dim)
+    qkv, n_qk = (wide(q), wide(k), wide(v)), (n_q + n_kv) * head_dim
+    want = decode_layers.enter(x.double(), cos.double(), sin.double(), norm1.double(), qkv, 1e-5, n_q, n_qk, head_dim)
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape and a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    got = native.layers().leave(x, attended, *o, norm2, 1e-5, *gate, *up, *down)
+    want = decode_layers.leave(x.double(), attended.double(), wide(o), norm2.double(), (wide(gate), wide(up)), wide(down), 1e-5)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,5 @@
-"""lminf's own C++ kernel for one query's attention on a CPU (one_query_cpu.cpp), built on first use.
+"""lminf's own C++ kernels on a CPU, built on first use: one query's attention (one_query_cpu.cpp)
+and a decoding step's layer around it (decode_layer_cpu.cpp: `layers()`).
 
 Why: a decoding step's attention reads each stored key and value once and does little
 arithmetic on them, but neither torch's fused CPU kernel nor the kernel torch.compile
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("one_query_cpu.cpp")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("one_query_cpu.cpp", "decode_layer_cpu.cpp"))
 # at::vec's instruction sets, as torch names them, and the flags that select them
 _ISA_FLAGS = {
     "AVX512": [
@@ -50,6 +51,12 @@ def op():
     if "op" not in _state:
         _state["op"] = _load()
     return _state["op"]
+
+
+def layers():
+    """torch.ops.lminf, whose `enter` and `leave` run a Llama-shaped layer with float32 weights
+    around its attention (decode_layer_cpu.cpp); None where `op()` is (one library holds both)."""
+    return None if op() is None else torch.ops.lminf
 
 
 def why_not() -> str | None:
@@ -81,7 +88,7 @@ def _shape(rows, keys, values, scale):
     return rows.new_empty(rows.shape, dtype=torch.float32)
 
 
-def _command(source: Path, library: Path) -> list[str]:
+def _command(sources: tuple[Path, ...], library: Path) -> list[str]:
     from torch.utils import cpp_extension
 
     torch_lib = Path(torch.__file__).parent / "lib"
@@ -91,26 +98,27 @@ def _command(source: Path, library: Path) -> list[str]:
     return [
         compiler, "-O3", "-shared", "-fPIC", "-std=c++17", "-fopenmp", *isa, *includes,
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-        str(source), "-o", str(library),
+        *map(str, sources), "-o", str(library),
         f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{torch_lib}",
     ]  # fmt: skip
 
 
 def _built() -> Path:
     """The library for this source, torch and CPU: from the cache, else compiled into it."""
-    command = " ".join(_command(SOURCE, Path("x")))
-    key = "\n".join([SOURCE.read_text(), torch.__version__, torch.backends.cpu.get_cpu_capability(), command])
+    command = " ".join(_command(SOURCES, Path("x")))
+    sources = [source.read_text() for source in SOURCES]
+    key = "\n".join([*sources, torch.__version__, torch.backends.cpu.get_cpu_capability(), command])
     root = os.environ.get("LMINF_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lminf"
     cache = Path(root) / "kernels"  # under lminf.default_model.cache_root (not imported: kernels import no model code)
-    library = cache / f"one_query-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    library = cache / f"lminf-kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     if library.exists():
         return library
     cache.mkdir(parents=True, exist_ok=True)
-    print(f"lminf: building its C++ attention kernel into {cache} (once for this torch and CPU, about 10 s)", file=sys.stderr)
+    print(f"lminf: building its C++ kernels into {cache} (once for this torch and CPU, about 10 s)", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=cache) as work:  # built aside, then moved: two processes may build at once
         built = Path(work) / library.name
-        done = subprocess.run(_command(SOURCE, built), capture_output=True, text=True)
+        done = subprocess.run(_command(SOURCES, built), capture_output=True, text=True)
         if done.returncode:
-            raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"compiling {' and '.join(s.name for s in SOURCES)} failed: {done.stderr.strip()[-2000:]}")
         os.replace(built, library)
     return library
