@@ -15,8 +15,8 @@ With the default model's 4-bit weights, `generate` through it was 1.6x (1k conte
 (8k) faster than through the forward on a 2-core CPU; 1.1-1.2x with float32 weights (README,
 Faster decoding on a CPU; benchmarks/generate_ab.py). With kernel "compiled" the layers around the
 attention run as compiled graphs instead of the modules (lminf.kernels.decode_layers); with float32
-weights on a CPU in kernel "auto", as lminf's C++ layers (lminf.kernels.native, decode_layer_cpu.cpp:
-two calls a layer, 0.81x / 0.91x the time per token at 1k / 8k).
+or 4-bit weights on a CPU in kernel "auto", as lminf's C++ layers (lminf.kernels.native,
+decode_layer_cpu.cpp: two calls a layer; float32: 0.81x / 0.91x the time per token at 1k / 8k).
 lminf.generation.decoder picks it where it applies, the model's forward elsewhere; a patched
 model's `generate` decodes through it the same way (lminf.patching).
 """
@@ -90,7 +90,7 @@ class FastStep:
         decoder = model.get_decoder()
         self.embed = decoder.embed_tokens
         self.compiled = state.kernel == COMPILED
-        # lminf's C++ layers (lminf.kernels.native) for float32 weights on a CPU in kernel "auto", where they build
+        # lminf's C++ layers (lminf.kernels.native) for float32 or 4-bit weights on a CPU in kernel "auto", where they build
         native_layers = state.kernel == "auto" and _NativeLayer.fits(model) and native.layers() is not None
         # A plan holds the weights as they were: rebuild after .to(); kernel "compiled" has its own.
         built_for = (model.dtype, model.device, self.compiled, native_layers)
@@ -208,7 +208,7 @@ def _plan(model: PreTrainedModel, compiled: bool, native_layers: bool) -> tuple[
         return layers, _CompiledHead(decoder.norm.weight, _weights(model.get_output_embeddings()), decoder.norm.variance_epsilon)
     head = _Head(_norm(decoder.norm), model.get_output_embeddings())
     if native_layers:
-        return [_NativeLayer.of(layer, native.layers()) for layer in decoder.layers], head
+        return [_NativeLayer.of(layer, config, native.layers()) for layer in decoder.layers], head
     return [_Layer.of(layer, config) for layer in decoder.layers], head
 
 
@@ -270,31 +270,33 @@ class _NativeLayer:
     `leave`, each one call of plain loops around torch's products (not ~130 torch calls)."""
 
     ops: object  # torch.ops.lminf
-    before: tuple  # enter's arguments after x: norm, eps, q, k, v projections (weight, bias each)
-    after: tuple  # leave's arguments after x and the attention's output
+    before: tuple  # enter's arguments after x: norm, eps, the q, k, v products (native_products)
+    after: tuple  # leave's arguments after x and the attention's output: norm, eps, o, gate and up, down
     scaling: float
+    n_q: int
     head_dim: int
 
     @staticmethod
     def fits(model: PreTrainedModel) -> bool:
-        """Whether every layer is what the C++ layer computes: float32 nn.Linear weights on a CPU
-        (Llama's family), Llama's RMSNorm, a SiLU-gated MLP."""
+        """Whether every layer is what the C++ layer computes: float32 nn.Linear or 4-bit Int4Linear
+        products on a CPU (Llama's family, float32 activations), Llama's RMSNorm, a SiLU-gated MLP."""
         linears = [m for layer in model.get_decoder().layers for m in layer.modules() if "Linear" in type(m).__name__]
-        plain = all(type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 for m in linears)
-        return plain and model.config.model_type in FAMILIES and _CompiledLayer.fits(model)
+        float32 = [m for m in linears if not isinstance(m, Int4Linear)]
+        plain = all(type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 for m in float32)
+        return plain and model.dtype == torch.float32 and model.config.model_type in FAMILIES and _CompiledLayer.fits(model)
 
     @classmethod
-    def of(cls, layer: torch.nn.Module, ops) -> _NativeLayer:
+    def of(cls, layer: torch.nn.Module, config, ops) -> _NativeLayer:
         attn, mlp = layer.self_attn, layer.mlp
         norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
-        qkv = [t for m in (attn.q_proj, attn.k_proj, attn.v_proj) for t in (m.weight, m.bias)]
-        mlp_weights = [t for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj) for t in (m.weight, m.bias)]
+        qkv = native_products(_joined([attn.q_proj, attn.k_proj, attn.v_proj]))
+        rest = native_products([attn.o_proj, *_joined([mlp.gate_proj, mlp.up_proj]), mlp.down_proj])
         before = (norm1.weight, norm1.variance_epsilon, *qkv)
-        after = (attn.o_proj.weight, attn.o_proj.bias, norm2.weight, norm2.variance_epsilon, *mlp_weights)
-        return cls(ops, before, after, attn.scaling, attn.head_dim)
+        after = (norm2.weight, norm2.variance_epsilon, *rest)
+        return cls(ops, before, after, attn.scaling, config.num_attention_heads, attn.head_dim)
 
     def enter(self, x: torch.Tensor, turn: tuple[torch.Tensor, torch.Tensor]):
-        return self.ops.enter(x, *self.before, *turn, self.head_dim)
+        return self.ops.enter(x, *self.before, *turn, self.n_q, self.head_dim)
 
     def leave(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         return self.ops.leave(x, attended, *self.after)
@@ -302,6 +304,30 @@ class _NativeLayer:
     def attend_leave_enter(self, attend: Callable, rows, keys, values, x: torch.Tensor, turn, following: _NativeLayer):
         x = self.leave(x, attend(rows, keys, values, self.scaling))
         return x, *following.enter(x, turn)
+
+
+def native_products(linears: list[torch.nn.Module]) -> tuple[list, list[int], list[int], list]:
+    """Products as decode_layer_cpu.cpp reads them: (tensors, counts, groups, biases): per product its
+    tensors (a float weight; or per part of a 4-bit layer its packed codes and scales), how many,
+    its 4-bit group (0: float) and its bias or None."""
+    tensors, counts, groups, biases = [], [], [], []
+    for linear in linears:
+        if isinstance(linear, Int4Linear):
+            weights = linear.weights()
+            own = [t for part in zip(weights.packed, weights.scale_zero, strict=True) for t in part]
+            group, bias = weights.group, weights.bias
+        else:
+            own, group, bias = [linear.weight], 0, linear.bias
+        tensors += own
+        counts.append(len(own))
+        groups.append(group)
+        biases.append(bias)
+    return tensors, counts, groups, biases
+
+
+def _joined(linears: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """4-bit layers as one (their codes shared: one kernel call) where they fit, the layers elsewhere."""
+    return [Int4Linear.side_by_side(linears)] if Int4Linear.fit_side_by_side(linears) else linears
 
 
 _FLOATS = (torch.float32, torch.float64)  # the float weights the compiled graphs were measured and tested with

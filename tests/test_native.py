@@ -99,31 +99,71 @@ def test_it_is_off_where_asked_and_says_why_where_it_cannot_build(monkeypatch, t
 def test_the_layer_equals_its_formulas_in_float64(op, bias, head_dim):
     # decode_layer_cpu.cpp's enter and leave against lminf.kernels.decode_layers' (eager: the modules'
     # formulas), those run in float64 on the same numbers.
+    g = torch.Generator().manual_seed(head_dim + bias)
+    shapes = layer_shapes(head_dim)
+    linears = [torch.nn.Linear(n_in, n_out, bias=bias) for n_out, n_in in shapes["products"]]
+    for linear in linears:
+        linear.weight.copy_(torch.randn(linear.weight.shape, generator=g) / linear.in_features**0.5)
+        if bias:
+            linear.bias.copy_(torch.randn(linear.bias.shape, generator=g))
+    wide = [(m.weight.double(), None if m.bias is None else m.bias.double()) for m in linears]
+    got, want = both_ways(linears, wide, shapes, g, torch.float64)
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape and a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_layer_with_4_bit_weights_equals_its_formulas(op):
+    # 4-bit products (lminf.kernels.int4: the int4 kernel, its inputs rounded to bfloat16), q, k, v
+    # joined into one layer as the fast step joins them; against decode_layers' formulas calling
+    # the same kernel, in float32: equal up to a bfloat16 rounding of an input that float32 sums
+    # in another order put on the other side of it.
+    from lminf.fast_decode import _joined
+    from lminf.gguf_weights import GROUP
+    from lminf.kernels.int4 import Int4Linear
+
+    g = torch.Generator().manual_seed(4)
+    shapes = layer_shapes(64)
+
+    def int4(n_out, n_in):
+        scale = torch.rand(n_out, n_in // GROUP, generator=g) / n_in**0.5
+        codes = torch.randint(0, 16, (n_out, n_in), generator=g)
+        return Int4Linear([(codes, scale, -8 * scale)], GROUP, torch.randn(n_out, generator=g))
+
+    linears = [int4(n_out, n_in) for n_out, n_in in shapes["products"]]
+    joined = [*_joined(linears[:3]), *linears[3:]]
+    assert len(joined) == 5  # q, k and v as one
+    got, want = both_ways(joined, [m.weights() for m in joined], shapes, g, torch.float32)
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape and a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * float(b.abs().max()))
+
+
+def layer_shapes(head_dim: int) -> dict:
+    hidden, n_q, n_kv, inner = 3 * head_dim, 6, 2, 5 * head_dim
+    products = [(n_q * head_dim, hidden), (n_kv * head_dim, hidden), (n_kv * head_dim, hidden), (hidden, n_q * head_dim)]
+    products += [(inner, hidden), (inner, hidden), (hidden, inner)]  # q, k, v, o, gate, up, down: (out, in)
+    return dict(hidden=hidden, n_q=n_q, n_kv=n_kv, head_dim=head_dim, products=products)
+
+
+def both_ways(linears, formulas, shapes, g, dtype):
+    """(enter's 3 outputs and leave's, by the C++ layer), (the same by decode_layers' formulas in dtype);
+    linears: the modules [q, k, v] (or one joined), o, gate, up, down; formulas: their decode_layers.Linear."""
+    from lminf.fast_decode import native_products
     from lminf.kernels import decode_layers
 
-    g = torch.Generator().manual_seed(head_dim + bias)
-    hidden, n_q, n_kv, inner = 3 * head_dim, 6, 2, 5 * head_dim
-
-    def linear(n_out, n_in):
-        return torch.randn(n_out, n_in, generator=g) / n_in**0.5, torch.randn(n_out, generator=g) if bias else None
-
-    q, k, v = linear(n_q * head_dim, hidden), linear(n_kv * head_dim, hidden), linear(n_kv * head_dim, hidden)
-    o, gate, up, down = linear(hidden, n_q * head_dim), linear(inner, hidden), linear(inner, hidden), linear(hidden, inner)
+    hidden, n_q, n_kv, head_dim = shapes["hidden"], shapes["n_q"], shapes["n_kv"], shapes["head_dim"]
+    n_qkv = len(linears) - 4
     norm1, norm2 = 1 + 0.1 * torch.randn(hidden, generator=g), 1 + 0.1 * torch.randn(hidden, generator=g)
     angle = torch.rand(head_dim // 2, generator=g) * 6
     cos, sin = torch.cat([angle.cos()] * 2), torch.cat([-angle.sin(), angle.sin()])
     x, attended = torch.randn(1, 1, hidden, generator=g), torch.randn(1, n_q, head_dim, generator=g)
-
-    def wide(layer):
-        return tuple(None if t is None else t.double() for t in layer)
-
-    got = native.layers().enter(x, norm1, 1e-5, *q, *k, *v, cos[None, None], sin[None, None], head_dim)
-    qkv, n_qk = (wide(q), wide(k), wide(v)), (n_q + n_kv) * head_dim
-    want = decode_layers.enter(x.double(), cos.double(), sin.double(), norm1.double(), qkv, 1e-5, n_q, n_qk, head_dim)
-    for a, b in zip(got, want, strict=True):
-        assert a.shape == b.shape and a.dtype == torch.float32
-        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
-    got = native.layers().leave(x, attended, *o, norm2, 1e-5, *gate, *up, *down)
-    want = decode_layers.leave(x.double(), attended.double(), wide(o), norm2.double(), (wide(gate), wide(up)), wide(down), 1e-5)
-    assert got.shape == want.shape
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    ops = native.layers()
+    got = [*ops.enter(x, norm1, 1e-5, *native_products(linears[:n_qkv]), cos[None, None], sin[None, None], n_q, head_dim)]
+    got.append(ops.leave(x, attended, norm2, 1e-5, *native_products(linears[n_qkv:])))
+    c = dict(dtype=dtype)
+    qkv, (o, gate, up, down) = tuple(formulas[:n_qkv]), formulas[n_qkv:]
+    n_qk = (n_q + n_kv) * head_dim
+    want = [*decode_layers.enter(x.to(**c), cos.to(**c), sin.to(**c), norm1.to(**c), qkv, 1e-5, n_q, n_qk, head_dim)]
+    want.append(decode_layers.leave(x.to(**c), attended.to(**c), o, norm2.to(**c), (gate, up), down, 1e-5))
+    return got, want

@@ -1,11 +1,12 @@
-// A decoding step's layer around its attention, for Llama-shaped layers with float32 weights on a
-// CPU (lminf/kernels/native.py builds it with one_query_cpu.cpp; lminf.fast_decode calls it).
+// A decoding step's layer around its attention, for Llama-shaped layers with float32 or 4-bit
+// weights on a CPU (lminf/kernels/native.py builds it with one_query_cpu.cpp; lminf.fast_decode calls it).
 //
 // Why: one token through a layer is seven matrix-vector products and a few hundred numbers of
 // arithmetic around them, but done as torch calls from Python it is about 130 calls a layer:
 // on a 2-core CPU a fifth to a quarter of a float32 step's time went to those calls, not to
 // the products (docs/measurements/native-layers-ab.json). Here the arithmetic is plain loops and
-// the products are torch's (at::linear: MKL's where torch has it), two calls a layer.
+// the products are torch's (at::linear: MKL's where torch has it; the int4 kernel for 4-bit
+// weights, as lminf.kernels.int4 calls it), two calls a layer.
 //
 // enter: x (1, 1, hidden) -> query (1, Hq, D), key (1, Hkv, 1, D), value (1, Hkv, 1, D): RMSNorm,
 //   the q, k, v projections, q and k rotated (x * cos + rotate_half(x) * sin, signed_sin = sin
@@ -55,47 +56,100 @@ void check(const Tensor& t, const char* what) {
               "lminf::", what, " takes contiguous float32 CPU tensors");
 }
 
-std::tuple<Tensor, Tensor, Tensor> enter(const Tensor& x, const Tensor& norm, double eps, const Tensor& q_w,
-                                         const Bias& q_b, const Tensor& k_w, const Bias& k_b, const Tensor& v_w,
-                                         const Bias& v_b, const Tensor& cos, const Tensor& signed_sin, int64_t head_dim) {
+// A layer's products as lminf.kernels.native.products gives them: each one's tensors (counts[i]
+// of them, in turn): a float32 weight (groups[i] == 0), or per part of a 4-bit layer its packed
+// codes and scales (groups[i] its group; the parts' products summed, as lminf.kernels.int4).
+struct Products {
+  at::TensorList tensors;
+  at::IntArrayRef counts, groups;
+  const c10::List<Bias>& biases;
+  std::vector<int64_t> first;  // where each product's tensors start
+
+  Products(at::TensorList t, at::IntArrayRef c, at::IntArrayRef g, const c10::List<Bias>& b)
+      : tensors(t), counts(c), groups(g), biases(b) {
+    TORCH_CHECK(c.size() == g.size() && c.size() == b.size(), "lminf: counts, groups and biases, one each a product");
+    int64_t at = 0;
+    for (const int64_t n : c) {
+      TORCH_CHECK(n >= 1, "lminf: a product has tensors");
+      first.push_back(at);
+      at += n;
+    }
+    TORCH_CHECK(at == static_cast<int64_t>(t.size()), "lminf: the products' tensors, as many as their counts say");
+  }
+  int64_t size() const { return static_cast<int64_t>(counts.size()); }
+
+  // h (1, K) float32 -> product i's output (1, N) float32.
+  Tensor operator()(int64_t i, const Tensor& h) const {
+    const Tensor* t = tensors.data() + first[i];
+    const Bias bias = biases.get(i);
+    if (groups[i] == 0) {
+      TORCH_CHECK(counts[i] == 1 && t[0].scalar_type() == at::kFloat, "lminf: a float product is one float32 weight");
+      return at::linear(h, t[0], bias);
+    }
+    TORCH_CHECK(counts[i] % 2 == 0, "lminf: a 4-bit product is (packed codes, scales) per part");
+    const Tensor input = h.to(at::kBFloat16);  // the int4 kernel reads bfloat16 (lminf.kernels.int4.COMPUTE)
+    Tensor y = at::_weight_int4pack_mm_for_cpu(input, t[0], groups[i], t[1]).to(at::kFloat);
+    for (int64_t j = 2; j < counts[i]; j += 2) y.add_(at::_weight_int4pack_mm_for_cpu(input, t[j], groups[i], t[j + 1]).to(at::kFloat));
+    if (bias.has_value()) y.add_(*bias);
+    return y;
+  }
+
+  // Products [from, to) of h, side by side (1, their outputs).
+  Tensor side_by_side(int64_t from, int64_t to, const Tensor& h) const {
+    if (to - from == 1) return (*this)(from, h);
+    std::vector<Tensor> outputs;
+    for (int64_t i = from; i < to; ++i) outputs.push_back((*this)(i, h));
+    return at::cat(outputs, 1);
+  }
+};
+
+// x (1, 1, hidden) -> (query (1, Hq, D), key (1, Hkv, 1, D), value (1, Hkv, 1, D)): the products'
+// outputs side by side are [q | k | v].
+std::tuple<Tensor, Tensor, Tensor> enter(const Tensor& x, const Tensor& norm, double eps, at::TensorList weights,
+                                         at::IntArrayRef counts, at::IntArrayRef groups, const c10::List<Bias>& biases,
+                                         const Tensor& cos, const Tensor& signed_sin, int64_t n_q, int64_t head_dim) {
   for (const auto* t : {&x, &norm, &cos, &signed_sin}) check(*t, "enter");
   TORCH_CHECK(norm.numel() == x.numel() && cos.numel() == head_dim && signed_sin.numel() == head_dim && head_dim % 2 == 0,
               "lminf::enter: x (1, 1, hidden), norm (hidden), cos and signed_sin (D), D even");
-  const Tensor h = normed(x, norm, eps);
-  Tensor q = at::linear(h, q_w, q_b), k = at::linear(h, k_w, k_b), v = at::linear(h, v_w, v_b);
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && q.size(1) % head_dim == 0 && k.size(1) % head_dim == 0,
-              "lminf::enter: projections of whole heads");
-  rotate(q.data_ptr<float>(), q.size(1) / head_dim, head_dim, cos.data_ptr<float>(), signed_sin.data_ptr<float>());
-  rotate(k.data_ptr<float>(), k.size(1) / head_dim, head_dim, cos.data_ptr<float>(), signed_sin.data_ptr<float>());
-  return {q.view({1, -1, head_dim}), k.view({1, -1, 1, head_dim}), v.view({1, -1, 1, head_dim})};
+  const Products products(weights, counts, groups, biases);
+  const Tensor y = products.side_by_side(0, products.size(), normed(x, norm, eps));
+  const int64_t heads = y.size(1) / head_dim, n_kv = (heads - n_q) / 2;
+  TORCH_CHECK(y.is_contiguous() && heads * head_dim == y.size(1) && n_q + 2 * n_kv == heads && n_kv > 0,
+              "lminf::enter: the products give n_q query heads, then as many key heads as value heads");
+  rotate(y.data_ptr<float>(), n_q + n_kv, head_dim, cos.data_ptr<float>(), signed_sin.data_ptr<float>());
+  const int64_t n_qk = (n_q + n_kv) * head_dim;
+  return {y.narrow(1, 0, n_q * head_dim).view({1, n_q, head_dim}), y.narrow(1, n_q * head_dim, n_kv * head_dim).view({1, n_kv, 1, head_dim}),
+          y.narrow(1, n_qk, n_kv * head_dim).view({1, n_kv, 1, head_dim})};
 }
 
-Tensor leave(const Tensor& x, const Tensor& attended, const Tensor& o_w, const Bias& o_b, const Tensor& norm, double eps,
-             const Tensor& gate_w, const Bias& gate_b, const Tensor& up_w, const Bias& up_b, const Tensor& down_w,
-             const Bias& down_b) {
+// x (1, 1, hidden) and the attention's output (1, Hq, D) -> x after the layer: the products are the
+// output projection, then those whose outputs side by side are [gate | up], then the down projection.
+Tensor leave(const Tensor& x, const Tensor& attended, const Tensor& norm, double eps, at::TensorList weights,
+             at::IntArrayRef counts, at::IntArrayRef groups, const c10::List<Bias>& biases) {
   for (const auto* t : {&x, &norm}) check(*t, "leave");
   TORCH_CHECK(norm.numel() == x.numel(), "lminf::leave: x (1, 1, hidden), norm (hidden)");
-  Tensor y = at::linear(attended.reshape({1, -1}), o_w, o_b);
+  const Products products(weights, counts, groups, biases);
+  TORCH_CHECK(products.size() >= 3, "lminf::leave: the output projection, gate and up, down");
+  Tensor y = products(0, attended.reshape({1, -1}).to(at::kFloat));
   y.add_(x.view({1, -1}));  // the residual: x + o(attended)
-  const Tensor h = normed(y, norm, eps);
-  Tensor gate = at::linear(h, gate_w, gate_b);
-  const Tensor up = at::linear(h, up_w, up_b);
-  TORCH_CHECK(gate.is_contiguous() && up.is_contiguous() && gate.sizes() == up.sizes(), "lminf::leave: gate and up alike");
-  float* g = gate.data_ptr<float>();
-  const float* u = up.data_ptr<float>();
-  for (int64_t i = 0; i < gate.numel(); ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];  // silu(gate) * up
-  y.add_(at::linear(gate, down_w, down_b));
+  const Tensor gate_up = products.side_by_side(1, products.size() - 1, normed(y, norm, eps));
+  const int64_t inner = gate_up.size(1) / 2;
+  TORCH_CHECK(gate_up.is_contiguous() && 2 * inner == gate_up.size(1), "lminf::leave: gate and up alike");
+  float* g = gate_up.data_ptr<float>();
+  const float* u = g + inner;
+  for (int64_t i = 0; i < inner; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];  // silu(gate) * up, over gate
+  y.add_(products(products.size() - 1, gate_up.narrow(1, 0, inner)));
   return y.view({1, 1, -1});
 }
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lminf, lib) {
   lib.def(
-      "enter(Tensor x, Tensor norm, float eps, Tensor q, Tensor? q_bias, Tensor k, Tensor? k_bias, Tensor v, "
-      "Tensor? v_bias, Tensor cos, Tensor signed_sin, int head_dim) -> (Tensor, Tensor, Tensor)");
+      "enter(Tensor x, Tensor norm, float eps, Tensor[] weights, int[] counts, int[] groups, Tensor?[] biases, "
+      "Tensor cos, Tensor signed_sin, int n_q, int head_dim) -> (Tensor, Tensor, Tensor)");
   lib.def(
-      "leave(Tensor x, Tensor attended, Tensor o, Tensor? o_bias, Tensor norm, float eps, Tensor gate, "
-      "Tensor? gate_bias, Tensor up, Tensor? up_bias, Tensor down, Tensor? down_bias) -> Tensor");
+      "leave(Tensor x, Tensor attended, Tensor norm, float eps, Tensor[] weights, int[] counts, int[] groups, "
+      "Tensor?[] biases) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(lminf, CPU, lib) {
   lib.impl("enter", &enter);
