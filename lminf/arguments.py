@@ -59,11 +59,12 @@ def add_model_args(
         "--kernel",
         choices=KERNELS,
         default="auto",
-        help="attention kernel: compiled runs a decoding step through torch.compile, its attention and (on CPU) "
-        "its layers (needs a C++ compiler; the first step compiles, ~20 s, 3-4 s cached; float32 decoding "
-        "1.3-1.7x faster on CPU, 1.1-1.4x with --weights gguf --kv-dtype bfloat16); "
-        "auto: on CPU lminf's C++ kernel for a decoding step's float32 query (built on first use, ~10 s; "
-        "LMINF_NATIVE=0 turns it off) and torch's fused kernel for the rest, plain matmuls elsewhere",
+        help="attention kernel: auto (the default): on CPU lminf's C++ kernels for a decoding step, its float32 "
+        "query's attention and, with float32 or 4-bit weights, each layer around it (built on first use, ~10-20 s; "
+        "LMINF_NATIVE=0 turns them off), torch's fused kernel for the rest, plain matmuls elsewhere; "
+        "compiled runs a decoding step through torch.compile, its attention and (on CPU) its layers (needs a "
+        "C++ compiler; the first step compiles, ~20 s, 3-4 s cached; on an Intel CPU no faster than auto: "
+        "docs/benchmarks.md)",
     )
     if strategy:
         parser.add_argument("--strategy", default="lminf", choices=sorted(STRATEGIES), help="attention strategy (default lminf)")
