@@ -1,7 +1,8 @@
 """lminf's C++ kernel for one query's attention (lminf.kernels.native, one_query_cpu.cpp) against
 the dense float64 formula: any key heads, rows, head size and number of keys, keys stored in
 float32, float64 or 16 bits, strided views of a larger cache, any number of threads; its errors;
-and that it is off where it cannot be built."""
+that it is off where it cannot be built; and its layers around the attention (decode_layer_cpu.cpp)
+against lminf.kernels.decode_layers' formulas, float32 weights in float64 and 4-bit weights."""
 
 from __future__ import annotations
 

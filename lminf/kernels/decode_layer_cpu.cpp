@@ -56,7 +56,7 @@ void check(const Tensor& t, const char* what) {
               "lminf::", what, " takes contiguous float32 CPU tensors");
 }
 
-// A layer's products as lminf.kernels.native.products gives them: each one's tensors (counts[i]
+// A layer's products as lminf.fast_decode.native_products gives them: each one's tensors (counts[i]
 // of them, in turn): a float32 weight (groups[i] == 0), or per part of a 4-bit layer its packed
 // codes and scales (groups[i] its group; the parts' products summed, as lminf.kernels.int4).
 struct Products {

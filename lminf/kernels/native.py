@@ -54,8 +54,8 @@ def op():
 
 
 def layers():
-    """torch.ops.lminf, whose `enter` and `leave` run a Llama-shaped layer with float32 weights
-    around its attention (decode_layer_cpu.cpp); None where `op()` is (one library holds both)."""
+    """torch.ops.lminf, whose `enter` and `leave` run a Llama-shaped layer with float32 or 4-bit
+    weights around its attention (decode_layer_cpu.cpp); None where `op()` is (one library holds both)."""
     return None if op() is None else torch.ops.lminf
 
 
