@@ -17,7 +17,7 @@ weights with a bfloat16 cache (docs/measurements/native-kernel-v2-ab.json).
 
 Built with the C++ compiler torch.compile uses (kernel "compiled" needs one anyway) into
 lminf's cache folder (kernels/ under ~/.cache/lminf or $LMINF_CACHE), against this torch, for this CPU's vector
-instructions; about 10 s, once per torch version and CPU. Where it cannot be built, `op()`
+instructions; about 15 s, once per torch version and CPU. Where it cannot be built, `op()`
 is None (said once) and callers run torch's kernels. LMINF_NATIVE=0 turns it off.
 """
 
@@ -114,7 +114,7 @@ def _built() -> Path:
     if library.exists():
         return library
     cache.mkdir(parents=True, exist_ok=True)
-    print(f"lminf: building its C++ kernels into {cache} (once for this torch and CPU, about 10 s)", file=sys.stderr)
+    print(f"lminf: building its C++ kernels into {cache} (once for this torch and CPU, about 15 s)", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=cache) as work:  # built aside, then moved: two processes may build at once
         built = Path(work) / library.name
         done = subprocess.run(_command(SOURCES, built), capture_output=True, text=True)
