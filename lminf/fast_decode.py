@@ -16,7 +16,8 @@ With the default model's 4-bit weights, `generate` through it was 1.6x (1k conte
 Faster decoding on a CPU; benchmarks/generate_ab.py). With kernel "compiled" the layers around the
 attention run as compiled graphs instead of the modules (lminf.kernels.decode_layers); with float32
 or 4-bit weights on a CPU in kernel "auto", as lminf's C++ layers (lminf.kernels.native,
-decode_layer_cpu.cpp: two calls a layer; float32: 0.81x / 0.91x the time per token at 1k / 8k).
+decode_layer_cpu.cpp: float32 0.81x / 0.91x the time per token at 1k / 8k with two calls a layer;
+then every layer in one call, `_NativeStack`, which writes the caches too: 0.85x / 0.88x of that).
 lminf.generation.decoder picks it where it applies, the model's forward elsewhere; a patched
 model's `generate` decodes through it the same way (lminf.patching).
 """
@@ -102,6 +103,8 @@ class FastStep:
         # "auto" calls it here, kernel "compiled" inside its graphs (lminf.kernels.one_query reads what this found)
         native_attention = model.device.type == "cpu" and model.dtype == torch.float32 and prepare()
         self.native = native_attention and state.kernel == "auto"
+        # with lminf's C++ layers and attention, every layer in one call (its caches written there too)
+        self.stack = _NativeStack.of(self.layers) if self.native and isinstance(self.layers[0], _NativeLayer) else None
 
     @property
     def attention_kernel(self) -> str:
@@ -129,16 +132,37 @@ class FastStep:
         half = cos.shape[-1] // 2
         turn = cos, torch.cat((-sin[..., :half], sin[..., half:]), -1)  # x * cos + rotate_half(x) * sin, in 4 calls
         far = self._far(pos, x.device)
+        if self.stack is not None and self.cache.layers[0].is_initialized:
+            return self.head.logits(self._through_stack(x, turn, pos, far))
+        # lminf's C++ kernel turns the far keys as it reads them; elsewhere `_seen` turns them in place
+        turns_far = self.native and far[0] > 0
+        attend = functools.partial(self._pass, far=(far[1][0][0, 0], far[1][1][0, 0])) if turns_far else self._pass
         layers = self.layers
         q, k, v = layers[0].enter(x, turn)
         for layer, following, cache_layer in zip(layers, [*layers[1:], None], self.cache.layers, strict=True):
             keys, values = cache_layer.update(k, v)
-            with self._seen(keys, values, pos, far) as (keys, values):
+            with self._seen(keys, values, pos, far, in_place=not turns_far) as (keys, values):
                 rows = q.reshape(1, keys.shape[1], -1, q.shape[-1])  # grouped query heads as rows of their key head
                 if following is None:
-                    return self.head.after(layer, x, self._pass(rows, keys, values, layer.scaling))
+                    return self.head.after(layer, x, attend(rows, keys, values, layer.scaling))
                 # this layer's attention and end, the next one's start: one call where compiled
-                x, q, k, v = layer.attend_leave_enter(self._pass, rows, keys, values, x, turn, following)
+                x, q, k, v = layer.attend_leave_enter(attend, rows, keys, values, x, turn, following)
+
+    def _through_stack(self, x: torch.Tensor, turn, pos: int, far) -> torch.Tensor:
+        """x through every layer as one call of lminf's C++ layers (lminf::layers), which write each
+        layer's new key and value where the cache made room for them and turn the far keys as the
+        attention reads them -> x after the last layer."""
+        moves = [cache_layer.reserve_one() for cache_layer in self.cache.layers]
+        if None in moves:
+            raise RuntimeError("the cache's layers are not in one state: some took the token in place, some cannot")
+        keys, values = [c.keys for c in self.cache.layers], [c.values for c in self.cache.layers]
+        # as in `_seen`: the stored keys are the far keys (the first tokens outside the window), then the window
+        n_far, k_turn = far
+        stored = keys[0].shape[-2]
+        start = max(0, pos - self.strategy.n_local + 1) if stored == pos + 1 else self.strategy.n_global
+        assert start == n_far, (start, n_far)
+        far_turn = (k_turn[0][0, 0], k_turn[1][0, 0]) if n_far else ()
+        return self.stack(x, turn, keys, values, moves, far_turn)
 
     def _far(self, pos: int, device: torch.device):
         """(first tokens read as far keys, the rotation that moves each such key to where the
@@ -155,13 +179,14 @@ class FastStep:
         return n_far, rotation(target - k_pos, self.inv_freq)
 
     @contextlib.contextmanager
-    def _seen(self, keys, values, pos: int, far):
+    def _seen(self, keys, values, pos: int, far, in_place: bool = True):
         """The stored keys (1, Hkv, S, D) and values the query at `pos` sees, as one pass reads them.
 
         Stored keys are [first n_sink | the rest]: in order (positions 0..pos) until the cache
         is full, then the rest is a ring that is exactly the window. Either way they are the
         first tokens outside the window (far keys) and the window: one pass of a fused kernel
-        reads them all, the far keys moved (see `_far`) in place for it and put back after."""
+        reads them all, the far keys moved (see `_far`) in place for it and put back after
+        (`in_place`), or as stored for a kernel that moves them as it reads them."""
         n_far, k_turn = far
         start = max(0, pos - self.strategy.n_local + 1) if keys.shape[-2] == pos + 1 else self.strategy.n_global
         if not n_far:
@@ -170,6 +195,9 @@ class FastStep:
         # One token at a time, the cache never returns a dropped key (a full cache takes the
         # new key into its ring), so the far keys are exactly those before the window.
         assert start == n_far, (start, n_far)
+        if not in_place:
+            yield keys, values
+            return
         stored = keys[:, :, :n_far].clone()
         try:
             keys[:, :, :n_far] = rotate(stored, k_turn)
@@ -177,8 +205,11 @@ class FastStep:
         finally:
             keys[:, :, :n_far] = stored
 
-    def _pass(self, rows, keys, values, scaling: float) -> torch.Tensor:
-        """rows (1, Hkv, rep, D) over keys and values (1, Hkv, S, D) -> (1, Hq, D); the query sees itself, so S > 0."""
+    def _pass(self, rows, keys, values, scaling: float, far: tuple = ()) -> torch.Tensor:
+        """rows (1, Hkv, rep, D) over keys and values (1, Hkv, S, D) -> (1, Hq, D); the query sees itself, so S > 0.
+        far: () or the far keys' rotation (cos, sin (n_far, D)) for lminf's C++ kernel to turn the first n_far."""
+        if far:
+            return native_pass(rows, keys, values, scaling, far).reshape(1, -1, rows.shape[-1])
         out = compiled_pass(rows, keys, values, scaling) if self.compiled else None
         if out is None and self.native:
             out = native_pass(rows, keys, values, scaling)
@@ -306,6 +337,40 @@ class _NativeLayer:
         return x, *following.enter(x, turn)
 
 
+@dataclass
+class _NativeStack:
+    """Every decoder layer of a step as one call of lminf's C++ layers (lminf::layers in
+    decode_layer_cpu.cpp): no Python between the layers."""
+
+    ops: object  # torch.ops.lminf
+    weights: tuple  # layers()' norms, eps, then the products' tensors, counts, groups, biases and per_layer
+    scaling: float
+    n_q: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, layers: list[_NativeLayer]) -> _NativeStack:
+        norms, eps, tensors, counts, groups, biases, per_layer = [], [], [], [], [], [], []
+        for layer in layers:
+            for norm, epsilon, *products in (layer.before, layer.after):
+                norms.append(norm)
+                eps.append(epsilon)
+                for into, part in zip((tensors, counts, groups, biases), products, strict=True):
+                    into += part
+                per_layer.append(len(products[1]))
+        first = layers[0]
+        return cls(first.ops, (norms, eps, tensors, counts, groups, biases, per_layer), first.scaling, first.n_q, first.head_dim)
+
+    def __call__(self, x: torch.Tensor, turn, keys: list, values: list, moves: list[int], far_turn: tuple) -> torch.Tensor:
+        """x (1, 1, hidden) -> x after every layer; keys[i] and values[i] (1, Hkv, S, D) take layer i's
+        new key and value last (the newest stored ones moved to row moves[i] first, where >= 0);
+        far_turn: () or (cos, sin) (n_far, D), the rotation of the first n_far keys as they are read."""
+        cos, signed_sin = turn
+        return self.ops.layers(
+            x, cos, signed_sin, *self.weights, keys, values, moves, self.scaling, self.n_q, self.head_dim, *far_turn
+        )
+
+
 def native_products(linears: list[torch.nn.Module]) -> tuple[list, list[int], list[int], list]:
     """Products as decode_layer_cpu.cpp reads them: (tensors, counts, groups, biases): per product its
     tensors (a float weight; or per part of a 4-bit layer its packed codes and scales), how many,
@@ -392,7 +457,11 @@ class _Head:
 
     def after(self, layer: _Layer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """The last layer's leave, then the next token's logits (1, vocab), float32."""
-        return self.output(self.norm(layer.leave(x, attended)))[:, -1].float()
+        return self.logits(layer.leave(x, attended))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x after the last layer -> the next token's logits (1, vocab), float32."""
+        return self.output(self.norm(x))[:, -1].float()
 
 
 @dataclass

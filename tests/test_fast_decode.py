@@ -59,6 +59,7 @@ def decodes_as_the_reference(family: str, case: str, prompt: int, attention: str
     if fast:
         assert step.attention_kernel == attention
         assert step.layers_kernel == ("native" if attention == "native" else "modules")
+        assert (step.stack is not None) == (attention == "native")  # every layer in one C++ call
     ids = tokens(50)  # the ring of 8 wraps several times
     got = decoded(model, ids, prompt, cache)
     reference = lminf.patch(tiny_model(family), strategy, backend=reference_attention)

@@ -62,6 +62,38 @@ def test_the_kernel_equals_the_dense_formula(op, hkv, rep, head_dim, n_keys, dty
     torch.testing.assert_close(got.double(), dense(rows, keys, values, scale), rtol=2e-5, atol=3e-5 * spread)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    n_keys=st.integers(1, 200),
+    n_far=st.integers(1, 12),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    threads=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_the_kernel_turns_the_first_keys_as_asked(op, n_keys, n_far, dtype, threads, seed):
+    # Past the window the first tokens' keys are read turned to where the query sees them
+    # (lminf.fast_decode): the kernel turns the first n_far as lminf.rope.rotate would, rounded to
+    # the cache's dtype as a turned key stored there is.
+    from lminf.rope import rotate, rotation
+
+    g = torch.Generator().manual_seed(seed)
+    n_far = min(n_far, n_keys)
+    rows = torch.randn(3, 3, 64, generator=g)
+    keys, values = (torch.randn(3, n_keys, 64, generator=g).to(dtype) for _ in range(2))
+    delta = torch.randint(-5000, 5000, (1, n_far), generator=g)
+    cos, sin = rotation(delta, 1e5 ** -(torch.arange(0, 64, 2) / 64))  # (1, 1, n_far, 64)
+    turned = keys.clone()
+    turned[:, :n_far] = rotate(keys[None, :, :n_far], (cos, sin))[0]  # rounded to dtype as stored
+    stored, before = keys.clone(), torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = op(rows, keys, values, 0.125, cos[0, 0], sin[0, 0])
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got.double(), dense(rows, turned, values, 0.125), rtol=2e-5, atol=3e-5)
+    assert torch.equal(keys, stored)  # the keys as stored are left alone
+
+
 @pytest.mark.parametrize("n_keys", [4097, 8195])
 def test_past_4096_keys_the_threads_cut_more_parts(op, n_keys):
     # Past 4,096 keys each thread takes 4 parts (a different path through the merge).

@@ -87,18 +87,43 @@ class LambdaLayer(DynamicLayer):
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
         """Write new tokens after the stored ones, in place; False when they would not fit
         under the bound, or must not be written in place (out of order, or under autograd)."""
-        stored, n = self.keys.shape[-2], key_states.shape[-2]
+        n = key_states.shape[-2]
+        if key_states.requires_grad or not self._room(n, key_states, value_states):
+            return False
+        self.keys[..., -n:, :] = key_states
+        self.values[..., -n:, :] = value_states
+        return True
+
+    def reserve_one(self) -> int | None:
+        """Room for one decoding token's key and value, which the caller then writes last in
+        self.keys and self.values (lminf.fast_decode: lminf's C++ layers write them), after it
+        moves the newest stored ones to the returned row (-1: none; the ring's oldest slot
+        when full, as `update` does). None where `update` must take the token instead."""
+        if not self.is_initialized or self.in_order:
+            return None
+        if self._full():
+            self.cumulative_length += 1
+            ring = self.n_local - 1
+            if not ring:
+                return -1
+            slot = self.n_sink + self.ring_start
+            self.ring_start = (self.ring_start + 1) % ring
+            return slot
+        return -1 if self._room(1, self.keys, self.values) else None
+
+    def _room(self, n: int, key_like: torch.Tensor, value_like: torch.Tensor) -> bool:
+        """self.keys and self.values grown by n rows in place, their last n for the caller to
+        write; False where they cannot be: out of order (a ring), or past the bound."""
+        stored = self.keys.shape[-2]
         bound = None if self.n_local is None else self.n_sink + self.n_local
-        if self.ring_start or key_states.requires_grad or (bound is not None and stored + n > bound):
+        if self.ring_start or (bound is not None and stored + n > bound):
             return False
         room = self.key_room
-        if not self._owns_room() or room.shape[:-2] != key_states.shape[:-2] or room.shape[-2] < stored + n:
+        if not self._owns_room() or room.shape[:-2] != key_like.shape[:-2] or room.shape[-2] < stored + n:
             size = stored + n + (stored + n) // 4 + 256  # geometric: amortised O(1) copies per token
             size = size if bound is None else min(size, bound)
-            self.key_room = self._grown(self.keys, key_states, size)
-            self.value_room = self._grown(self.values, value_states, size)
-        self.key_room[..., stored : stored + n, :] = key_states
-        self.value_room[..., stored : stored + n, :] = value_states
+            self.key_room = self._grown(self.keys, key_like, size)
+            self.value_room = self._grown(self.values, value_like, size)
         self.keys, self.values = self.key_room[..., : stored + n, :], self.value_room[..., : stored + n, :]
         self.cumulative_length += n
         return True

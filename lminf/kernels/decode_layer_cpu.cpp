@@ -6,7 +6,7 @@
 // on a 2-core CPU a fifth to a quarter of a float32 step's time went to those calls, not to
 // the products (docs/measurements/native-layers-ab.json). Here the arithmetic is plain loops and
 // the products are torch's (at::linear: MKL's where torch has it; the int4 kernel for 4-bit
-// weights, as lminf.kernels.int4 calls it), two calls a layer.
+// weights, as lminf.kernels.int4 calls it).
 //
 // enter: x (1, 1, hidden) -> query (1, Hq, D), key (1, Hkv, 1, D), value (1, Hkv, 1, D): RMSNorm,
 //   the q, k, v projections, q and k rotated (x * cos + rotate_half(x) * sin, signed_sin = sin
@@ -14,7 +14,11 @@
 // leave: x and the attention's output (1, Hq, D) -> x after the layer: the output projection
 //   and residual, RMSNorm, the SiLU-gated MLP and residual.
 // Each computes what lminf.kernels.decode_layers' functions of the same name compute, in float32.
+// layers: every layer of a step in one call (enter, the cache write, lminf::one_query, leave): with
+//   two calls a layer the Python between them was still a tenth of a float32 step at 1k context
+//   (docs/measurements/native-stack-ab.json: 0.85x / 0.88x the time per token at 1k / 9k).
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -103,16 +107,16 @@ struct Products {
   }
 };
 
-// x (1, 1, hidden) -> (query (1, Hq, D), key (1, Hkv, 1, D), value (1, Hkv, 1, D)): the products'
-// outputs side by side are [q | k | v].
-std::tuple<Tensor, Tensor, Tensor> enter(const Tensor& x, const Tensor& norm, double eps, at::TensorList weights,
-                                         at::IntArrayRef counts, at::IntArrayRef groups, const c10::List<Bias>& biases,
-                                         const Tensor& cos, const Tensor& signed_sin, int64_t n_q, int64_t head_dim) {
+// x (1, 1, hidden) -> (query (1, Hq, D), key (1, Hkv, 1, D), value (1, Hkv, 1, D)): products
+// [from, to)'s outputs side by side are [q | k | v].
+std::tuple<Tensor, Tensor, Tensor> enter_with(const Products& products, int64_t from, int64_t to, const Tensor& x,
+                                              const Tensor& norm, double eps, const Tensor& cos,
+                                              const Tensor& signed_sin, int64_t n_q, int64_t head_dim) {
   for (const auto* t : {&x, &norm, &cos, &signed_sin}) check(*t, "enter");
   TORCH_CHECK(norm.numel() == x.numel() && cos.numel() == head_dim && signed_sin.numel() == head_dim && head_dim % 2 == 0,
               "lminf::enter: x (1, 1, hidden), norm (hidden), cos and signed_sin (D), D even");
-  const Products products(weights, counts, groups, biases);
-  const Tensor y = products.side_by_side(0, products.size(), normed(x, norm, eps));
+  TORCH_CHECK(0 <= from && from < to && to <= products.size(), "lminf::enter: at least one product");
+  const Tensor y = products.side_by_side(from, to, normed(x, norm, eps));
   const int64_t heads = y.size(1) / head_dim, n_kv = (heads - n_q) / 2;
   TORCH_CHECK(y.is_contiguous() && heads * head_dim == y.size(1) && n_q + 2 * n_kv == heads && n_kv > 0,
               "lminf::enter: the products give n_q query heads, then as many key heads as value heads");
@@ -122,24 +126,87 @@ std::tuple<Tensor, Tensor, Tensor> enter(const Tensor& x, const Tensor& norm, do
           y.narrow(1, n_qk, n_kv * head_dim).view({1, n_kv, 1, head_dim})};
 }
 
-// x (1, 1, hidden) and the attention's output (1, Hq, D) -> x after the layer: the products are the
-// output projection, then those whose outputs side by side are [gate | up], then the down projection.
-Tensor leave(const Tensor& x, const Tensor& attended, const Tensor& norm, double eps, at::TensorList weights,
-             at::IntArrayRef counts, at::IntArrayRef groups, const c10::List<Bias>& biases) {
+std::tuple<Tensor, Tensor, Tensor> enter(const Tensor& x, const Tensor& norm, double eps, at::TensorList weights,
+                                         at::IntArrayRef counts, at::IntArrayRef groups, const c10::List<Bias>& biases,
+                                         const Tensor& cos, const Tensor& signed_sin, int64_t n_q, int64_t head_dim) {
+  const Products products(weights, counts, groups, biases);
+  return enter_with(products, 0, products.size(), x, norm, eps, cos, signed_sin, n_q, head_dim);
+}
+
+// x (1, 1, hidden) and the attention's output (1, Hq, D) -> x after the layer: products [from, to) are
+// the output projection, then those whose outputs side by side are [gate | up], then the down projection.
+Tensor leave_with(const Products& products, int64_t from, int64_t to, const Tensor& x, const Tensor& attended,
+                  const Tensor& norm, double eps) {
   for (const auto* t : {&x, &norm}) check(*t, "leave");
   TORCH_CHECK(norm.numel() == x.numel(), "lminf::leave: x (1, 1, hidden), norm (hidden)");
-  const Products products(weights, counts, groups, biases);
-  TORCH_CHECK(products.size() >= 3, "lminf::leave: the output projection, gate and up, down");
-  Tensor y = products(0, attended.reshape({1, -1}).to(at::kFloat));
+  TORCH_CHECK(0 <= from && from + 3 <= to && to <= products.size(), "lminf::leave: the output projection, gate and up, down");
+  Tensor y = products(from, attended.reshape({1, -1}).to(at::kFloat));
   y.add_(x.view({1, -1}));  // the residual: x + o(attended)
-  const Tensor gate_up = products.side_by_side(1, products.size() - 1, normed(y, norm, eps));
+  const Tensor gate_up = products.side_by_side(from + 1, to - 1, normed(y, norm, eps));
   const int64_t inner = gate_up.size(1) / 2;
   TORCH_CHECK(gate_up.is_contiguous() && 2 * inner == gate_up.size(1), "lminf::leave: gate and up alike");
   float* g = gate_up.data_ptr<float>();
   const float* u = g + inner;
   for (int64_t i = 0; i < inner; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];  // silu(gate) * up, over gate
-  y.add_(products(products.size() - 1, gate_up.narrow(1, 0, inner)));
+  y.add_(products(to - 1, gate_up.narrow(1, 0, inner)));
   return y.view({1, 1, -1});
+}
+
+Tensor leave(const Tensor& x, const Tensor& attended, const Tensor& norm, double eps, at::TensorList weights,
+             at::IntArrayRef counts, at::IntArrayRef groups, const c10::List<Bias>& biases) {
+  const Products products(weights, counts, groups, biases);
+  return leave_with(products, 0, products.size(), x, attended, norm, eps);
+}
+
+// Every decoder layer of a decoding step, in one call (no Python between the layers: at 1k
+// context that was about a tenth of a float32 step). Per layer i: enter; its key and value written
+// into its cache, keys[i] and values[i] (1, Hkv, S, D): last, after the newest stored one moved to
+// row moves[i] first where moves[i] >= 0 (lminf.caches.LambdaLayer.reserve_one made the room); the
+// attention of the query over all S keys (lminf::one_query, the first far_cos.size(0) keys turned
+// by far_cos and far_sin as it reads them); leave. -> x after the last layer.
+// The products of every layer in turn, enter's then leave's: per_layer[2 i] and per_layer[2 i + 1]
+// of them; norms and eps likewise (input_layernorm, post_attention_layernorm).
+Tensor layers(const Tensor& x, const Tensor& cos, const Tensor& signed_sin, at::TensorList norms, at::ArrayRef<double> eps,
+              at::TensorList weights, at::IntArrayRef counts, at::IntArrayRef groups, const c10::List<Bias>& biases,
+              at::IntArrayRef per_layer, at::TensorList keys, at::TensorList values, at::IntArrayRef moves, double scaling,
+              int64_t n_q, int64_t head_dim, const std::optional<Tensor>& far_cos, const std::optional<Tensor>& far_sin) {
+  const int64_t n_layers = static_cast<int64_t>(keys.size());
+  TORCH_CHECK(n_layers > 0 && static_cast<int64_t>(values.size()) == n_layers && static_cast<int64_t>(moves.size()) == n_layers &&
+                  static_cast<int64_t>(norms.size()) == 2 * n_layers && static_cast<int64_t>(eps.size()) == 2 * n_layers &&
+                  static_cast<int64_t>(per_layer.size()) == 2 * n_layers,
+              "lminf::layers: keys, values and moves one a layer; norms, eps and per_layer two a layer");
+  static const auto attend =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lminf::one_query", "")
+          .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, double, const std::optional<Tensor>&, const std::optional<Tensor>&)>();
+  const Products products(weights, counts, groups, biases);
+  int64_t at = per_layer[0];
+  auto [q, k, v] = enter_with(products, 0, at, x, norms[0], eps[0], cos, signed_sin, n_q, head_dim);
+  Tensor h = x;
+  for (int64_t i = 0; i < n_layers; ++i) {
+    const Tensor &cached_k = keys[i], &cached_v = values[i];
+    const int64_t n_kv = k.size(1), s = cached_k.size(2);
+    TORCH_CHECK(cached_k.dim() == 4 && cached_k.size(0) == 1 && cached_k.size(1) == n_kv && cached_k.size(3) == head_dim &&
+                    cached_v.sizes() == cached_k.sizes() && s >= 1 && moves[i] < s - 1,
+                "lminf::layers: each layer's keys and values (1, Hkv, S, D), room for the new ones last");
+    if (moves[i] >= 0) {  // the ring's oldest slot takes the newest stored key; the new one goes last
+      cached_k.select(2, moves[i]).copy_(cached_k.select(2, s - 1));
+      cached_v.select(2, moves[i]).copy_(cached_v.select(2, s - 1));
+    }
+    cached_k.select(2, s - 1).copy_(k.select(2, 0));  // in the cache's dtype: the query reads it as stored
+    cached_v.select(2, s - 1).copy_(v.select(2, 0));
+    const Tensor rows = q.reshape({n_kv, n_q / n_kv, head_dim});  // grouped query heads as rows of their key head
+    const Tensor attended = attend.call(rows, cached_k.select(0, 0), cached_v.select(0, 0), scaling, far_cos, far_sin);
+    h = leave_with(products, at, at + per_layer[2 * i + 1], h, attended, norms[2 * i + 1], eps[2 * i + 1]);
+    at += per_layer[2 * i + 1];
+    if (i + 1 < n_layers) {
+      std::tie(q, k, v) = enter_with(products, at, at + per_layer[2 * i + 2], h, norms[2 * i + 2], eps[2 * i + 2], cos,
+                                     signed_sin, n_q, head_dim);
+      at += per_layer[2 * i + 2];
+    }
+  }
+  TORCH_CHECK(at == products.size(), "lminf::layers: per_layer counts every product");
+  return h;
 }
 }  // namespace
 
@@ -150,8 +217,13 @@ TORCH_LIBRARY_FRAGMENT(lminf, lib) {
   lib.def(
       "leave(Tensor x, Tensor attended, Tensor norm, float eps, Tensor[] weights, int[] counts, int[] groups, "
       "Tensor?[] biases) -> Tensor");
+  lib.def(
+      "layers(Tensor x, Tensor cos, Tensor signed_sin, Tensor[] norms, float[] eps, Tensor[] weights, int[] counts, "
+      "int[] groups, Tensor?[] biases, int[] per_layer, Tensor[] keys, Tensor[] values, int[] moves, float scaling, "
+      "int n_q, int head_dim, Tensor? far_cos=None, Tensor? far_sin=None) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(lminf, CPU, lib) {
   lib.impl("enter", &enter);
   lib.impl("leave", &leave);
+  lib.impl("layers", &layers);
 }

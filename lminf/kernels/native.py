@@ -46,7 +46,8 @@ _state: dict = {}  # "op": the loaded op or None, "why": why not
 
 
 def op():
-    """torch.ops.lminf.one_query (rows (Hkv, rep, D) float32, keys, values (Hkv, S, D), scale)
+    """torch.ops.lminf.one_query (rows (Hkv, rep, D) float32, keys, values (Hkv, S, D), scale,
+    far_cos=None, far_sin=None (n_far, D): the first n_far keys turned by them first)
     -> (Hkv, rep, D) float32; None where it cannot be built or LMINF_NATIVE=0."""
     if "op" not in _state:
         _state["op"] = _load()
@@ -55,7 +56,8 @@ def op():
 
 def layers():
     """torch.ops.lminf, whose `enter` and `leave` run a Llama-shaped layer with float32 or 4-bit
-    weights around its attention (decode_layer_cpu.cpp); None where `op()` is (one library holds both)."""
+    weights around its attention and `layers` every layer of a decoding step with its attention and
+    cache writes (decode_layer_cpu.cpp); None where `op()` is (one library holds both)."""
     return None if op() is None else torch.ops.lminf
 
 
@@ -83,7 +85,7 @@ def _load():
     return torch.ops.lminf.one_query
 
 
-def _shape(rows, keys, values, scale):
+def _shape(rows, keys, values, scale, far_cos=None, far_sin=None):
     """What the op returns, for torch.compile's tracing."""
     return rows.new_empty(rows.shape, dtype=torch.float32)
 

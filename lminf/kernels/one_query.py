@@ -35,9 +35,10 @@ def _on_native(rows: torch.Tensor) -> bool:
     return _native is not None and rows.dtype == torch.float32 and rows.device.type == "cpu"
 
 
-def native_pass(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor | None:
-    """`one_query` on lminf's C++ kernel, called directly (no graph); None where it does not run."""
-    return _native(rows[0], keys[0], values[0], scaling)[None] if _on_native(rows) else None
+def native_pass(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float, far: tuple = ()):
+    """`one_query` on lminf's C++ kernel, called directly (no graph) -> (1, Hkv, rep, D) float32; None
+    where it does not run. far: () or (cos, sin) (n_far, D): the kernel turns the first n_far keys by them as it reads them."""
+    return _native(rows[0], keys[0], values[0], scaling, *far)[None] if _on_native(rows) else None
 
 
 def one_query(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:

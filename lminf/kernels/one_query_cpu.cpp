@@ -2,7 +2,8 @@
 //
 // rows (Hkv, rep, D) float32: a query's heads grouped by their key head; keys and values
 // (Hkv, S, D) in float32, float64, bfloat16 or float16, each row of D contiguous (a cache's
-// view). Every key is seen. -> (Hkv, rep, D) float32: softmax(rows . keys * scale) . values,
+// view). Every key is seen; the first n_far, the first tokens past the window, turned as read
+// by their own rotation (far_cos, far_sin) to where the query sees them. -> (Hkv, rep, D) float32: softmax(rows . keys * scale) . values,
 // summed in float32, the 16-bit keys and values widened as they are read (the query keeps its
 // float32 bits). Each key head's keys are cut into parts the threads share; each part keeps
 // its maximum, sum and weighted values (an online softmax) and the parts merge at the end.
@@ -82,6 +83,19 @@ inline void as_float(const T* base, int64_t stride, int64_t j0, int64_t nb, int6
   }
 }
 
+// A far key (D floats at x) moved to where the query sees it, into out: x * cos + rotate_half(x) * sin
+// (lminf.rope.rotate), rounded to the cache's dtype as a rotated key stored there would be.
+template <typename T>
+inline void turn(const float* x, const float* cos, const float* sin, int64_t d, float* out) {
+  float h[MAX_D];
+  std::copy(x, x + d, h);
+  const int64_t half = d / 2;
+  for (int64_t t = 0; t < d; ++t) {
+    const float y = h[t] * cos[t] + (t < half ? -h[t + half] : h[t - half]) * sin[t];
+    out[t] = std::is_same_v<T, float> || std::is_same_v<T, double> ? y : static_cast<float>(static_cast<T>(y));
+  }
+}
+
 // Asks the memory for rows [from, to) of keys and values, for a block read later.
 template <typename T>
 inline void prefetch(const T* k, const T* v, int64_t k_row, int64_t v_row, int64_t from, int64_t to, int64_t d) {
@@ -134,7 +148,8 @@ inline void weigh_values(const float* const* value, const float* sc, int64_t nb,
 // FIXED_D: the head size as a constant where it is a usual one (loops unrolled), else 0.
 template <typename T, int64_t FIXED_D>
 void part(const float* q, const T* k, const T* v, int64_t rep, int64_t d_, int64_t k_row, int64_t v_row,
-          int64_t begin, int64_t end, float scale, float* acc, float* m, float* l) {
+          int64_t begin, int64_t end, float scale, const float* far_cos, const float* far_sin, int64_t n_far,
+          float* acc, float* m, float* l) {
   const int64_t d = FIXED_D ? FIXED_D : d_;
   const bool whole_vectors = d % Vec::size() == 0;
   alignas(64) float kf[MAX_D * BLOCK];
@@ -153,6 +168,10 @@ void part(const float* q, const T* k, const T* v, int64_t rep, int64_t d_, int64
     prefetch(k, v, k_row, v_row, j0 + BLOCK, std::min(end, j0 + 2 * BLOCK), d);
     const float* key[BLOCK];
     as_float(k, k_row, j0, nb, d, kf, key);
+    for (int64_t j = 0; j < nb && j0 + j < n_far; ++j) {  // the first n_far keys turned by their own angle
+      turn<T>(key[j], far_cos + (j0 + j) * d, far_sin + (j0 + j) * d, d, kf + j * d);
+      key[j] = kf + j * d;
+    }
     for (int64_t r = 0; r < rep; ++r) {  // scores, four keys at a time (four independent chains of products)
       const float* qr = qs + r * d;
       float* s = sc + r * BLOCK;
@@ -218,7 +237,9 @@ void part(const float* q, const T* k, const T* v, int64_t rep, int64_t d_, int64
   }
 }
 
-at::Tensor one_query(const at::Tensor& rows, const at::Tensor& keys, const at::Tensor& values, double scale) {
+// far_cos, far_sin (n_far, D) float32, or none: the first n_far keys of every head are turned by them first.
+at::Tensor one_query(const at::Tensor& rows, const at::Tensor& keys, const at::Tensor& values, double scale,
+                     const std::optional<at::Tensor>& far_cos, const std::optional<at::Tensor>& far_sin) {
   TORCH_CHECK(rows.dim() == 3 && keys.dim() == 3 && values.dim() == 3, "lminf::one_query: rows, keys and values are 3-D");
   TORCH_CHECK(rows.scalar_type() == at::kFloat, "lminf::one_query: rows are float32");
   TORCH_CHECK(keys.scalar_type() == values.scalar_type(), "lminf::one_query: keys and values of one dtype");
@@ -229,6 +250,16 @@ at::Tensor one_query(const at::Tensor& rows, const at::Tensor& keys, const at::T
   TORCH_CHECK(keys.stride(2) == 1 && values.stride(2) == 1, "lminf::one_query: each key's and value's D contiguous");
   const auto q = rows.contiguous();
   const int64_t hkv = keys.size(0), s = keys.size(1), d = keys.size(2), rep = q.size(1);
+  TORCH_CHECK(far_cos.has_value() == far_sin.has_value(), "lminf::one_query: far_cos and far_sin together");
+  const int64_t n_far = far_cos.has_value() ? far_cos->size(0) : 0;
+  if (n_far) {
+    for (const auto* t : {&*far_cos, &*far_sin})
+      TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == n_far && t->size(1) == d,
+                  "lminf::one_query: far_cos and far_sin (n_far, D) contiguous float32");
+    TORCH_CHECK(n_far <= s && d % 2 == 0, "lminf::one_query: n_far <= S, D even");
+  }
+  const float* cos_p = n_far ? far_cos->data_ptr<float>() : nullptr;
+  const float* sin_p = n_far ? far_sin->data_ptr<float>() : nullptr;
   // parts per key head: the threads share Hkv * parts items; more past 4,096 keys (measured faster)
   const int64_t parts = std::min<int64_t>(s, at::get_num_threads() * (s > 4096 ? 4 : 1));
   const int64_t size = (s + parts - 1) / parts;
@@ -247,7 +278,8 @@ at::Tensor one_query(const at::Tensor& rows, const at::Tensor& keys, const at::T
         const int64_t begin = std::min(s, c * size), end = std::min(s, begin + size);
         float* m = ml_p + item * 2 * rep;
         run(q_p + h * rep * d, k_p + h * keys.stride(0), v_p + h * values.stride(0), rep, d, keys.stride(1),
-            values.stride(1), begin, end, static_cast<float>(scale), acc_p + item * rep * d, m, m + rep);
+            values.stride(1), begin, end, static_cast<float>(scale), cos_p, sin_p, n_far, acc_p + item * rep * d, m,
+            m + rep);
       }
     });
   });
@@ -275,5 +307,7 @@ at::Tensor one_query(const at::Tensor& rows, const at::Tensor& keys, const at::T
 }
 }  // namespace
 
-TORCH_LIBRARY(lminf, lib) { lib.def("one_query(Tensor rows, Tensor keys, Tensor values, float scale) -> Tensor"); }
+TORCH_LIBRARY(lminf, lib) {
+  lib.def("one_query(Tensor rows, Tensor keys, Tensor values, float scale, Tensor? far_cos=None, Tensor? far_sin=None) -> Tensor");
+}
 TORCH_LIBRARY_IMPL(lminf, CPU, lib) { lib.impl("one_query", &one_query); }
