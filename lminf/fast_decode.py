@@ -481,11 +481,8 @@ def _weights(linear: torch.nn.Module) -> decode_layers.Linear:
 
 
 def _weights_side_by_side(linears: list[torch.nn.Module]) -> tuple[decode_layers.Linear, ...]:
-    """What decode_layers.side_by_side reads: 4-bit layers joined into one (their codes shared,
-    one kernel call) where they fit, the layers one by one elsewhere."""
-    if Int4Linear.fit_side_by_side(linears):
-        return (Int4Linear.side_by_side(linears).weights(),)
-    return tuple(_weights(linear) for linear in linears)
+    """What decode_layers.side_by_side reads: the weights of `_joined(linears)`."""
+    return tuple(_weights(linear) for linear in _joined(linears))
 
 
 def _norm(module: torch.nn.Module) -> Callable:
@@ -498,12 +495,11 @@ def _norm(module: torch.nn.Module) -> Callable:
 
 
 def _side_by_side(linears: list[torch.nn.Module]) -> Callable:
-    """h -> the layers' outputs concatenated: one kernel call for 4-bit layers (sharing their
-    codes) where they fit, the layers one after the other elsewhere (a float copy of the
-    weights would cost memory)."""
-    if Int4Linear.fit_side_by_side(linears):
-        return Int4Linear.side_by_side(linears)
-    return lambda h: torch.cat([linear(h) for linear in linears], -1)
+    """h -> the layers' outputs concatenated, through `_joined(linears)`: one call for 4-bit layers
+    where they fit, the layers one after the other elsewhere (a float copy of the weights
+    side by side would cost memory)."""
+    joined = _joined(linears)
+    return joined[0] if len(joined) == 1 else lambda h: torch.cat([linear(h) for linear in joined], -1)
 
 
 def _rope(x: torch.Tensor, turn: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
