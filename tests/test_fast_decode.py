@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache
 
 import lminf
+from lminf import fast_decode
 from lminf.fast_decode import FAMILIES, FastStep, why_not
 from lminf.generation import cache_kwarg, decoder
 from lminf.kernels import native, sdpa
@@ -47,7 +48,17 @@ def test_decoding_equals_the_dense_reference(family, case, prompt, attention, mo
     decodes_as_the_reference(family, case, prompt, attention)
 
 
-def decodes_as_the_reference(family: str, case: str, prompt: int, attention: str) -> None:
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_cpp_attention_under_the_modules_turns_the_far_keys(family, monkeypatch):
+    # lminf's C++ attention with layers the C++ layers do not run (here: made not to fit): the
+    # loop over the layers in Python, the far keys turned by the attention kernel as it reads them
+    if not HAS_CXX:
+        pytest.skip("no C++ compiler to build lminf's kernel")
+    monkeypatch.setattr(fast_decode._NativeLayer, "fits", staticmethod(lambda model: False))
+    decodes_as_the_reference(family, "lminf", 13, "native", layers="modules")
+
+
+def decodes_as_the_reference(family: str, case: str, prompt: int, attention: str, layers: str | None = None) -> None:
     """The fast step's logits (where it applies; the forward elsewhere) against the dense float64 reference."""
     strategy = CASES[case]
     model = lminf.patch(tiny_model(family), strategy)
@@ -58,8 +69,9 @@ def decodes_as_the_reference(family: str, case: str, prompt: int, attention: str
     assert isinstance(step, FastStep) == fast
     if fast:
         assert step.attention_kernel == attention
-        assert step.layers_kernel == ("native" if attention == "native" else "modules")
-        assert (step.stack is not None) == (attention == "native")  # every layer in one C++ call
+        layers = layers or ("native" if attention == "native" else "modules")
+        assert step.layers_kernel == layers
+        assert (step.stack is not None) == (layers == "native")  # every layer in one C++ call
     ids = tokens(50)  # the ring of 8 wraps several times
     got = decoded(model, ids, prompt, cache)
     reference = lminf.patch(tiny_model(family), strategy, backend=reference_attention)
