@@ -136,7 +136,7 @@ class FastStep:
             return self.head.logits(self._through_stack(x, turn, pos, far))
         # lminf's C++ kernel turns the far keys as it reads them; elsewhere `_seen` turns them in place
         turns_far = self.native and far[0] > 0
-        attend = functools.partial(self._pass, far=(far[1][0][0, 0], far[1][1][0, 0])) if turns_far else self._pass
+        attend = functools.partial(self._pass, far=far[1]) if turns_far else self._pass
         layers = self.layers
         q, k, v = layers[0].enter(x, turn)
         for layer, following, cache_layer in zip(layers, [*layers[1:], None], self.cache.layers, strict=True):
@@ -156,27 +156,30 @@ class FastStep:
         if None in moves:
             raise RuntimeError("the cache's layers are not in one state: some took the token in place, some cannot")
         keys, values = [c.keys for c in self.cache.layers], [c.values for c in self.cache.layers]
-        # as in `_seen`: the stored keys are the far keys (the first tokens outside the window), then the window
-        n_far, k_turn = far
-        stored = keys[0].shape[-2]
-        start = max(0, pos - self.strategy.n_local + 1) if stored == pos + 1 else self.strategy.n_global
-        assert start == n_far, (start, n_far)
-        far_turn = (k_turn[0][0, 0], k_turn[1][0, 0]) if n_far else ()
+        # the attention reads every stored key: the far keys (the first tokens outside the window), then the window
+        n_far, far_turn = far
+        assert self._start(keys[0].shape[-2], pos) == n_far, (keys[0].shape, pos, n_far)
         return self.stack(x, turn, keys, values, moves, far_turn)
 
     def _far(self, pos: int, device: torch.device):
         """(first tokens read as far keys, the rotation that moves each such key to where the
-        query at its own position sees it at the strategy's distance), shared by the layers;
-        (0, None) inside the window. RoPE scores depend on the distance only: the strategy puts
+        query at its own position sees it at the strategy's distance: (cos, sin), each (n_far, D)),
+        shared by the layers; (0, ()) inside the window. RoPE scores depend on the distance only: the strategy puts
         the query at q_at and key j at k_at[j]; key j moved to pos - (q_at - k_at[j]) is seen
         from pos at the same distance, so the query stays as it is and one pass reads every key."""
         n_far = min(self.strategy.n_global, max(0, pos - self.strategy.n_local + 1))
         if not n_far:
-            return 0, None
+            return 0, ()
         q_pos, k_pos = torch.tensor([[pos]], device=device), torch.arange(n_far, device=device)[None]
         q_at, k_at = self.strategy.far_positions(q_pos, k_pos)
         target = q_pos - q_at + (k_pos if k_at is None else k_at)
-        return n_far, rotation(target - k_pos, self.inv_freq)
+        cos, sin = rotation(target - k_pos, self.inv_freq)  # (1, 1, n_far, D)
+        return n_far, (cos[0, 0], sin[0, 0])
+
+    def _start(self, stored: int, pos: int) -> int:
+        """Where the keys the query at `pos` sees start among `stored` stored ones (with the far keys
+        before them, see `_seen`): in order until the cache is full, after the first tokens then."""
+        return max(0, pos - self.strategy.n_local + 1) if stored == pos + 1 else self.strategy.n_global
 
     @contextlib.contextmanager
     def _seen(self, keys, values, pos: int, far, in_place: bool = True):
@@ -188,7 +191,7 @@ class FastStep:
         reads them all, the far keys moved (see `_far`) in place for it and put back after
         (`in_place`), or as stored for a kernel that moves them as it reads them."""
         n_far, k_turn = far
-        start = max(0, pos - self.strategy.n_local + 1) if keys.shape[-2] == pos + 1 else self.strategy.n_global
+        start = self._start(keys.shape[-2], pos)
         if not n_far:
             yield keys[:, :, start:], values[:, :, start:]
             return
