@@ -42,7 +42,9 @@ def prefill(
     progress: bool = False,
 ) -> None:
     """Feed `input_ids` through `cache` `chunk_size` tokens at a time, so activation memory
-    stays bounded whatever the length. Positions follow generate()'s rule for padded rows."""
+    stays bounded whatever the length. Positions follow generate()'s rule for padded rows.
+    To continue with `generate`, prefill all but the prompt's last token and pass the whole
+    prompt with this cache: generate runs only the tokens the cache has not seen."""
     position_ids = None
     if attention_mask is not None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)

@@ -299,6 +299,8 @@ def _generate_with_strategy_cache(model: PreTrainedModel) -> Callable:
             kwargs.update(cache_kwarg(model, cache))
             if isinstance(ids, torch.Tensor) and ids.ndim == 2 and ids.shape[1] - 1 > prefill_chunk:
                 prefill(model, ids[:, :-1], cache, None if mask is None else mask[:, :-1], prefill_chunk)
+        else:
+            _check_cache_leaves_a_token(cache, ids)
         reason = None if decode_step == "forward" else _why_not_fast(model, cache, ids, mask, kwargs)
         if decode_step == "fast" and reason is not None:
             raise ValueError(f"decode_step='fast' cannot run here: {reason}.")
@@ -311,6 +313,20 @@ def _generate_with_strategy_cache(model: PreTrainedModel) -> Callable:
             state.fast_steps.pop(id(cache), None)
 
     return generate
+
+
+def _check_cache_leaves_a_token(cache: Cache, ids) -> None:
+    """A passed cache must have seen fewer tokens than the prompt: generate needs at least its last
+    token to run, and given a cache that holds all of it, transformers feeds the whole prompt again."""
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2:
+        return
+    seen = cache.get_seq_length()
+    if seen >= ids.shape[1]:
+        raise ValueError(
+            f"the cache has seen {seen} tokens, the prompt has {ids.shape[1]}: generate must run at least the "
+            "prompt's last token, so prefill all but it (lminf.prefill(model, ids[:, :-1], cache)) and pass the "
+            "whole prompt to generate."
+        )
 
 
 def _why_not_fast(model: PreTrainedModel, cache: Cache, ids, mask: torch.Tensor | None, kwargs: dict) -> str | None:
