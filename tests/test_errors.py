@@ -55,14 +55,14 @@ def test_other_layer_types_are_refused():
         lminf.patch(model)
 
 
-def test_the_readme_lists_every_supported_family():
+def test_the_models_page_lists_every_supported_family_and_is_up_to_date():
     from pathlib import Path
 
-    from lminf.families import SUPPORTED_MODEL_TYPES
+    from lminf.families import SUPPORTED_MODEL_TYPES, models_markdown
 
-    readme = Path(__file__).parents[1].joinpath("README.md").read_text()
-    section = readme[readme.index("## Supported models") : readme.index("## Command line")]
-    assert [t for t in SUPPORTED_MODEL_TYPES if f"`{t}`" not in section] == []
+    page = Path(__file__).parents[1].joinpath("docs", "models.md").read_text()
+    assert [t for t in SUPPORTED_MODEL_TYPES if f"| `{t}` |" not in page] == []
+    assert page == models_markdown(), "docs/models.md is stale: python -m lminf.families > docs/models.md"
 
 
 def test_unsupported_rope_scaling():
