@@ -17,7 +17,7 @@ from transformers import PretrainedConfig
 
 from lminf.caches.lambda_cache import LambdaLayer
 from lminf.families import training_length
-from lminf.kernels.lambda_blocks import lambda_attention
+from lminf.kernels.lambda_blocks import TopK, lambda_attention
 from lminf.layout import Layout
 from lminf.strategies.base import AttentionCall, Rule, Strategy
 
@@ -77,20 +77,20 @@ class WindowedStrategy(Strategy):
             k,
             v,
             layout,
+            call,
             n_global=self.n_global,
             n_local=self.n_local,
             far=self.far_positions,
-            inv_freq=call.inv_freq,
-            scaling=call.scaling,
-            softcap=call.softcap,
-            interleaved=call.interleaved,
-            alibi=call.alibi,
-            top_k=self.top_k_at(call.layer),
-            top_k_far=self.top_k_positions if type(self).top_k_positions is not WindowedStrategy.top_k_positions else None,
-            top_k_last_row=self.top_k_last_row,
-            top_k_all_or_none=self.top_k_all_or_none,
-            kernel=call.kernel,
+            top_k=self.top_k_spec(call.layer),
         )
+
+    def top_k_spec(self, layer: int) -> TopK | None:
+        """How the queries of `layer` pick middle keys; None: they pick none."""
+        k = self.top_k_at(layer)
+        if not k:
+            return None
+        own_positions = type(self).top_k_positions is not WindowedStrategy.top_k_positions
+        return TopK(k, self.top_k_positions if own_positions else None, self.top_k_last_row, self.top_k_all_or_none)
 
     def rule(self, i: torch.Tensor, j: torch.Tensor, layer: int) -> Rule:
         d = i - j
