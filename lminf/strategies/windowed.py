@@ -68,8 +68,8 @@ class WindowedStrategy(Strategy):
         tail_start = 0 if self.keeps_middle else max(0, q_start - self.n_local + 1)
         return min(self.n_global, tail_start), tail_start
 
-    def cache_layer(self, extra_sinks: int = 0) -> LambdaLayer:
-        return LambdaLayer(n_sink=self.n_global + extra_sinks, n_local=None if self.keeps_middle else self.n_local)
+    def cache_layer(self, left_pad: int = 0) -> LambdaLayer:
+        return LambdaLayer(n_global=self.n_global + left_pad, n_local=None if self.keeps_middle else self.n_local)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, call: AttentionCall) -> torch.Tensor:
         return lambda_attention(
@@ -129,7 +129,7 @@ class ModelWindow(WindowedStrategy):
     def far_positions(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tensor, None]:
         return q_pos, None  # never asked: without first tokens no key is far
 
-    def cache_layer(self, extra_sinks: int = 0) -> LambdaLayer:
-        layer = super().cache_layer(extra_sinks)
+    def cache_layer(self, left_pad: int = 0) -> LambdaLayer:
+        layer = super().cache_layer(left_pad)
         layer.is_sliding = True  # transformers builds the sliding layers' mask from this layer's sizes
         return layer

@@ -314,15 +314,15 @@ class LminfCPUAttentionBackend(CPUAttentionBackend):
         span = kept_span(strategy) if strategy is not None else None
         if span is None or type(spec) is not FullAttentionSpec:
             return spec
-        keep_first, keep_last = span
+        n_global, n_local = span
         fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
-        spec = KeepFirstLastSpec(**fields, keep_first=keep_first, keep_last=keep_last, in_flight_tokens=cls.in_flight_tokens)
+        spec = KeepFirstLastSpec(**fields, n_global=n_global, n_local=n_local, in_flight_tokens=cls.in_flight_tokens)
         logger.info_once(
             "lminf: KV cache per request bounded at %d blocks of %d tokens (first %d + last %d tokens + %d in flight)",
             spec.max_admission_blocks_per_request(cls.in_flight_tokens, 1 << 62),
             spec.block_size,
-            keep_first,
-            keep_last,
+            n_global,
+            n_local,
             cls.in_flight_tokens,
         )
         return spec

@@ -70,8 +70,8 @@ class InfLLM(WindowedStrategy):
     def keys_for(self, q_start: int, total: int) -> tuple[int, int]:
         raise NotImplementedError("infllm reads its memory from its own cache; an engine cannot gather its keys.")
 
-    def cache_layer(self, extra_sinks: int = 0) -> BlockMemoryLayer:
-        if extra_sinks:
+    def cache_layer(self, left_pad: int = 0) -> BlockMemoryLayer:
+        if left_pad:
             raise ValueError(PADDING)
         return BlockMemoryLayer(self.n_global, self.n_local, self.block_size, self.hot_blocks, self.memory_dir)
 

@@ -44,7 +44,6 @@ class BlockStore:
         self.slots: torch.Tensor | None = None  # device: (2, B, Hkv, hot * block, D), slot s at [s * block, (s + 1) * block)
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # block -> slot, least recently used first
         self.block_in: list[int] = [-1] * hot  # slot -> block (-1: empty)
-        self.loads = self.hits = 0
 
     def add(self, kv: torch.Tensor) -> None:
         """Store one block (2, B, Hkv, block, D) in the host tier."""
@@ -80,9 +79,7 @@ class BlockStore:
             self.slots = torch.zeros((2, B, H, self.hot * n, D), dtype=like.dtype, device=like.device)
         wanted = set(blocks)
         for block in blocks:
-            self.loads += 1
             if block in self.slot_of:
-                self.hits += 1
                 self.slot_of.move_to_end(block)
                 continue
             if len(self.slot_of) < self.hot:
