@@ -44,6 +44,7 @@ class BlockStore:
         self.slots: torch.Tensor | None = None  # device: (2, B, Hkv, hot * block, D), slot s at [s * block, (s + 1) * block)
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # block -> slot, least recently used first
         self.block_in: list[int] = [-1] * hot  # slot -> block (-1: empty)
+        self.hits = 0  # reads served by the hot cache
 
     def add(self, kv: torch.Tensor) -> None:
         """Store one block (2, B, Hkv, block, D) in the host tier."""
@@ -80,6 +81,7 @@ class BlockStore:
         wanted = set(blocks)
         for block in blocks:
             if block in self.slot_of:
+                self.hits += 1
                 self.slot_of.move_to_end(block)
                 continue
             if len(self.slot_of) < self.hot:
