@@ -34,9 +34,9 @@ def random_case(data):
         n_new, pads = total, [0] * batch
 
     kept = torch.arange(total)
-    n_first = n_global + max(pads)  # the first tokens a bounded cache keeps, left padding included
-    if data.draw(st.booleans()) and total - n_new - n_local > n_first and not strategy.stateful:  # as a bounded cache
-        kept = torch.cat((torch.arange(n_first), torch.arange(total - n_new - n_local, total)))
+    first_end = n_global + max(pads)  # a bounded cache keeps [0, first_end): the first tokens and the left padding
+    if data.draw(st.booleans()) and total - n_new - n_local > first_end and not strategy.stateful:  # as a bounded cache
+        kept = torch.cat((torch.arange(first_end), torch.arange(total - n_new - n_local, total)))
     real_mask = torch.stack([torch.arange(total) >= p for p in pads])
     real = real_mask.long().cumsum(-1) - 1
     layout = Layout(q_pos=real[:, total - n_new :], k_pos=real[:, kept], k_valid=real_mask[:, kept])

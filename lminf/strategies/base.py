@@ -102,8 +102,8 @@ class Strategy:
 
     def keys_for(self, q_start: int, total: int) -> tuple[int, int]:
         """Which keys the attention of queries at positions [q_start, total) reads, for an engine
-        that gathers them from its own cache (vLLM's paged blocks): (n_first, tail_start), the
-        positions [0, n_first) and [tail_start, total), n_first <= tail_start. Default: all."""
+        that gathers them from its own cache (vLLM's paged blocks): (first_end, tail_start), the
+        positions [0, first_end) and [tail_start, total), first_end <= tail_start. Default: all."""
         return 0, 0
 
     def plain_up_to(self) -> int:

@@ -30,8 +30,8 @@ def kept_span(strategy: Strategy) -> tuple[int, int] | None:
     position; None when it reads more (top-k keeps the whole middle)."""
     spans = set()
     for q in (FAR, FAR + 12345):
-        n_first, tail = strategy.keys_for(q, q + 1)
-        spans.add((n_first, q - tail + 1))
+        first_end, tail = strategy.keys_for(q, q + 1)
+        spans.add((first_end, q - tail + 1))
     if len(spans) != 1:
         return None  # the shape moves with the position
     span = spans.pop()
