@@ -159,7 +159,7 @@ def load_model(
 def _own_memory(model: PreTrainedModel) -> None:
     """Copy the weights still mapped from the safetensors file into the process's own memory.
     Once the layout has copied the wide ones, the mapping would keep the file's every page
-    resident beside the copies (measured: +380 MB RSS on the default model); with no tensor
+    resident beside the copies (hundreds of MB on the default model); with no tensor
     left on it, it is released."""
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.device.type == "cpu" and tensor.is_contiguous():  # the layout's copies are not

@@ -69,7 +69,7 @@ def why_not(model: PreTrainedModel, cache: Cache, n_global: int | None = None) -
     for layer in cache.layers:
         if not isinstance(layer, LambdaLayer) or layer.in_order:
             return "the cache is not the strategy's LambdaCache"
-        if (layer.n_sink, layer.n_local) != (strategy.n_global, strategy.n_local):
+        if (layer.n_global, layer.n_local) != (strategy.n_global, strategy.n_local):
             return "the cache keeps room for padding, or another strategy's sizes"
     if model.training:
         return "the model is in training mode"

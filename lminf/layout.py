@@ -5,14 +5,14 @@ the result to every layer. For Lambda attention a mask is the wrong shape of inf
 (it would be n x n); what the attention needs is each token's position in its own row,
 so our mask function returns a `Layout` instead.
 
-Physical order: a cache returns keys as [sink keys | a contiguous tail], both in the
-order they were fed, and the queries are the last `Q` keys of the tail:
+Physical order: a cache returns keys as [the first n_global keys | a contiguous tail],
+both in the order they were fed, and the queries are the last `Q` keys of the tail:
 
-    physical index:  0 .. S-1   kv_offset ........................ total-1
-    keys:            [ sinks  ][ tail ......................[ queries ]]
+    physical index:  0 .. n_global-1   kv_offset ................. total-1
+    keys:            [ first        ][ tail ...............[ queries ]]
 
 (Exception: once LambdaCache is full, a one-token decoding step returns its window out of
-order; every key there is local to the query whatever its position, see lminf.cache.)
+order; every key there is local to the query whatever its position, see lminf.caches.)
 
 Real positions count only non-padding tokens of a row (left or right padding), so a
 padded row sees the same positions as the row alone.
@@ -64,13 +64,13 @@ def build_layout(
         raise ValueError("lminf: the input is empty (0 tokens); give at least one token.")
     q_offset, kv_offset = int(q_offset), int(kv_offset)
     total = q_offset + q_length
-    n_sinks = kv_length - (total - kv_offset)
-    if n_sinks < 0 or n_sinks > kv_offset:
+    n_global = kv_length - (total - kv_offset)
+    if n_global < 0 or n_global > kv_offset:
         raise ValueError(
             f"lminf: the cache reported kv_length={kv_length}, kv_offset={kv_offset} for {total} tokens; "
             "use lminf.LambdaCache or transformers.DynamicCache with a patched model."
         )
-    physical = torch.cat((torch.arange(n_sinks, device=device), torch.arange(kv_offset, total, device=device)))
+    physical = torch.cat((torch.arange(n_global, device=device), torch.arange(kv_offset, total, device=device)))
     if attention_mask is None:
         k_pos = physical.expand(batch_size, -1)
         q_pos = torch.arange(q_offset, total, device=device).expand(batch_size, -1)

@@ -250,7 +250,7 @@ def make_cache(model: PreTrainedModel, attention_mask: torch.Tensor | None = Non
         layer.in_order = state.family.alibi
         if state.kv_dtype is not None:
             layer.kv_dtype = state.kv_dtype
-    return LambdaCache.of(layers)
+    return LambdaCache(layers)
 
 
 def layer_strategy(model: PreTrainedModel, layer: int) -> Strategy:

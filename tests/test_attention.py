@@ -12,6 +12,7 @@ from lminf.kernels import sdpa
 from lminf.kernels.sdpa import softmax_lse
 from lminf.layout import Layout
 from lminf.strategies import AttentionCall, LMInfinite
+from lminf.strategies.lm_infinite_original import LMInfiniteOriginal
 from tests.reference import reference_attention
 from tests.strategies import CASES
 
@@ -33,9 +34,9 @@ def random_case(data):
         n_new, pads = total, [0] * batch
 
     kept = torch.arange(total)
-    n_sink = n_global + max(pads)
-    if data.draw(st.booleans()) and total - n_new - n_local > n_sink and not strategy.stateful:  # as a bounded cache
-        kept = torch.cat((torch.arange(n_sink), torch.arange(total - n_new - n_local, total)))
+    first_end = n_global + max(pads)  # a bounded cache keeps [0, first_end): the first tokens and the left padding
+    if data.draw(st.booleans()) and total - n_new - n_local > first_end and not strategy.stateful:  # as a bounded cache
+        kept = torch.cat((torch.arange(first_end), torch.arange(total - n_new - n_local, total)))
     real_mask = torch.stack([torch.arange(total) >= p for p in pads])
     real = real_mask.long().cumsum(-1) - 1
     layout = Layout(q_pos=real[:, total - n_new :], k_pos=real[:, kept], k_valid=real_mask[:, kept])
@@ -71,6 +72,20 @@ def test_query_with_no_visible_key_gives_zeros():
     layout = Layout(q_pos=pos, k_pos=pos, k_valid=torch.zeros(1, 3, dtype=torch.bool))
     out = LMInfinite(n_global=1, n_local=2).attention(q, k, v, layout, AttentionCall(0, torch.ones(4), 1.0))
     assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_the_original_top_k_picks_nothing_with_fewer_middle_keys_than_top_k():
+    """lminf-original's last query picks none while it has fewer middle keys than top_k
+    (length 12: one middle key, top_k 2), its top_k once it has them (13, 20): the reference."""
+    strategy = LMInfiniteOriginal(n_global=3, n_local=8, top_k=2, top_k_from_layer=0, top_k_insert_at=5)
+    call = AttentionCall(0, 1.0 / 10.0 ** (torch.arange(4) / 4), 8**-0.5)
+    for n in (12, 13, 20):
+        gen = torch.Generator().manual_seed(n)
+        q, k, v = (torch.randn(1, h, n, 8, generator=gen, dtype=torch.float64) for h in (2, 1, 1))
+        pos = torch.arange(n)[None]
+        layout = Layout(pos, pos, torch.ones(1, n, dtype=torch.bool))
+        want = reference_attention(strategy, q, k, v, layout, call)
+        torch.testing.assert_close(strategy.attention(q, k, v, layout, call), want, rtol=1e-6, atol=1e-6)  # top-k in float32
 
 
 def test_softmax_lse_equals_torch_and_empties_rows_without_keys():

@@ -9,11 +9,11 @@ import torch
 from transformers import DynamicCache
 
 import lminf
-from lminf.caches.block_memory import CHUNK_BLOCKS, BlockStore
 from lminf.layout import Layout
 from lminf.memory import cache_tiers
 from lminf.strategies import AttentionCall
 from lminf.strategies.infllm import InfLLM
+from lminf.strategies.infllm.memory import CHUNK_BLOCKS, BlockStore
 from tests.conftest import tiny_model
 
 torch.set_grad_enabled(False)
@@ -58,10 +58,10 @@ def test_a_query_reads_the_block_whose_keys_match_it():
 def test_both_ways_of_reading_the_memory_equal_the_reference(position, overhead, monkeypatch):
     """A group of queries reads its chosen blocks block by block (only the queries that chose
     each) or as one masked pass over the union of their choices: both are the reference."""
-    from lminf.kernels import block_memory
+    from lminf.strategies.infllm import attention
     from tests.reference import reference_attention
 
-    monkeypatch.setattr(block_memory, "BLOCK_OVERHEAD", overhead)
+    monkeypatch.setattr(attention, "BLOCK_OVERHEAD", overhead)
     strategy = InfLLM(n_global=2, n_local=8, block_size=4, top_blocks=2, repr_topk=2, hot_blocks=3)
     gen = torch.Generator().manual_seed(1)
     n, D = 160, 8

@@ -149,8 +149,8 @@ def test_keys_it_says_it_reads_are_enough(strategy, q_start, total):
     full = strategy.attention(
         q, k, v, Layout(everything[:, q_start:], everything, torch.ones_like(everything, dtype=torch.bool)), call
     )
-    n_first, tail = strategy.keys_for(q_start, total)
-    kept = torch.cat((torch.arange(n_first), torch.arange(tail, total)))
+    first_end, tail = strategy.keys_for(q_start, total)
+    kept = torch.cat((torch.arange(first_end), torch.arange(tail, total)))
     layout = Layout(everything[:, q_start:], kept[None], torch.ones(1, len(kept), dtype=torch.bool))
     torch.testing.assert_close(strategy.attention(q, k[:, :, kept], v[:, :, kept], layout, call), full, rtol=1e-5, atol=1e-5)
     if strategy.cache_bound() is not None:

@@ -1,7 +1,7 @@
 """The bounded KV cache for Lambda attention.
 
-Per layer it keeps the first `n_sink` tokens (the global tokens, plus room for left
-padding) and the `n_local` most recent ones; everything in between is dropped. Keys are
+Per layer it keeps the first `n_global` tokens (the strategy's global tokens plus the
+batch's left padding, `left_pad`) and the `n_local` most recent ones; everything in between is dropped. Keys are
 stored exactly as the model rotated them, at their true positions, and are never
 re-indexed: the attention works out distances from real positions (lminf.layout), so
 rotary positions stay exact after eviction. `get_seq_length()` counts every token seen,
@@ -14,17 +14,18 @@ be able to score every middle key); memory then grows with the input.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 
 class LambdaLayer(DynamicLayer):
-    """Keys and values of one layer: [first n_sink tokens | last n_local tokens].
+    """Keys and values of one layer: [first n_global tokens | last n_local tokens]; its
+    n_global counts the batch's left padding too (a strategy's n_global + left_pad).
 
     Once full, decoding one token at a time costs O(1) copies: the stored keys are laid
-    out as [sinks | ring of n_local - 1 | newest], and a step moves the newest key into the
-    ring slot of the oldest and writes the new key last. The ring is out of order, which is
+    out as [first n_global | ring of n_local - 1 | newest], and a step moves the newest key
+    into the ring slot of the oldest and writes the new key last. The ring is out of order, which is
     harmless: all of it lies inside the new query's window (local, whatever the order), no
-    padding is ever in it (left padding sits in the sinks), and the query's own key is last.
+    padding is ever in it (left padding sits in the first n_global), and the query's own key is last.
     A multi-token update restores chronological order first.
 
     Before it is full, keys are appended into spare room that grows geometrically (up to
@@ -39,9 +40,9 @@ class LambdaLayer(DynamicLayer):
     key_room: torch.Tensor | None = None  # storage whose first tokens are self.keys (see _append)
     value_room: torch.Tensor | None = None
 
-    def __init__(self, n_sink: int, n_local: int | None):
+    def __init__(self, n_global: int, n_local: int | None):
         super().__init__()
-        self.n_sink, self.n_local = n_sink, n_local
+        self.n_global, self.n_local = n_global, n_local
         self.cumulative_length = 0  # tokens seen, including dropped ones
         self.ring_start = 0  # oldest ring slot, when full
 
@@ -50,7 +51,7 @@ class LambdaLayer(DynamicLayer):
         self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]  # (B, H, 0, D), not 1-D
 
     def _full(self) -> bool:
-        return self.n_local is not None and self.is_initialized and self.keys.shape[-2] == self.n_sink + self.n_local
+        return self.n_local is not None and self.is_initialized and self.keys.shape[-2] == self.n_global + self.n_local
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kv_dtype is not None:  # this step's queries read the new keys as stored, as later ones will
@@ -61,7 +62,7 @@ class LambdaLayer(DynamicLayer):
             self.cumulative_length += 1
             ring = self.n_local - 1
             if ring:
-                slot = self.n_sink + self.ring_start
+                slot = self.n_global + self.ring_start
                 self.keys[..., slot, :] = self.keys[..., -1, :]
                 self.values[..., slot, :] = self.values[..., -1, :]
                 self.ring_start = (self.ring_start + 1) % ring
@@ -75,11 +76,11 @@ class LambdaLayer(DynamicLayer):
         self.ring_start = 0
         self.key_room = self.value_room = None
         self.cumulative_length += key_states.shape[-2]
-        if self.n_local is not None and keys.shape[-2] > self.n_sink + self.n_local:
+        if self.n_local is not None and keys.shape[-2] > self.n_global + self.n_local:
             # Keep n_local, not n_local - 1: the next query's window needs n_local - 1 old keys,
             # and the spare slot is where a decoding step writes its key.
-            self.keys = torch.cat((keys[..., : self.n_sink, :], keys[..., -self.n_local :, :]), dim=-2)
-            self.values = torch.cat((values[..., : self.n_sink, :], values[..., -self.n_local :, :]), dim=-2)
+            self.keys = torch.cat((keys[..., : self.n_global, :], keys[..., -self.n_local :, :]), dim=-2)
+            self.values = torch.cat((values[..., : self.n_global, :], values[..., -self.n_local :, :]), dim=-2)
         else:
             self.keys, self.values = keys, values
         return keys, values  # this step's queries may need keys that are now dropped
@@ -106,7 +107,7 @@ class LambdaLayer(DynamicLayer):
             ring = self.n_local - 1
             if not ring:
                 return -1
-            slot = self.n_sink + self.ring_start
+            slot = self.n_global + self.ring_start
             self.ring_start = (self.ring_start + 1) % ring
             return slot
         return -1 if self._room(1, self.keys, self.values) else None
@@ -115,7 +116,7 @@ class LambdaLayer(DynamicLayer):
         """self.keys and self.values grown by n rows in place, their last n for the caller to
         write; False where they cannot be: out of order (a ring), or past the bound."""
         stored = self.keys.shape[-2]
-        bound = None if self.n_local is None else self.n_sink + self.n_local
+        bound = None if self.n_local is None else self.n_global + self.n_local
         if self.ring_start or (bound is not None and stored + n > bound):
             return False
         room = self.key_room
@@ -148,22 +149,22 @@ class LambdaLayer(DynamicLayer):
     def _chronological(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.ring_start == 0:
             return (x,)
-        ring_at = self.n_sink + self.ring_start
-        return x[..., : self.n_sink, :], x[..., ring_at:-1, :], x[..., self.n_sink : ring_at, :], x[..., -1:, :]
+        ring_at = self.n_global + self.ring_start
+        return x[..., : self.n_global, :], x[..., ring_at:-1, :], x[..., self.n_global : ring_at, :], x[..., -1:, :]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """(number of keys the next update returns, physical index where its tail starts)"""
         if query_length == 1 and self._full() and not self.in_order:  # a ring step: the oldest key is dropped first
-            return self.n_sink + self.n_local, self.cumulative_length + 1 - self.n_local
+            return self.n_global + self.n_local, self.cumulative_length + 1 - self.n_local
         stored = self.keys.shape[-2] if self.is_initialized else 0
-        n_sinks = min(self.n_sink, self.cumulative_length)
-        return stored + query_length, self.cumulative_length - (stored - n_sinks)
+        stored_global = min(self.n_global, self.cumulative_length)
+        return stored + query_length, self.cumulative_length - (stored - stored_global)
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
 
     def get_max_length(self) -> int:
-        return -1 if self.n_local is None else self.n_sink + self.n_local
+        return -1 if self.n_local is None else self.n_global + self.n_local
 
     def reset(self) -> None:
         super().reset()
@@ -176,23 +177,15 @@ class LambdaLayer(DynamicLayer):
 
 
 class LambdaCache(Cache):
-    """A transformers `Cache` whose memory is bounded by n_sink + n_local tokens per layer.
+    """A transformers `Cache` whose memory is bounded by n_global + n_local tokens per layer.
 
     Build it with `lminf.make_cache(model)`, which reads the settings from a patched model,
-    or directly: `LambdaCache(num_layers, n_sink=10, n_local=8192)`.
+    or from its layers, which may differ (a model with sliding and global layers):
+    `LambdaCache([LambdaLayer(n_global=10, n_local=8192) for _ in range(num_layers)])`.
     """
 
-    def __init__(self, num_layers: int, n_sink: int, n_local: int | None):
-        if n_sink < 0 or (n_local is not None and n_local < 1):
-            raise ValueError(f"LambdaCache needs n_sink >= 0 and n_local >= 1 (or None); got {n_sink}, {n_local}.")
-        super().__init__(layers=[LambdaLayer(n_sink, n_local) for _ in range(num_layers)])
-
-    @classmethod
-    def of(cls, layers: list[LambdaLayer]) -> LambdaCache:
-        """A cache of given layers, which may differ (a model with sliding and global layers)."""
-        cache = cls.__new__(cls)
-        Cache.__init__(cache, layers=layers)
-        return cache
+    def __init__(self, layers: list[CacheLayerMixin]):
+        super().__init__(layers=layers)
 
     def memory_bytes(self) -> int:
         """Bytes held by the stored keys and values of all layers."""

@@ -28,6 +28,8 @@ Top-k scoring reads every middle key (O(n) per query), in chunks.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -36,9 +38,22 @@ from lminf.kernels.topk import top_k_attention
 from lminf.layout import Layout
 from lminf.rope import rotate, rotation
 
+if TYPE_CHECKING:
+    from lminf.strategies.base import AttentionCall
+
 # (q_pos (B, Q), k_pos (B, K)) -> (q_at (B, Q), k_at (B, K) or None): where far pairs are read.
 # It must be hashable (a bound method of a frozen dataclass is): per-forward work is memoized by it.
 Far = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Each query head also reads its `k` best middle keys (scored at the placed distance)."""
+
+    k: int
+    far: Far | None = None  # where picked pairs are read; None: where the first tokens are (`far`)
+    last_row: bool = False  # only the call's last query picks (the original code's rule)
+    all_or_none: bool = False  # a query with fewer middle keys than k picks none
 
 
 def lambda_attention(
@@ -46,97 +61,100 @@ def lambda_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     layout: Layout,
+    call: AttentionCall,
     *,
     n_global: int,
     n_local: int,
     far: Far,
-    inv_freq: torch.Tensor | None,
-    scaling: float,
-    softcap: float | None = None,
-    interleaved: bool = False,
-    alibi: torch.Tensor | None = None,
-    top_k: int = 0,
-    top_k_far: Far | None = None,
-    top_k_last_row: bool = False,
-    top_k_all_or_none: bool = False,
+    top_k: TopK | None = None,
     block_size: int | None = None,
-    kernel: str = "auto",
 ) -> torch.Tensor:
     """q (B, Hq, Q, D), k and v (B, Hkv, K, D), rotated at their own positions -> (B, Hq, Q, D).
 
     Keys are in physical order and the queries are the last Q keys (see lminf.layout).
     Grouped-query attention: Hq must be a multiple of Hkv; top-k is chosen per query head.
-    kernel: "torch" (plain matmuls), "flash_cpu" (torch's fused CPU kernel), or "auto" ("compiled" is "auto" here).
-    inv_freq None: a position-free layer, far and middle keys are read without any rotation.
-    softcap: the model's logit soft-capping (Gemma 2), None for none.
-    interleaved: the rotary pairs are GPT-J's (2f, 2f + 1), not Llama's (f, f + rot/2).
-    alibi: ALiBi slopes (Hq,) of a layer without rotary positions (MPT): every kept logit gets
-    -slope * its distance, the capped one for far and middle keys.
-    top_k_far: where top-k middle pairs are read (default: `far`, like the first tokens);
-    top_k_last_row: only the call's last query picks (the original code's rule); top_k_all_or_none:
-    a query with fewer middle keys than `top_k` picks none.
+    From `call`: kernel "torch" (plain matmuls), "flash_cpu" (torch's fused CPU kernel) or
+    "auto" ("compiled" is "auto" here); inv_freq None: a position-free layer, far and middle
+    keys are read without any rotation; softcap: the model's logit soft-capping (Gemma 2);
+    interleaved: GPT-J's rotary pairs (2f, 2f + 1); alibi: ALiBi slopes (Hq,) of a layer
+    without rotary positions (MPT): every kept logit gets -slope * its distance, the placed
+    one for far and middle keys.
     """
-    flash = use_flash(kernel, q.device)
     B, Hq, Q, D = q.shape
     Hkv, K = k.shape[1], k.shape[2]
     rep = Hq // Hkv
     offset = K - Q  # key index of query 0
     block = block_size or min(512, max(16, n_local))
-    # Grouped heads become extra query rows: (B, Hkv, rep, Q, D), keys are never repeated.
-    q_grouped = q.view(B, Hkv, rep, Q, D)
+    if top_k is not None and not top_k.k:
+        top_k = None
+    top_k_far = far if top_k is None or top_k.far is None else top_k.far
     # What depends only on positions is the same in every layer: layout.once works it out once per forward.
     n_lead, consecutive = layout.once(("windows", K, n_global, n_local), _windows, layout, K, n_global, n_local)
-    top_k_far = top_k_far or far
-    q_far, k_lead, k_all, q_top = _far_views(q, k, layout, far, top_k_far, n_lead, top_k, inv_freq, interleaved)
+    q_far, k_lead, k_all, q_top = _far_views(q, k, layout, call, far, top_k_far, n_lead, top_k is not None)
+
+    def grouped(x: torch.Tensor, a: int, b: int) -> torch.Tensor:  # queries [a, b) as grouped rows
+        return rows(x.view(B, Hkv, rep, Q, D)[:, :, :, a:b])
 
     out = torch.empty(B, Hkv, rep, Q, D, dtype=q.dtype, device=q.device)
     for a in range(0, Q, block):
         b = min(a + block, Q)
-        qb = q_grouped[:, :, :, a:b]
-        parts = _window_parts(qb, k, v, layout, a, offset, n_local, consecutive, scaling, flash, softcap, alibi)
-        qb_far = None if q_far is None else rows(q_far.view(B, Hkv, rep, Q, D)[:, :, :, a:b])
+        qb = q.view(B, Hkv, rep, Q, D)[:, :, :, a:b]
+        parts = _window_parts(qb, k, v, layout, a, offset, n_local, consecutive, call)
         if n_lead:
-            shape = (a, b, n_lead, n_global, n_local, rep)
-            mask = layout.once(("far", *shape), _far_mask, layout, *shape)
-            if alibi is not None:
-                q_at, k_at = layout.once(("far at", far, n_lead), far, layout.q_pos, layout.k_pos[:, :n_lead])
-                distance = q_at[:, a:b, None] - (layout.k_pos[:, :n_lead] if k_at is None else k_at)[:, None, :]
-                mask = alibi_bias(distance, _far_seen(layout, a, b, n_lead, n_global, n_local), alibi, rep)
-            parts.append(attend(qb_far, k_lead, v[:, :, :n_lead], mask, scaling, flash, softcap=softcap))
+            parts.append(_far_part(grouped(q_far, a, b), k_lead, v[:, :, :n_lead], layout, a, b, n_global, n_local, far, call))
         mid_hi = offset + b - n_local  # no middle key of this block lies at or past here
-        if top_k and mid_hi > 0 and not (top_k_last_row and b < Q):
-            # From key 0: with padding, a leading key can be a middle key of another row.
-            def middle(c, d, a=a, b=b):
-                i, j, valid = layout.q_pos[:, a:b, None], layout.k_pos[:, None, c:d], layout.k_valid[:, None, c:d]
-                picks = valid & (i - j >= n_local) & (j >= n_global)
-                if top_k_last_row:  # the other rows of the block pick nothing
-                    picks = picks & (torch.arange(a, b, device=picks.device) == Q - 1)[None, :, None]
-                return picks
-
-            bias = None
-            if alibi is not None:  # middle keys are read where far keys are: at the placed distance
-
-                def bias(c, d, a=a, b=b):
-                    q_at, k_at = layout.once(("far at all", top_k_far), top_k_far, layout.q_pos, layout.k_pos)
-                    distance = q_at[:, a:b, None] - (layout.k_pos if k_at is None else k_at)[:, None, c:d]
-                    return alibi_bias(distance, torch.ones_like(distance, dtype=torch.bool), alibi, rep)
-
-            qb_top = rows(q_top.view(B, Hkv, rep, Q, D)[:, :, :, a:b])
-            parts.append(top_k_attention(qb_top, k_all, v, middle, mid_hi, top_k, rep, scaling, softcap, bias, top_k_all_or_none))
+        if top_k is not None and mid_hi > 0 and not (top_k.last_row and b < Q):
+            shape = (a, b, Q, n_global, n_local)
+            parts.append(_top_k_part(grouped(q_top, a, b), k_all, v, layout, shape, mid_hi, top_k, top_k_far, call))
         out[:, :, :, a:b] = merge(parts).view(B, Hkv, rep, b - a, D).to(q.dtype)
     return out.view(B, Hq, Q, D)
 
 
-def _far_views(
-    q, k, layout: Layout, far: Far, top_k_far: Far, n_lead: int, top_k: int, inv_freq: torch.Tensor | None, interleaved: bool
-):
+def _far_part(qb, k_lead, v_lead, layout: Layout, a: int, b: int, n_global: int, n_local: int, far: Far, call: AttentionCall):
+    """The pass of queries [a, b) (placed, as grouped rows) over the leading keys they read as far keys."""
+    n_lead, rep = k_lead.shape[2], qb.shape[2] // (b - a)
+    flash = use_flash(call.kernel, qb.device)
+    shape = (a, b, n_lead, n_global, n_local, rep)
+    mask = layout.once(("far", *shape), _far_mask, layout, *shape)
+    if call.alibi is not None:
+        q_at, k_at = layout.once(("far at", far, n_lead), far, layout.q_pos, layout.k_pos[:, :n_lead])
+        distance = q_at[:, a:b, None] - (layout.k_pos[:, :n_lead] if k_at is None else k_at)[:, None, :]
+        mask = alibi_bias(distance, _far_seen(layout, a, b, n_lead, n_global, n_local), call.alibi, rep)
+    return attend(qb, k_lead, v_lead, mask, call.scaling, flash, softcap=call.softcap)
+
+
+def _top_k_part(qb, k_all, v, layout: Layout, shape, mid_hi: int, top_k: TopK, top_k_far: Far, call: AttentionCall):
+    """The pass of queries [a, b) (placed for top-k, as grouped rows) over each query head's
+    `top_k.k` best middle keys; shape: (a, b, Q, n_global, n_local). From key 0: with
+    padding, a leading key can be a middle key of another row."""
+    a, b, Q, n_global, n_local = shape
+    rep = qb.shape[2] // (b - a)
+
+    def middle(c: int, d: int) -> torch.Tensor:
+        i, j, valid = layout.q_pos[:, a:b, None], layout.k_pos[:, None, c:d], layout.k_valid[:, None, c:d]
+        picks = valid & (i - j >= n_local) & (j >= n_global)
+        if top_k.last_row:  # the other rows of the block pick nothing
+            picks = picks & (torch.arange(a, b, device=picks.device) == Q - 1)[None, :, None]
+        return picks
+
+    def placed_bias(c: int, d: int) -> torch.Tensor:  # ALiBi: middle keys are read at the placed distance
+        q_at, k_at = layout.once(("far at all", top_k_far), top_k_far, layout.q_pos, layout.k_pos)
+        distance = q_at[:, a:b, None] - (layout.k_pos if k_at is None else k_at)[:, None, c:d]
+        return alibi_bias(distance, torch.ones_like(distance, dtype=torch.bool), call.alibi, rep)
+
+    bias = None if call.alibi is None else placed_bias
+    return top_k_attention(qb, k_all, v, middle, mid_hi, top_k.k, rep, call.scaling, call.softcap, bias, top_k.all_or_none)
+
+
+def _far_views(q, k, layout: Layout, call: AttentionCall, far: Far, top_k_far: Far, n_lead: int, top_k: bool):
     """(queries placed where they read far keys, the leading keys placed, all keys placed
     for top-k, queries placed for top-k), each None when nothing needs it. Without rotary
     positions (inv_freq None) placing changes nothing: a NoPE logit does not depend on the distance."""
     if not (n_lead or top_k):
         return None, None, None, None
-    if inv_freq is None:
+    if call.inv_freq is None:
         return q, k[:, :, :n_lead], k, q
+    inv_freq, interleaved = call.inv_freq, call.interleaved
     freqs, q_pos, k_pos = id(inv_freq), layout.q_pos, layout.k_pos
     q_at, k_at = layout.once(("far at", far, n_lead), far, q_pos, k_pos[:, :n_lead])
 
@@ -155,11 +173,13 @@ def _far_views(
     return q_far, k_lead, k_all, q_top
 
 
-def _window_parts(q_block, k, v, layout: Layout, a, offset, n_local: int, consecutive: bool, scaling, flash, softcap, alibi):
+def _window_parts(q_block, k, v, layout: Layout, a, offset, n_local: int, consecutive: bool, call: AttentionCall):
     """The passes of queries [a, a + n) (q_block (B, Hkv, rep, n, D)) over their local windows."""
     B, _, rep, n, _ = q_block.shape
     K = k.shape[2]
     qb = rows(q_block)
+    scaling, softcap, alibi = call.scaling, call.softcap, call.alibi
+    flash = use_flash(call.kernel, q_block.device)
     s = offset + a  # key index of the block's first query
     lo, hi = max(0, s - n_local + 1), s + n  # the block's window
     if alibi is not None:  # ALiBi: a bias for every pair (not memoized: it is per head and large)

@@ -2,7 +2,7 @@
 
 A `Strategy` is a frozen dataclass of settings that decides, for one attention layer,
 which keys each query sees and at which rotary distance (`attention`, the fast path over
-(q, k, v, Layout)), the cache that must hold those keys (`make_cache`), and the same
+(q, k, v, Layout)), the cache layer that must hold those keys (`cache_layer`), and the same
 decision written densely for the tests' float64 reference (`rule`). A strategy file
 registers its class with `@register`; `lminf.strategies` imports every file of the
 package, so a new strategy is one file.
@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-from transformers import Cache, PretrainedConfig
+from transformers import PretrainedConfig
 from transformers.cache_utils import CacheLayerMixin
 
-from lminf.caches.lambda_cache import LambdaCache
 from lminf.layout import Layout
 
 STRATEGIES: dict[str, type[Strategy]] = {}
@@ -87,28 +86,24 @@ class Strategy:
         return self
 
     def pinned(self, n_global: int) -> Strategy:
-        """The same strategy with `n_global` first tokens kept (a forward call's `lminf_n_global`)."""
+        """The same strategy with `n_global` first tokens pinned (a forward call's `lminf_n_global`)."""
         return self if n_global == self.n_global else dataclasses.replace(self, n_global=n_global)
 
-    def cache_layer(self, extra_sinks: int = 0) -> CacheLayerMixin:
-        """One layer of the cache this strategy's attention reads; `extra_sinks`: left padding
-        kept with the first tokens. lminf.patching puts one per layer in a `LambdaCache`."""
+    def cache_layer(self, left_pad: int = 0) -> CacheLayerMixin:
+        """One layer of the cache this strategy's attention reads; `left_pad`: the batch's left
+        padding, kept with the first tokens. lminf.make_cache puts one per layer in a `LambdaCache`."""
         raise NotImplementedError
-
-    def make_cache(self, num_layers: int, extra_sinks: int = 0) -> Cache:
-        """A cache of `num_layers` such layers (a model whose layers all run this strategy)."""
-        return LambdaCache.of([self.cache_layer(extra_sinks) for _ in range(num_layers)])
 
     def cache_bound(self) -> int | None:
         """The most tokens per layer its cache holds on the compute device (padding aside); None:
-        every token, so memory grows with the input. A promise the tests hold `make_cache` to.
+        every token, so memory grows with the input. A promise the tests hold `lminf.make_cache` to.
         (A block memory also keeps every block in host memory, which grows: InfLLM.)"""
         return None
 
     def keys_for(self, q_start: int, total: int) -> tuple[int, int]:
         """Which keys the attention of queries at positions [q_start, total) reads, for an engine
-        that gathers them from its own cache (vLLM's paged blocks): (n_first, tail_start), the
-        positions [0, n_first) and [tail_start, total), n_first <= tail_start. Default: all."""
+        that gathers them from its own cache (vLLM's paged blocks): (first_end, tail_start), the
+        positions [0, first_end) and [tail_start, total), first_end <= tail_start. Default: all."""
         return 0, 0
 
     def plain_up_to(self) -> int:

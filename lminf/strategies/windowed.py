@@ -17,7 +17,7 @@ from transformers import PretrainedConfig
 
 from lminf.caches.lambda_cache import LambdaLayer
 from lminf.families import training_length
-from lminf.kernels.lambda_blocks import lambda_attention
+from lminf.kernels.lambda_blocks import TopK, lambda_attention
 from lminf.layout import Layout
 from lminf.strategies.base import AttentionCall, Rule, Strategy
 
@@ -68,8 +68,8 @@ class WindowedStrategy(Strategy):
         tail_start = 0 if self.keeps_middle else max(0, q_start - self.n_local + 1)
         return min(self.n_global, tail_start), tail_start
 
-    def cache_layer(self, extra_sinks: int = 0) -> LambdaLayer:
-        return LambdaLayer(n_sink=self.n_global + extra_sinks, n_local=None if self.keeps_middle else self.n_local)
+    def cache_layer(self, left_pad: int = 0) -> LambdaLayer:
+        return LambdaLayer(n_global=self.n_global + left_pad, n_local=None if self.keeps_middle else self.n_local)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, call: AttentionCall) -> torch.Tensor:
         return lambda_attention(
@@ -77,20 +77,20 @@ class WindowedStrategy(Strategy):
             k,
             v,
             layout,
+            call,
             n_global=self.n_global,
             n_local=self.n_local,
             far=self.far_positions,
-            inv_freq=call.inv_freq,
-            scaling=call.scaling,
-            softcap=call.softcap,
-            interleaved=call.interleaved,
-            alibi=call.alibi,
-            top_k=self.top_k_at(call.layer),
-            top_k_far=self.top_k_positions if type(self).top_k_positions is not WindowedStrategy.top_k_positions else None,
-            top_k_last_row=self.top_k_last_row,
-            top_k_all_or_none=self.top_k_all_or_none,
-            kernel=call.kernel,
+            top_k=self.top_k_spec(call.layer),
         )
+
+    def top_k_spec(self, layer: int) -> TopK | None:
+        """How the queries of `layer` pick middle keys; None: they pick none."""
+        k = self.top_k_at(layer)
+        if not k:
+            return None
+        own_positions = type(self).top_k_positions is not WindowedStrategy.top_k_positions
+        return TopK(k, self.top_k_positions if own_positions else None, self.top_k_last_row, self.top_k_all_or_none)
 
     def rule(self, i: torch.Tensor, j: torch.Tensor, layer: int) -> Rule:
         d = i - j
@@ -129,7 +129,7 @@ class ModelWindow(WindowedStrategy):
     def far_positions(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tensor, None]:
         return q_pos, None  # never asked: without first tokens no key is far
 
-    def cache_layer(self, extra_sinks: int = 0) -> LambdaLayer:
-        layer = super().cache_layer(extra_sinks)
+    def cache_layer(self, left_pad: int = 0) -> LambdaLayer:
+        layer = super().cache_layer(left_pad)
         layer.is_sliding = True  # transformers builds the sliding layers' mask from this layer's sizes
         return layer

@@ -240,8 +240,8 @@ class LminfCPUAttentionImpl(CPUAttentionBackendImpl):
         a, b = int(meta.query_start_loc[r]), int(meta.query_start_loc[r + 1])
         total, block_size = int(meta.seq_lens[r]), key_cache.shape[2]
         q_start = total - (b - a)
-        n_first, tail = self.strategy.keys_for(q_start, total)
-        positions = torch.cat((torch.arange(n_first), torch.arange(tail, total)))
+        first_end, tail = self.strategy.keys_for(q_start, total)
+        positions = torch.cat((torch.arange(first_end), torch.arange(tail, total)))
         blocks = meta.block_table[r, positions // block_size]
         slots = positions % block_size
         k = read_keys(key_cache, blocks, slots).transpose(0, 1)[None]  # (1, Hkv, K, D)
@@ -257,9 +257,9 @@ def fits_placed(strategy: WindowedStrategy, total: int, block_size: int) -> bool
     """Whether a decoding step at position total - 1 can run in vLLM's kernel: it reads all
     n_global first tokens as far keys (none is inside its window yet), and its last block
     has room for them past the query."""
-    n_first, _ = strategy.keys_for(total - 1, total)
+    first_end, _ = strategy.keys_for(total - 1, total)
     room = block_size - 1 - (total - 1) % block_size
-    return n_first == strategy.n_global and room >= strategy.n_global
+    return first_end == strategy.n_global and room >= strategy.n_global
 
 
 def placed_shift(strategy: WindowedStrategy, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
@@ -314,15 +314,15 @@ class LminfCPUAttentionBackend(CPUAttentionBackend):
         span = kept_span(strategy) if strategy is not None else None
         if span is None or type(spec) is not FullAttentionSpec:
             return spec
-        keep_first, keep_last = span
+        n_global, n_local = span
         fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
-        spec = KeepFirstLastSpec(**fields, keep_first=keep_first, keep_last=keep_last, in_flight_tokens=cls.in_flight_tokens)
+        spec = KeepFirstLastSpec(**fields, n_global=n_global, n_local=n_local, in_flight_tokens=cls.in_flight_tokens)
         logger.info_once(
             "lminf: KV cache per request bounded at %d blocks of %d tokens (first %d + last %d tokens + %d in flight)",
             spec.max_admission_blocks_per_request(cls.in_flight_tokens, 1 << 62),
             spec.block_size,
-            keep_first,
-            keep_last,
+            n_global,
+            n_local,
             cls.in_flight_tokens,
         )
         return spec

@@ -1,9 +1,9 @@
 """A vLLM KV-cache policy that keeps, per request, only the blocks a strategy reads.
 
-A strategy that reads the first `keep_first` tokens and the last `keep_last` ones (what
+A strategy that reads the first `n_global` tokens and the last `n_local` ones (what
 `Strategy.keys_for` says for lminf and sinks) gets `KeepFirstLastSpec` as its layers' KV
 spec. Its manager frees every block that lies wholly between the two, as soon as no
-query still to come can read it, so a request holds about keep_first + keep_last + one
+query still to come can read it, so a request holds about n_global + n_local + one
 prefill chunk tokens whatever its length; vLLM sizes its pool and admits requests by
 that bound instead of by `max_model_len`.
 """
@@ -25,13 +25,13 @@ FAR = 1 << 40  # a query position past any real input, to read a strategy's stea
 
 
 def kept_span(strategy: Strategy) -> tuple[int, int] | None:
-    """(keep_first, keep_last) when the strategy's queries read only the first `keep_first`
-    tokens and the `keep_last` most recent ones (the query included), the same at every
+    """(n_global, n_local) when the strategy's queries read only the first `n_global`
+    tokens and the `n_local` most recent ones (the query included), the same at every
     position; None when it reads more (top-k keeps the whole middle)."""
     spans = set()
     for q in (FAR, FAR + 12345):
-        n_first, tail = strategy.keys_for(q, q + 1)
-        spans.add((n_first, q - tail + 1))
+        first_end, tail = strategy.keys_for(q, q + 1)
+        spans.add((first_end, q - tail + 1))
     if len(spans) != 1:
         return None  # the shape moves with the position
     span = spans.pop()
@@ -40,8 +40,8 @@ def kept_span(strategy: Strategy) -> tuple[int, int] | None:
 
 @dataclass(frozen=True, kw_only=True)
 class KeepFirstLastSpec(FullAttentionSpec):
-    keep_first: int = 0  # first tokens of a request kept for good
-    keep_last: int = 0  # most recent tokens kept (a query's window, itself included)
+    n_global: int = 0  # first tokens of a request kept for good
+    n_local: int = 0  # most recent tokens kept (a query's window, itself included)
     # Tokens scheduled but not yet processed (vLLM's max_in_flight_tokens): the manager,
     # which vLLM builds without its config, needs it for the admission cap.
     in_flight_tokens: int = 0
@@ -49,7 +49,7 @@ class KeepFirstLastSpec(FullAttentionSpec):
     def max_admission_blocks_per_request(self, max_in_flight_tokens: int, max_model_len: int) -> int:
         """The most blocks a request holds: the first tokens, the window below the oldest
         query in flight, the tokens in flight, one partly used block at each edge."""
-        kept = cdiv(self.keep_first, self.block_size) + cdiv(self.keep_last - 1 + max_in_flight_tokens, self.block_size) + 1
+        kept = cdiv(self.n_global, self.block_size) + cdiv(self.n_local - 1 + max_in_flight_tokens, self.block_size) + 1
         return min(kept, cdiv(max_model_len, self.block_size))
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
@@ -58,11 +58,11 @@ class KeepFirstLastSpec(FullAttentionSpec):
 
     @classmethod
     def merge(cls, specs: list[KeepFirstLastSpec]) -> KeepFirstLastSpec:
-        kept = {(s.keep_first, s.keep_last, s.in_flight_tokens) for s in specs}
+        kept = {(s.n_global, s.n_local, s.in_flight_tokens) for s in specs}
         if len(kept) != 1:
             raise ValueError(f"lminf: layers of one KV cache group keep different spans {sorted(kept)}.")
-        keep_first, keep_last, in_flight = kept.pop()
-        return dataclasses.replace(super().merge(specs), keep_first=keep_first, keep_last=keep_last, in_flight_tokens=in_flight)
+        n_global, n_local, in_flight = kept.pop()
+        return dataclasses.replace(super().merge(specs), n_global=n_global, n_local=n_local, in_flight_tokens=in_flight)
 
 
 class KeepFirstLastManager(FullAttentionManager):
@@ -81,10 +81,10 @@ class KeepFirstLastManager(FullAttentionManager):
         self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None
     ) -> None:
         # The next query (at position processed_computed_tokens) and every later one read
-        # nothing in [keep_first, its window start): free the blocks wholly inside.
+        # nothing in [n_global, its window start): free the blocks wholly inside.
         spec: KeepFirstLastSpec = self.kv_cache_spec
-        window_start = processed_computed_tokens - spec.keep_last + 1
-        self._remove_blocks_in_range(request_id, cdiv(spec.keep_first, self.block_size), window_start // self.block_size)
+        window_start = processed_computed_tokens - spec.n_local + 1
+        self._remove_blocks_in_range(request_id, cdiv(spec.n_global, self.block_size), window_start // self.block_size)
 
 
 def register_spec() -> None:

@@ -2,7 +2,7 @@
 and the text that left it, in blocks, in host memory.
 
 Per layer it keeps:
-- the first `n_sink` tokens and the recent tokens not yet cut into blocks (the window and
+- the first `n_global` tokens and the recent tokens not yet cut into blocks (the window and
   the block it is leaving), as the model rotated them, on the compute device;
 - `mass`: for each recent token and query head, the attention it has received so far from
   the queries that see it in their window (InfLLM's score for choosing a block's
@@ -12,8 +12,8 @@ Per layer it keeps:
   hot blocks on the compute device), and one representative vector per block and query
   head (`reps`, on the compute device: the mean of its keys that received most attention).
 
-The attention (lminf.kernels.block_memory) forms blocks and asks for the ones it retrieves;
-the cache only stores. Device memory is bounded by n_sink + recent (< window + 2 blocks) +
+The attention (attention.py) forms blocks and asks for the ones it retrieves;
+the cache only stores. Device memory is bounded by n_global + recent (< window + 2 blocks) +
 hot blocks, whatever the length; host memory grows with the input, and the cache reports
 both (`device_bytes`, `host_bytes`), and the representatives apart (`index_bytes`).
 """
@@ -44,7 +44,7 @@ class BlockStore:
         self.slots: torch.Tensor | None = None  # device: (2, B, Hkv, hot * block, D), slot s at [s * block, (s + 1) * block)
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # block -> slot, least recently used first
         self.block_in: list[int] = [-1] * hot  # slot -> block (-1: empty)
-        self.loads = self.hits = 0
+        self.hits = 0  # reads served by the hot cache
 
     def add(self, kv: torch.Tensor) -> None:
         """Store one block (2, B, Hkv, block, D) in the host tier."""
@@ -80,7 +80,6 @@ class BlockStore:
             self.slots = torch.zeros((2, B, H, self.hot * n, D), dtype=like.dtype, device=like.device)
         wanted = set(blocks)
         for block in blocks:
-            self.loads += 1
             if block in self.slot_of:
                 self.hits += 1
                 self.slot_of.move_to_end(block)
@@ -104,7 +103,7 @@ class BlockStore:
 class BlockMemoryLayer(DynamicLayer):
     """One layer's cache for a block-memory strategy; see the module docstring.
 
-    Stored keys are [first n_sink tokens | recent tokens from position `recent_start`], in
+    Stored keys are [first n_global tokens | recent tokens from position `recent_start`], in
     order, in room that grows geometrically; the attention drops recent tokens as it cuts
     them into blocks (`drop_recent`), so a decoding step copies one token, not the window.
     """
@@ -112,13 +111,13 @@ class BlockMemoryLayer(DynamicLayer):
     is_croppable = False
     is_sliding = False
 
-    def __init__(self, n_sink: int, n_local: int, block_size: int, hot_blocks: int, directory: str = ""):
+    def __init__(self, n_global: int, n_local: int, block_size: int, hot_blocks: int, directory: str = ""):
         super().__init__()
-        self.n_sink, self.n_local, self.block_size = n_sink, n_local, block_size
+        self.n_global, self.n_local, self.block_size = n_global, n_local, block_size
         # Between calls at most the window and the block leaving it are recent (plus the next token).
-        self.bound = n_sink + n_local + block_size
+        self.bound = n_global + n_local + block_size
         self.cumulative_length = 0
-        self.recent_start = n_sink  # position of the first recent token
+        self.recent_start = n_global  # position of the first recent token
         self.store = BlockStore(hot_blocks, directory)
         self.reps: torch.Tensor | None = None  # (B, Hq, room, D); the first n_blocks are real
         self.mass: torch.Tensor | None = None  # (B, Hq, room) for the recent tokens, in order
@@ -149,7 +148,7 @@ class BlockMemoryLayer(DynamicLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         stored = self.keys.shape[-2] if self.is_initialized else 0
         total = self.cumulative_length + query_length
-        if total <= self.n_sink:
+        if total <= self.n_global:
             return total, total
         return stored + query_length, self.recent_start
 
@@ -159,12 +158,12 @@ class BlockMemoryLayer(DynamicLayer):
     def get_max_length(self) -> int:
         return -1
 
-    def n_stored_sinks(self) -> int:
-        return min(self.n_sink, self.cumulative_length)
+    def n_stored_global(self) -> int:
+        return min(self.n_global, self.cumulative_length)
 
     def masses(self, n_heads: int) -> torch.Tensor:
         """(B, Hq, recent tokens) attention received so far; zeros for tokens not yet scored."""
-        recent = self.keys.shape[-2] - self.n_stored_sinks()
+        recent = self.keys.shape[-2] - self.n_stored_global()
         B = self.keys.shape[0]
         if self.mass is None or self.mass.shape[-1] < recent or self.mass.shape[:2] != (B, n_heads):
             dtype = torch.float64 if self.keys.dtype == torch.float64 else torch.float32
@@ -190,7 +189,7 @@ class BlockMemoryLayer(DynamicLayer):
         drop = to_position - self.recent_start
         if drop <= 0:
             return
-        s, stored = self.n_stored_sinks(), self.keys.shape[-2]
+        s, stored = self.n_stored_global(), self.keys.shape[-2]
         kept = stored - s - drop
         if self.key_room.shape[-2] > self.bound:  # a long call grew the room: back to the bound
             self.key_room, self.value_room = (_grown(x[..., :s, :], x, self.bound) for x in (self.keys, self.values))
@@ -218,7 +217,7 @@ class BlockMemoryLayer(DynamicLayer):
         return sum(t.numel() * t.element_size() for t in (self.reps, self.mass) if t is not None)
 
     def reset(self) -> None:
-        self.__init__(self.n_sink, self.n_local, self.block_size, self.store.hot, self.store.directory)
+        self.__init__(self.n_global, self.n_local, self.block_size, self.store.hot, self.store.directory)
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a block-memory cache cannot be cropped (assisted decoding is not supported).")

@@ -1,6 +1,6 @@
 """InfLLM (Xiao et al., 2024, arXiv 2402.04617): LM-Infinite's frame plus a memory of the
-text that left the window, in blocks, retrieved per query. See lminf.kernels.block_memory
-for the rule and lminf.caches.block_memory for where the blocks live.
+text that left the window, in blocks, retrieved per query. See attention.py for the rule
+and memory.py for where the blocks live.
 
 Defaults, from InfLLM's Mistral-7B setting (32K training length: 128 initial tokens, 4,096
 local, 16 blocks of 128 retrieved, 4 representative keys, 32 hot blocks), with the window
@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PretrainedConfig
 
-from lminf.caches.block_memory import BlockMemoryLayer
 from lminf.families import training_length
-from lminf.kernels.block_memory import block_memory_attention
 from lminf.layout import Layout
 from lminf.strategies.base import AttentionCall, Rule, register
+from lminf.strategies.infllm.attention import block_memory_attention
+from lminf.strategies.infllm.memory import BlockMemoryLayer
 from lminf.strategies.windowed import WindowedStrategy
 
 PADDING = "strategy infllm does not support padded batches: run rows of different lengths one at a time."
@@ -70,8 +70,8 @@ class InfLLM(WindowedStrategy):
     def keys_for(self, q_start: int, total: int) -> tuple[int, int]:
         raise NotImplementedError("infllm reads its memory from its own cache; an engine cannot gather its keys.")
 
-    def cache_layer(self, extra_sinks: int = 0) -> BlockMemoryLayer:
-        if extra_sinks:
+    def cache_layer(self, left_pad: int = 0) -> BlockMemoryLayer:
+        if left_pad:
             raise ValueError(PADDING)
         return BlockMemoryLayer(self.n_global, self.n_local, self.block_size, self.hot_blocks, self.memory_dir)
 
@@ -87,24 +87,7 @@ class InfLLM(WindowedStrategy):
                 )
             memory = self.cache_layer()
             memory.update(k, v)
-        return block_memory_attention(
-            q,
-            k,
-            v,
-            layout,
-            memory,
-            n_global=self.n_global,
-            n_local=self.n_local,
-            block_size=self.block_size,
-            top_blocks=self.top_blocks,
-            repr_topk=self.repr_topk,
-            inv_freq=call.inv_freq,
-            scaling=call.scaling,
-            softcap=call.softcap,
-            interleaved=call.interleaved,
-            alibi=call.alibi,
-            kernel=call.kernel,
-        )
+        return block_memory_attention(q, k, v, layout, memory, call, self)
 
     def rule(self, i: torch.Tensor, j: torch.Tensor, layer: int) -> Rule:
         window = super().rule(i, j, layer)  # local pairs, and the first tokens capped
