@@ -7,7 +7,7 @@ import torch
 import transformers
 
 import lminf
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 
 def test_empty_input():

@@ -17,14 +17,10 @@ from lminf.eval.perplexity import bucket_means, run_ppl, run_stream
 from lminf.eval.plots import plot_ppl, plot_stream
 from lminf.generation import token_nll
 from lminf.strategies import LMInfinite, Sinks
-from tests.conftest import tiny_model
-from tests.strategies import CASES
+from tests.helpers import tiny_model, tokens
+from tests.strategy_cases import CASES
 
 torch.set_grad_enabled(False)
-
-
-def tokens(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
 # Gemma 2 soft-caps its output logits; GPT-NeoX, GPT-J and MPT name their decoder and head differently.
@@ -100,7 +96,7 @@ def check_ppl_plot(fig, report: dict) -> None:
 
 def test_run_resumes_is_deterministic_and_plots(tmp_path):
     model = tiny_model()
-    docs = {"a.txt": tokens(70, 1), "b.txt": tokens(70, 2)}
+    docs = {"a.txt": tokens(70, seed=1), "b.txt": tokens(70, seed=2)}
     out = tmp_path / "ppl.json"
     lambda_ = Patched(LMInfinite(n_global=2, n_local=16))
     Counting.calls = 0

@@ -14,14 +14,10 @@ from lminf.layout import Layout
 from lminf.memory import cache_tiers
 from lminf.strategies import AttentionCall
 from lminf.strategies.infllm import InfLLM
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model, tokens
 
 torch.set_grad_enabled(False)
 SMALL = InfLLM(n_global=3, n_local=8, block_size=4, top_blocks=2, repr_topk=2, hot_blocks=2)
-
-
-def tokens(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
 def stream(model, ids, cache, prompt: int = 20):

@@ -17,7 +17,7 @@ from lminf.default_model import converted_folder
 from lminf.eval.methods import Method
 from lminf.eval.plots import plot_grid
 from lminf.eval.retrieval import Needle, Passkey, accuracy, build_prompt, run_grid
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 HAYSTACK = "".join(f"Line {i}: the river ran quietly past the mill, and nobody in the village spoke of it.\n" for i in range(400))
 

@@ -19,7 +19,7 @@ from lminf.eval.plots import plot_ruler
 from lminf.eval.report import write_report
 from lminf.eval.ruler import NOISE, TASKS, Sources, fit, render, run_ruler, score, scores, zeta
 from lminf.eval.runs import merge_runs
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 BOOK = " ".join(f"Sentence {i} tells of the mill by the river, where nobody spoke of it." for i in range(3000))
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import lminf
 import lminf.default_model
 from lminf.serve.session import ReplyText, Sampling, Session, SessionStore, Turn, stream_tokens
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 torch.set_grad_enabled(False)
 

@@ -1,4 +1,4 @@
-"""One conformance suite, parametrized over every registered strategy (tests/strategies.py)
+"""One conformance suite, parametrized over every registered strategy (tests/strategy_cases.py)
 and every supported model family: what each strategy promises inside a real model."""
 
 from __future__ import annotations
@@ -10,21 +10,16 @@ from transformers import DynamicCache
 import lminf
 from lminf.patching import layer_strategy
 from lminf.strategies import STRATEGIES, Strategy
-from tests.conftest import tiny_model
+from tests.helpers import FP32, tiny_model, tokens
 from tests.reference import reference_attention
-from tests.strategies import CASES
+from tests.strategy_cases import CASES
 
 torch.set_grad_enabled(False)
-FP32 = dict(rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(params=sorted(CASES))
 def strategy(request) -> Strategy:
     return CASES[request.param]
-
-
-def tokens(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
 def test_every_registered_strategy_is_tested():
