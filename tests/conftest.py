@@ -12,6 +12,22 @@ from tests.helpers import TINY_CONFIGS
 HAS_CXX = any(shutil.which(name) for name in ("g++", "c++", "clang++"))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that reads the default model's tokenizer needs the default model (converted on first use)."""
+    for item in items:
+        if "default_tokenizer" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.model)
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer():
+    from transformers import AutoTokenizer
+
+    from lminf.default_model import converted_folder
+
+    return AutoTokenizer.from_pretrained(converted_folder())
+
+
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def family(request) -> str:
     return request.param

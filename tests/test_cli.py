@@ -27,6 +27,7 @@ def lminf_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.model
 def test_generate_streams_text_and_reports_stats(tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("The quick brown fox jumps over the lazy dog. " * 40)
@@ -40,6 +41,7 @@ def test_generate_streams_text_and_reports_stats(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.model
 def test_generate_reads_stdin_and_vanilla_runs():
     run = lminf_cli("generate", "-", "--vanilla", "--max-new-tokens", "3", "--dtype", "float32", stdin="Hello there.")
     assert run.returncode == 0, run.stderr
@@ -52,6 +54,7 @@ def test_empty_input_is_a_clear_error():
 
 
 @pytest.mark.slow
+@pytest.mark.model
 def test_bad_setting_is_a_clear_error(tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("text")
@@ -60,6 +63,7 @@ def test_bad_setting_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.model
 def test_bench_writes_table_json_plot_and_page(tmp_path):
     out, doc = tmp_path / "bench.json", tmp_path / "docs" / "benchmarks.md"
     doc.parent.mkdir()
@@ -139,6 +143,7 @@ def test_bench_json_from_before_the_registry_still_renders():
 
 
 @pytest.mark.slow
+@pytest.mark.model
 def test_model_path_prints_the_converted_default_model():
     run = lminf_cli("model-path")
     assert run.returncode == 0, run.stderr

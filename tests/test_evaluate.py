@@ -209,6 +209,7 @@ def test_stream_runs_every_registered_strategy(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.model
 def test_cli_eval_ppl_and_short_document(tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("It was a bright cold day in April, and the clocks were striking thirteen. " * 30)
@@ -225,6 +226,7 @@ def test_cli_eval_ppl_and_short_document(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.model
 def test_cli_eval_stream_and_report(tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("It was a bright cold day in April, and the clocks were striking thirteen. " * 30)

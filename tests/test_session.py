@@ -72,6 +72,7 @@ def test_store_reuses_longest_text_prefix_and_evicts_least_recent():
 
 
 @pytest.mark.slow
+@pytest.mark.model
 def test_chat_cli_turns_reset_and_stats():
     script = "Hello!\nWhat did I just say?\n/stats\n/reset\nHi again.\n/quit\n"
     run = subprocess.run(
@@ -99,6 +100,7 @@ def _reply(model, prompt, max_new_tokens=12, stops=(), stop_ids=frozenset()):
     return turn, session
 
 
+@pytest.mark.model  # the default model's tokenizer
 def test_turn_streams_the_reply_records_it_and_the_next_turn_reuses_it():
     model, tokenizer = _turn_model(), _tokenizer()
     prompt = "Hello there, how are you today?"
@@ -116,6 +118,7 @@ def test_turn_streams_the_reply_records_it_and_the_next_turn_reuses_it():
     assert follow_up.prompt_tokens - follow_up.cached_tokens == len(new_ids)
 
 
+@pytest.mark.model  # the default model's tokenizer
 def test_turn_ends_before_a_stop_string_or_at_a_stop_token():
     model = _turn_model()
     full, _ = _reply(model, "Tell me a story.", max_new_tokens=16)
@@ -133,6 +136,7 @@ def test_turn_ends_before_a_stop_string_or_at_a_stop_token():
     assert by_token.finish_reason == "stop"
 
 
+@pytest.mark.model  # the default model's tokenizer
 def test_a_turn_closed_mid_way_keeps_the_session_consistent():
     model, tokenizer = _turn_model(), _tokenizer()
     session = Session(model, n_global=4)
@@ -153,6 +157,7 @@ def test_a_turn_closed_mid_way_keeps_the_session_consistent():
         assert reply == greedy[done.prompt_tokens - 1 : done.prompt_tokens - 1 + len(reply)]
 
 
+@pytest.mark.model
 @settings(max_examples=200, deadline=None)
 @given(st.data())
 def test_reply_text_adds_up_to_a_full_decode(data):
