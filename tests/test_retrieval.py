@@ -20,7 +20,7 @@ from tests.helpers import tiny_model
 HAYSTACK = "".join(f"Line {i}: the river ran quietly past the mill, and nobody in the village spoke of it.\n" for i in range(400))
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def tokenizer(default_tokenizer):
     return default_tokenizer
 

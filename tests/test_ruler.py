@@ -22,7 +22,7 @@ from tests.helpers import tiny_model
 BOOK = " ".join(f"Sentence {i} tells of the mill by the river, where nobody spoke of it." for i in range(3000))
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def tokenizer(default_tokenizer):
     return default_tokenizer
 
