@@ -12,6 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import lminf
+from lminf.cli import main
 from lminf.default_model import converted_folder
 from lminf.eval.bench import prefill_pairs
 from lminf.eval.methods import Patched, Vanilla
@@ -171,3 +173,24 @@ def test_a_bench_section_of_its_own_keeps_the_main_one(tmp_path):
     assert "main table" in text and "side by side table" in text and text.startswith("<!-- bench: generated")
     assert "## lminf, infllm side by side" in text and "`lminf bench --doc " in text and "--section infllm`" in text
     assert "(JSON: `benchmarks-infllm.json`)" in text and "(benchmarks-infllm.png)" in text
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_generate_with_a_float16_cache_stores_float16_and_says_what_float32_says(tmp_path, monkeypatch, capsys):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The capital of France is Paris. The capital of Italy is Rome. " * 20)
+    caches, make_cache = [], lminf.make_cache
+    monkeypatch.setattr(lminf, "make_cache", lambda model: caches.append(make_cache(model)) or caches[-1])
+
+    def generate(*flags: str) -> str:
+        args = ["generate", str(doc), "-i", "What is the capital of Italy?", "--max-new-tokens", "8", "--dtype", "float32"]
+        assert main([*args, "--n-local", "64", *flags]) == 0
+        return capsys.readouterr().out
+
+    float16 = generate("--kv-dtype", "float16")
+    layer = caches[-1].layers[0]
+    assert layer.keys.dtype == layer.values.dtype == torch.float16
+    float32 = generate()
+    assert caches[-1].layers[0].keys.dtype == torch.float32
+    assert float16.strip() and float16 == float32  # 10 mantissa bits: the same greedy words on a short reply
