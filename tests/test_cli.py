@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -44,9 +45,20 @@ def test_generate_streams_text_and_reports_stats(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.model
-def test_generate_reads_stdin_and_vanilla_runs():
-    run = lminf_cli("generate", "-", "--vanilla", "--max-new-tokens", "3", "--dtype", "float32", stdin="Hello there.")
-    assert run.returncode == 0, run.stderr
+def test_generate_reads_stdin_and_vanilla_says_what_lminf_says(monkeypatch, capsys, default_tokenizer):
+    text = "Name three colours of the rainbow."
+
+    def generate(*flags: str) -> tuple[str, str]:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(text))
+        assert main(["generate", "-", "--max-new-tokens", "5", "--dtype", "float32", *flags]) == 0
+        out = capsys.readouterr()
+        return out.out, out.err.strip().splitlines()[-1]
+
+    (vanilla, stats), (patched, _) = generate("--vanilla"), generate()
+    messages = [{"role": "user", "content": text}]
+    prompt = default_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert stats.startswith(f"[lminf] prompt {len(prompt)} tokens, generated 5 tokens")  # the prompt read from stdin
+    assert vanilla.strip() and vanilla == patched  # a prompt inside the window: Lambda attention is the dense one
 
 
 def test_empty_input_is_a_clear_error():
