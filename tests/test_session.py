@@ -4,7 +4,8 @@ shared by `lminf chat` and the server."""
 from __future__ import annotations
 
 import functools
-import subprocess
+import io
+import re
 import sys
 
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 import lminf
 import lminf.default_model
+from lminf.cli import main
 from lminf.serve.session import ReplyText, Sampling, Session, SessionStore, Turn, stream_tokens
 from tests.helpers import tiny_model
 
@@ -73,18 +75,21 @@ def test_store_reuses_longest_text_prefix_and_evicts_least_recent():
 
 @pytest.mark.slow
 @pytest.mark.model
-def test_chat_cli_turns_reset_and_stats():
-    script = "Hello!\nWhat did I just say?\n/stats\n/reset\nHi again.\n/quit\n"
-    run = subprocess.run(
-        [sys.executable, "-m", "lminf.cli", "chat", "--system", "Be brief.", "--max-new-tokens", "8", "--n-local", "64"],
-        input=script,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.count("\n") >= 3  # three replies
-    assert "tokens so far" in run.stderr and "conversation reset" in run.stderr
+def test_chat_cli_replies_each_turn_and_reset_starts_over(monkeypatch, capsys):
+    def chat(script: str) -> tuple[list[str], str]:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+        assert main(["chat", "--system", "Be brief.", "--max-new-tokens", "8", "--n-local", "64"]) == 0
+        out = capsys.readouterr()
+        # stdout: a "> " prompt per line read, each reply followed by a newline
+        chunks = out.out.removeprefix("> ").removesuffix("\n> ").split("\n> ")
+        return [re.sub(r"^(> )+", "", chunk) for chunk in chunks], out.err
+
+    replies, log = chat("Hello!\nWhat did I just say?\n/stats\n/reset\nHi again.\n/quit\n")
+    assert len(replies) == 3 and all(r.strip() for r in replies)
+    tokens_so_far = int(re.search(r"tokens so far (\d+)", log).group(1))
+    assert tokens_so_far > 10 and "conversation reset" in log  # two turns with the system prompt
+    fresh, _ = chat("Hi again.\n/quit\n")
+    assert fresh == [replies[2]]  # greedy: after /reset the reply is a new chat's
 
 
 def _turn_model():
