@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,12 +20,9 @@ from lminf.eval.methods import Patched, Vanilla
 from lminf.eval.plots import plot_bench
 from lminf.eval.tables import bench_page, bench_table, write_section
 from lminf.strategies import LMInfinite
+from tests.helpers import lminf_cli
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-
-
-def lminf_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lminf.cli", *args], input=stdin, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
