@@ -15,6 +15,7 @@ from transformers import DynamicCache, TextStreamer
 import lminf
 from lminf.arguments import add_model_args, dtype_for, load, strategy_from
 from lminf.eval import cli as eval_cli
+from lminf.extras import SERVE, MissingExtra, require
 from lminf.generation import cache_kwarg
 from lminf.memory import peak_mib
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in eval_cli.COMMANDS:
             return eval_cli.run(args)
         return {"generate": generate, "chat": chat_loop, "serve": serve_http, "model-path": model_path}[args.command](args)
-    except (ValueError, RuntimeError, OSError) as error:
+    except (ValueError, RuntimeError, OSError, MissingExtra) as error:
         print(f"lminf: error: {error}", file=sys.stderr)
         return 2
 
@@ -184,8 +185,7 @@ def serve_http(args: argparse.Namespace) -> int:
         raise ValueError("serve runs the patched model; --vanilla is for `lminf generate`.")
     if (args.engine if args.engine != "auto" else _auto_engine()) == "vllm":
         return serve_vllm(args)
-    import uvicorn
-
+    uvicorn = require("uvicorn", SERVE, "serve")
     from lminf.serve.engine import Engine
     from lminf.serve.openai_api import api_key_from_env, create_app
 

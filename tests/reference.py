@@ -88,3 +88,9 @@ def _with_block_memory(rule, logits, capped, valid, v, q_pos):
             out[b, :, t] = torch.einsum("hk,hkd->hd", probs, v[b])
             received[b] += probs * (rule.scored[b, t] & valid[b, t])
     return out
+
+
+def dense_attention(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(rows . keys * scale) . values in float64; rows (..., Hkv, rep, D), keys and values (..., Hkv, S, D)."""
+    s = rows.double() @ keys.double().transpose(-1, -2) * scale
+    return torch.softmax(s, -1) @ values.double()

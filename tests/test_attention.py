@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,43 +12,7 @@ from lminf.layout import Layout
 from lminf.strategies import AttentionCall, LMInfinite
 from lminf.strategies.lm_infinite_original import LMInfiniteOriginal
 from tests.reference import reference_attention
-from tests.strategies import CASES
-
-
-def random_case(data):
-    """Random strategy settings, heads, head dims (odd rotary fractions too), lengths, padding,
-    and a cache-like eviction."""
-    n_kv = data.draw(st.sampled_from([1, 2, 3]))
-    rep = data.draw(st.sampled_from([1, 2, 3]))
-    n_freq = data.draw(st.integers(1, 6))
-    head_dim = 2 * n_freq + data.draw(st.sampled_from([0, 0, 3]))  # partial rotary: channels left alone
-    n_global, n_local = data.draw(st.integers(0, 5)), data.draw(st.integers(1, 12))
-    strategy = dataclasses.replace(CASES[data.draw(st.sampled_from(sorted(CASES)))], n_global=n_global, n_local=n_local)
-    batch = data.draw(st.integers(1, 3))
-    total = data.draw(st.integers(1, 70))
-    n_new = data.draw(st.integers(1, total))  # queries: the last n_new tokens
-    pads = [data.draw(st.sampled_from([0, 0, 1, 4])) if total > 4 else 0 for _ in range(batch)]  # often none
-    if strategy.stateful:  # without its cache it runs on a whole unpadded input only (InfLLM)
-        n_new, pads = total, [0] * batch
-
-    kept = torch.arange(total)
-    first_end = n_global + max(pads)  # a bounded cache keeps [0, first_end): the first tokens and the left padding
-    if data.draw(st.booleans()) and total - n_new - n_local > first_end and not strategy.stateful:  # as a bounded cache
-        kept = torch.cat((torch.arange(first_end), torch.arange(total - n_new - n_local, total)))
-    real_mask = torch.stack([torch.arange(total) >= p for p in pads])
-    real = real_mask.long().cumsum(-1) - 1
-    layout = Layout(q_pos=real[:, total - n_new :], k_pos=real[:, kept], k_valid=real_mask[:, kept])
-
-    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
-    # A strategy that chooses among keys by their scores runs in float64: a near tie must not flip a choice.
-    dtype = torch.float64 if strategy.stateful else torch.float32
-    q = torch.randn(batch, n_kv * rep, n_new, head_dim, generator=gen, dtype=dtype)
-    k = torch.randn(batch, n_kv, len(kept), head_dim, generator=gen, dtype=dtype)
-    v = torch.randn(batch, n_kv, len(kept), head_dim, generator=gen, dtype=dtype)
-    inv_freq = 1.0 / (10.0 ** (torch.arange(n_freq) / n_freq))
-    kernel = data.draw(st.sampled_from(["torch", "flash_cpu"]))
-    call = AttentionCall(layer=data.draw(st.integers(0, 2)), inv_freq=inv_freq, scaling=head_dim**-0.5, kernel=kernel)
-    return strategy, q, k, v, layout, call, real_mask[:, total - n_new :]
+from tests.strategy_cases import random_case
 
 
 @settings(max_examples=500, deadline=None)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import io
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,21 +12,21 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import lminf
+from lminf.cli import main
 from lminf.default_model import converted_folder
 from lminf.eval.bench import prefill_pairs
 from lminf.eval.methods import Patched, Vanilla
 from lminf.eval.plots import plot_bench
 from lminf.eval.tables import bench_page, bench_table, write_section
 from lminf.strategies import LMInfinite
+from tests.helpers import lminf_cli
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
-def lminf_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lminf.cli", *args], input=stdin, capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.slow
+@pytest.mark.model
 def test_generate_streams_text_and_reports_stats(tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("The quick brown fox jumps over the lazy dog. " * 40)
@@ -40,9 +40,21 @@ def test_generate_streams_text_and_reports_stats(tmp_path):
 
 
 @pytest.mark.slow
-def test_generate_reads_stdin_and_vanilla_runs():
-    run = lminf_cli("generate", "-", "--vanilla", "--max-new-tokens", "3", "--dtype", "float32", stdin="Hello there.")
-    assert run.returncode == 0, run.stderr
+@pytest.mark.model
+def test_generate_reads_stdin_and_vanilla_says_what_lminf_says(monkeypatch, capsys, default_tokenizer):
+    text = "Name three colours of the rainbow."
+
+    def generate(*flags: str) -> tuple[str, str]:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(text))
+        assert main(["generate", "-", "--max-new-tokens", "5", "--dtype", "float32", *flags]) == 0
+        out = capsys.readouterr()
+        return out.out, out.err.strip().splitlines()[-1]
+
+    (vanilla, stats), (patched, _) = generate("--vanilla"), generate()
+    messages = [{"role": "user", "content": text}]
+    prompt = default_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert stats.startswith(f"[lminf] prompt {len(prompt)} tokens, generated 5 tokens")  # the prompt read from stdin
+    assert vanilla.strip() and vanilla == patched  # a prompt inside the window: Lambda attention is the dense one
 
 
 def test_empty_input_is_a_clear_error():
@@ -52,6 +64,7 @@ def test_empty_input_is_a_clear_error():
 
 
 @pytest.mark.slow
+@pytest.mark.model
 def test_bad_setting_is_a_clear_error(tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("text")
@@ -60,6 +73,7 @@ def test_bad_setting_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.model
 def test_bench_writes_table_json_plot_and_page(tmp_path):
     out, doc = tmp_path / "bench.json", tmp_path / "docs" / "benchmarks.md"
     doc.parent.mkdir()
@@ -139,6 +153,7 @@ def test_bench_json_from_before_the_registry_still_renders():
 
 
 @pytest.mark.slow
+@pytest.mark.model
 def test_model_path_prints_the_converted_default_model():
     run = lminf_cli("model-path")
     assert run.returncode == 0, run.stderr
@@ -166,3 +181,24 @@ def test_a_bench_section_of_its_own_keeps_the_main_one(tmp_path):
     assert "main table" in text and "side by side table" in text and text.startswith("<!-- bench: generated")
     assert "## lminf, infllm side by side" in text and "`lminf bench --doc " in text and "--section infllm`" in text
     assert "(JSON: `benchmarks-infllm.json`)" in text and "(benchmarks-infllm.png)" in text
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_generate_with_a_float16_cache_stores_float16_and_says_what_float32_says(tmp_path, monkeypatch, capsys):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The capital of France is Paris. The capital of Italy is Rome. " * 20)
+    caches, make_cache = [], lminf.make_cache
+    monkeypatch.setattr(lminf, "make_cache", lambda model: caches.append(make_cache(model)) or caches[-1])
+
+    def generate(*flags: str) -> str:
+        args = ["generate", str(doc), "-i", "What is the capital of Italy?", "--max-new-tokens", "8", "--dtype", "float32"]
+        assert main([*args, "--n-local", "64", *flags]) == 0
+        return capsys.readouterr().out
+
+    float16 = generate("--kv-dtype", "float16")
+    layer = caches[-1].layers[0]
+    assert layer.keys.dtype == layer.values.dtype == torch.float16
+    float32 = generate()
+    assert caches[-1].layers[0].keys.dtype == torch.float32
+    assert float16.strip() and float16 == float32  # 10 mantissa bits: the same greedy words on a short reply

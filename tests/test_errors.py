@@ -7,7 +7,8 @@ import torch
 import transformers
 
 import lminf
-from tests.conftest import tiny_model
+from lminf.generation import cache_kwarg
+from tests.helpers import tiny_model
 
 
 def test_empty_input():
@@ -94,9 +95,9 @@ def test_four_dimensional_mask_is_refused():
 def test_mask_not_covering_the_past_is_refused():
     model = lminf.patch(tiny_model(), n_local=8)
     cache = lminf.make_cache(model)
-    model(torch.ones(1, 5, dtype=torch.long), past_key_values=cache)
+    model(torch.ones(1, 5, dtype=torch.long), **cache_kwarg(model, cache))
     with pytest.raises(ValueError, match="all tokens seen so far"):
-        model(torch.ones(1, 1, dtype=torch.long), attention_mask=torch.ones(1, 1), past_key_values=cache)
+        model(torch.ones(1, 1, dtype=torch.long), attention_mask=torch.ones(1, 1), **cache_kwarg(model, cache))
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from lminf.eval.perplexity import run_ppl
 from lminf.eval.report import ours_and_others, write_report
 from lminf.eval.runs import RunStore
 from lminf.strategies import STRATEGIES, LMInfinite, Sinks
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 
 def parse(*argv: str) -> argparse.Namespace:

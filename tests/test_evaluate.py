@@ -17,14 +17,10 @@ from lminf.eval.perplexity import bucket_means, run_ppl, run_stream
 from lminf.eval.plots import plot_ppl, plot_stream
 from lminf.generation import token_nll
 from lminf.strategies import LMInfinite, Sinks
-from tests.conftest import tiny_model
-from tests.strategies import CASES
+from tests.helpers import tiny_model, tokens
+from tests.strategy_cases import CASES
 
 torch.set_grad_enabled(False)
-
-
-def tokens(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
 # Gemma 2 soft-caps its output logits; GPT-NeoX, GPT-J and MPT name their decoder and head differently.
@@ -100,7 +96,7 @@ def check_ppl_plot(fig, report: dict) -> None:
 
 def test_run_resumes_is_deterministic_and_plots(tmp_path):
     model = tiny_model()
-    docs = {"a.txt": tokens(70, 1), "b.txt": tokens(70, 2)}
+    docs = {"a.txt": tokens(70, seed=1), "b.txt": tokens(70, seed=2)}
     out = tmp_path / "ppl.json"
     lambda_ = Patched(LMInfinite(n_global=2, n_local=16))
     Counting.calls = 0
@@ -209,10 +205,11 @@ def test_stream_runs_every_registered_strategy(tmp_path):
         got = [b["nll"] for b in report["results"][name]["buckets"]]
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-5)
     assert set(report["results"]) == set(CASES)
-    assert lminf.STRATEGIES  # the cases cover the registry (tests/test_strategies.py checks it)
+    assert {settings["strategy"] for settings in report["methods"].values()} == set(lminf.STRATEGIES)  # none left out
 
 
 @pytest.mark.slow
+@pytest.mark.model
 def test_cli_eval_ppl_and_short_document(tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("It was a bright cold day in April, and the clocks were striking thirteen. " * 30)
@@ -229,6 +226,7 @@ def test_cli_eval_ppl_and_short_document(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.model
 def test_cli_eval_stream_and_report(tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("It was a bright cold day in April, and the clocks were striking thirteen. " * 30)

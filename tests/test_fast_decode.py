@@ -14,25 +14,12 @@ from lminf.fast_decode import FAMILIES, FastStep, why_not
 from lminf.generation import cache_kwarg, decoder
 from lminf.kernels import native, sdpa
 from lminf.serve.session import Sampling, Session, stream_tokens
-from tests.conftest import HAS_CXX, tiny_model
+from tests.conftest import HAS_CXX
+from tests.helpers import FP32, decoded, tiny_model, tokens
 from tests.reference import reference_attention
-from tests.strategies import CASES
+from tests.strategy_cases import CASES
 
 torch.set_grad_enabled(False)
-FP32 = dict(rtol=1e-4, atol=1e-4)
-
-
-def tokens(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
-def decoded(model, ids: torch.Tensor, prompt: int, cache=None, n_global=None) -> torch.Tensor:
-    """Logits (1, n - prompt + 1, vocab) of a prompt's last token, then of each later token fed one at a time."""
-    cache = lminf.make_cache(model, n_global=n_global) if cache is None else cache
-    extra = {} if n_global is None else {"lminf_n_global": n_global}
-    first = model(ids[:, :prompt], **cache_kwarg(model, cache), **extra).logits[:, -1]
-    step = decoder(model, cache, n_global)
-    return torch.stack([first, *(step(ids[:, t : t + 1]) for t in range(prompt, ids.shape[1]))], dim=1)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -9,25 +9,22 @@ import torch
 from transformers import DynamicCache
 
 import lminf
+from lminf.generation import cache_kwarg
 from lminf.layout import Layout
 from lminf.memory import cache_tiers
 from lminf.strategies import AttentionCall
 from lminf.strategies.infllm import InfLLM
 from lminf.strategies.infllm.memory import CHUNK_BLOCKS, BlockStore
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model, tokens
 
 torch.set_grad_enabled(False)
 SMALL = InfLLM(n_global=3, n_local=8, block_size=4, top_blocks=2, repr_topk=2, hot_blocks=2)
 
 
-def tokens(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
-
-
 def stream(model, ids, cache, prompt: int = 20):
     """Logits of `ids` fed through `cache`: a prompt, then one token at a time."""
-    steps = [model(ids[:, :prompt], past_key_values=cache).logits]
-    steps += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(prompt, ids.shape[1])]
+    steps = [model(ids[:, :prompt], **cache_kwarg(model, cache)).logits]
+    steps += [model(ids[:, t : t + 1], **cache_kwarg(model, cache)).logits for t in range(prompt, ids.shape[1])]
     return torch.cat(steps, dim=1)
 
 
@@ -140,9 +137,9 @@ def test_rows_of_a_batch_choose_their_own_blocks():
 def test_clear_errors():
     model = lminf.patch(tiny_model("llama"), SMALL)
     cache = DynamicCache()
-    model(tokens(10), past_key_values=cache)  # one call holds every token: fine
+    model(tokens(10), **cache_kwarg(model, cache))  # one call holds every token: fine
     with pytest.raises(ValueError, match="lminf.make_cache"):
-        model(tokens(1), past_key_values=cache)
+        model(tokens(1), **cache_kwarg(model, cache))
     for settings, message in (({"repr_topk": 5, "block_size": 4}, "cannot exceed"), ({"hot_blocks": 0}, "hot_blocks")):
         with pytest.raises(ValueError, match=message):
             InfLLM(**settings)

@@ -11,7 +11,7 @@ import transformers
 
 from lminf.generation import cache_kwarg
 from lminf.kernels.linear_layout import arrange_linear_weights, is_input_major
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 torch.set_grad_enabled(False)
 

@@ -21,9 +21,9 @@ from lminf.eval.methods import Patched
 from lminf.generation import cache_kwarg
 from lminf.gguf_weights import BLOCK_BYTES, GROUP, block_parts
 from lminf.kernels.int4 import Int4Linear
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 from tests.reference import reference_attention
-from tests.test_attention import random_case
+from tests.strategy_cases import random_case
 
 torch.set_grad_enabled(False)
 BF16_REL = 1e-2  # the kernel rounds its inputs, scales and output to bfloat16 (8 significant bits)

@@ -8,14 +8,9 @@ import pytest
 import torch
 
 import lminf
-from tests.conftest import FAMILIES, tiny_model
+from tests.helpers import FP32, TINY_CONFIGS, tiny_model, tokens
 
 torch.set_grad_enabled(False)
-FP32 = dict(rtol=1e-4, atol=1e-4)
-
-
-def tokens(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
 def test_generate_uses_bounded_cache_and_matches_full_forward():
@@ -69,14 +64,14 @@ ROPES = {
 }
 
 
-ROTARY = [f for f in FAMILIES if f != "mpt"]  # MPT's ALiBi: test_alibi_reads_the_first_token_at_distance_n_local
+ROTARY = [f for f in TINY_CONFIGS if f != "mpt"]  # MPT's ALiBi: test_alibi_reads_the_first_token_at_distance_n_local
 
 
 @pytest.mark.parametrize("family, rope", [("llama", r) for r in ROPES] + [(f, "default") for f in ROTARY] + [("qwen3", "yarn")])
 def test_distance_cap_equals_vanilla_with_global_tokens_moved(family, rope):
     """Independent of lminf's rotation code: in a one-layer model, the last query's Lambda output
     equals the vanilla model's on a shortened input where the global tokens sit exactly n_local back."""
-    config_class, extra = FAMILIES[family]
+    config_class, extra = TINY_CONFIGS[family]
     own = getattr(config_class(**{**extra, "num_hidden_layers": 2}), "rope_parameters", None)  # None: GPT-J's own table
     rope_parameters = {**ROPES[rope], **{k: v for k, v in (own or {}).items() if k == "partial_rotary_factor"}}
     one_global_layer = dict(num_hidden_layers=1) | ({} if own is None else {"rope_parameters": rope_parameters})

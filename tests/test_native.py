@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from lminf.kernels import native
 from tests.conftest import HAS_CXX
+from tests.reference import dense_attention as dense
 
 torch.set_grad_enabled(False)
 pytestmark = pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler to build the kernel")
@@ -24,12 +25,6 @@ def op():
     if built is None:
         pytest.fail(f"a C++ compiler is here but the kernel did not build: {native.why_not()}")
     return built
-
-
-def dense(rows, keys, values, scale):
-    """softmax(rows . keys * scale) . values in float64; rows (Hkv, rep, D), keys and values (Hkv, S, D)."""
-    s = rows.double() @ keys.double().transpose(-1, -2) * scale
-    return torch.softmax(s, -1) @ values.double()
 
 
 @settings(max_examples=80, deadline=None)

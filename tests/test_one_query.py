@@ -19,9 +19,10 @@ from lminf.generation import cache_kwarg, decoder
 from lminf.kernels import compiling, decode_layers
 from lminf.kernels import one_query as kernel
 from lminf.kernels.linear_layout import is_input_major
-from tests.conftest import HAS_CXX, tiny_model
+from tests.conftest import HAS_CXX
+from tests.helpers import decoded, tiny_model, tokens
+from tests.reference import dense_attention as dense
 from tests.reference import reference_attention
-from tests.test_fast_decode import decoded, tokens
 
 torch.set_grad_enabled(False)
 
@@ -63,12 +64,6 @@ def perturbed(model):
         if name.endswith("bias") or "norm" in name:
             p.data += 0.1 * torch.randn(p.shape, generator=g)
     return model
-
-
-def dense(rows, keys, values, scaling):
-    """softmax(q k^T * scaling) v in float64, the grouped heads as rows."""
-    s = rows.double() @ keys.double().transpose(-1, -2) * scaling
-    return torch.softmax(s, -1) @ values.double()
 
 
 @needs_compiler

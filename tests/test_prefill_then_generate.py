@@ -9,8 +9,8 @@ import torch
 
 import lminf
 from lminf.generation import cache_kwarg
-from tests.conftest import tiny_model
-from tests.strategies import CASES
+from tests.helpers import tiny_model
+from tests.strategy_cases import CASES
 
 PROMPT, NEW, CHUNK = 40, 20, 16
 

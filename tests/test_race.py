@@ -27,7 +27,7 @@ from lminf.eval.race import (
     race_table,
 )
 from tests.conftest import HAS_CXX
-from tests.test_cli import lminf_cli
+from tests.helpers import lminf_cli
 
 
 def test_the_prompt_is_the_start_of_pydecimal_repeated():

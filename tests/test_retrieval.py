@@ -11,20 +11,18 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
-from lminf.default_model import converted_folder
 from lminf.eval.methods import Method
 from lminf.eval.plots import plot_grid
 from lminf.eval.retrieval import Needle, Passkey, accuracy, build_prompt, run_grid
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 HAYSTACK = "".join(f"Line {i}: the river ran quietly past the mill, and nobody in the village spoke of it.\n" for i in range(400))
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(converted_folder())
+def tokenizer(default_tokenizer):
+    return default_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +148,7 @@ def check_grid_plot(fig, report: dict, methods: list[str]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.model
 def test_cli_passkey_and_needle_on_the_default_model(tmp_path):
     doc = tmp_path / "hay.txt"
     doc.write_text(HAYSTACK)

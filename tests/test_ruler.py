@@ -10,23 +10,21 @@ import sys
 from collections import Counter
 
 import pytest
-from transformers import AutoTokenizer
 
-from lminf.default_model import converted_folder
 from lminf.eval import cli
 from lminf.eval.methods import Method
 from lminf.eval.plots import plot_ruler
 from lminf.eval.report import write_report
 from lminf.eval.ruler import NOISE, TASKS, Sources, fit, render, run_ruler, score, scores, zeta
 from lminf.eval.runs import merge_runs
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 BOOK = " ".join(f"Sentence {i} tells of the mill by the river, where nobody spoke of it." for i in range(3000))
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(converted_folder())
+def tokenizer(default_tokenizer):
+    return default_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -258,6 +256,7 @@ def test_the_real_text_haystack_falls_back_to_pythons_manual(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.model
 def test_cli_ruler_on_the_default_model(tmp_path):
     out = tmp_path / "ruler.json"
     args = ["--tasks", "niah_single_1,fwe", "--lengths", "600", "--methods", "vanilla,lminf", "--n-local", "256"]

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-pytestmark = pytest.mark.slow  # every test here talks to a server subprocess running the default model
+pytestmark = [pytest.mark.slow, pytest.mark.model]  # every test here talks to a server subprocess running the default model
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -4,7 +4,8 @@ shared by `lminf chat` and the server."""
 from __future__ import annotations
 
 import functools
-import subprocess
+import io
+import re
 import sys
 
 import pytest
@@ -14,8 +15,9 @@ from hypothesis import strategies as st
 
 import lminf
 import lminf.default_model
+from lminf.cli import main
 from lminf.serve.session import ReplyText, Sampling, Session, SessionStore, Turn, stream_tokens
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 torch.set_grad_enabled(False)
 
@@ -72,18 +74,22 @@ def test_store_reuses_longest_text_prefix_and_evicts_least_recent():
 
 
 @pytest.mark.slow
-def test_chat_cli_turns_reset_and_stats():
-    script = "Hello!\nWhat did I just say?\n/stats\n/reset\nHi again.\n/quit\n"
-    run = subprocess.run(
-        [sys.executable, "-m", "lminf.cli", "chat", "--system", "Be brief.", "--max-new-tokens", "8", "--n-local", "64"],
-        input=script,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.count("\n") >= 3  # three replies
-    assert "tokens so far" in run.stderr and "conversation reset" in run.stderr
+@pytest.mark.model
+def test_chat_cli_replies_each_turn_and_reset_starts_over(monkeypatch, capsys):
+    def chat(script: str) -> tuple[list[str], str]:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+        assert main(["chat", "--system", "Be brief.", "--max-new-tokens", "8", "--n-local", "64"]) == 0
+        out = capsys.readouterr()
+        # stdout: a "> " prompt per line read, each reply followed by a newline
+        chunks = out.out.removeprefix("> ").removesuffix("\n> ").split("\n> ")
+        return [re.sub(r"^(> )+", "", chunk) for chunk in chunks], out.err
+
+    replies, log = chat("Hello!\nWhat did I just say?\n/stats\n/reset\nHi again.\n/quit\n")
+    assert len(replies) == 3 and all(r.strip() for r in replies)
+    tokens_so_far = int(re.search(r"tokens so far (\d+)", log).group(1))
+    assert tokens_so_far > 10 and "conversation reset" in log  # two turns with the system prompt
+    fresh, _ = chat("Hi again.\n/quit\n")
+    assert fresh == [replies[2]]  # greedy: after /reset the reply is a new chat's
 
 
 def _turn_model():
@@ -99,6 +105,7 @@ def _reply(model, prompt, max_new_tokens=12, stops=(), stop_ids=frozenset()):
     return turn, session
 
 
+@pytest.mark.model  # the default model's tokenizer
 def test_turn_streams_the_reply_records_it_and_the_next_turn_reuses_it():
     model, tokenizer = _turn_model(), _tokenizer()
     prompt = "Hello there, how are you today?"
@@ -116,6 +123,7 @@ def test_turn_streams_the_reply_records_it_and_the_next_turn_reuses_it():
     assert follow_up.prompt_tokens - follow_up.cached_tokens == len(new_ids)
 
 
+@pytest.mark.model  # the default model's tokenizer
 def test_turn_ends_before_a_stop_string_or_at_a_stop_token():
     model = _turn_model()
     full, _ = _reply(model, "Tell me a story.", max_new_tokens=16)
@@ -133,6 +141,7 @@ def test_turn_ends_before_a_stop_string_or_at_a_stop_token():
     assert by_token.finish_reason == "stop"
 
 
+@pytest.mark.model  # the default model's tokenizer
 def test_a_turn_closed_mid_way_keeps_the_session_consistent():
     model, tokenizer = _turn_model(), _tokenizer()
     session = Session(model, n_global=4)
@@ -153,6 +162,7 @@ def test_a_turn_closed_mid_way_keeps_the_session_consistent():
         assert reply == greedy[done.prompt_tokens - 1 : done.prompt_tokens - 1 + len(reply)]
 
 
+@pytest.mark.model
 @settings(max_examples=200, deadline=None)
 @given(st.data())
 def test_reply_text_adds_up_to_a_full_decode(data):

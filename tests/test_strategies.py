@@ -1,4 +1,4 @@
-"""One conformance suite, parametrized over every registered strategy (tests/strategies.py)
+"""One conformance suite, parametrized over every registered strategy (tests/strategy_cases.py)
 and every supported model family: what each strategy promises inside a real model."""
 
 from __future__ import annotations
@@ -8,23 +8,19 @@ import torch
 from transformers import DynamicCache
 
 import lminf
+from lminf.generation import cache_kwarg
 from lminf.patching import layer_strategy
 from lminf.strategies import STRATEGIES, Strategy
-from tests.conftest import tiny_model
+from tests.helpers import FP32, tiny_model, tokens
 from tests.reference import reference_attention
-from tests.strategies import CASES
+from tests.strategy_cases import CASES
 
 torch.set_grad_enabled(False)
-FP32 = dict(rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(params=sorted(CASES))
 def strategy(request) -> Strategy:
     return CASES[request.param]
-
-
-def tokens(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
 def test_every_registered_strategy_is_tested():
@@ -53,9 +49,10 @@ def test_cached_decoding_equals_one_full_forward(family, strategy, prompt):
     ids = tokens(50)
 
     def in_calls(model, cache):  # a prompt, then token by token, then two chunks
-        steps = [model(ids[:, :prompt], past_key_values=cache).logits]
-        steps += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(prompt, 30)]
-        steps += [model(ids[:, 30:41], past_key_values=cache).logits, model(ids[:, 41:], past_key_values=cache).logits]
+        through = cache_kwarg(model, cache)
+        steps = [model(ids[:, :prompt], **through).logits]
+        steps += [model(ids[:, t : t + 1], **through).logits for t in range(prompt, 30)]
+        steps += [model(ids[:, 30:41], **through).logits, model(ids[:, 41:], **through).logits]
         return torch.cat(steps, dim=1)
 
     cache = lminf.make_cache(model)
@@ -106,9 +103,9 @@ def test_memory_stays_within_the_bound_the_strategy_promises(strategy):
     model = lminf.patch(tiny_model("llama"), strategy)
     cache = lminf.make_cache(model)
     ids = tokens(600)
-    model(ids[:, :100], past_key_values=cache)
+    model(ids[:, :100], **cache_kwarg(model, cache))
     for t in range(100, 600):
-        model(ids[:, t : t + 1], past_key_values=cache)
+        model(ids[:, t : t + 1], **cache_kwarg(model, cache))
     c = model.config
     per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4  # K, V fp32
     assert cache.get_seq_length() == 600

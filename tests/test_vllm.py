@@ -16,7 +16,7 @@ import pytest
 import torch
 
 vllm = pytest.importorskip("vllm")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.model]
 
 import lminf  # noqa: E402
 

@@ -10,7 +10,7 @@ import pytest
 import lminf
 from lminf.cli import main
 from lminf.vllm.server import server_command, small_cpu_env, vllm_installed
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 
 def test_settings_resolved_against_the_models_own_length(tmp_path):

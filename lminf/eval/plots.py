@@ -12,12 +12,12 @@ from pathlib import Path
 from lminf.eval.bench import bench_methods, floors
 from lminf.eval.retrieval import accuracy
 from lminf.eval.ruler import scores
+from lminf.extras import PLOTS, require
 
 
 def pyplot():
     """matplotlib.pyplot on the file-only backend (no display needed)."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", PLOTS, "eval")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -42,6 +42,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lminf.eval.methods import Method, resolve_all
 from lminf.eval.runs import RunStore, conditions
+from lminf.extras import RULER, require
 from lminf.families import training_length
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -76,6 +77,8 @@ class Sources:
 
     @classmethod
     def load(cls, book_text: str, document: str) -> Sources:
+        require("wonderwords", RULER, "eval")
+
         def words(name: str) -> list[str]:
             text = (resources.files("wonderwords.assets") / name).read_text(encoding="utf-8")
             return sorted({w.strip() for w in text.splitlines() if w.strip() and " " not in w.strip()})

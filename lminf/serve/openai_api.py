@@ -21,9 +21,14 @@ import uuid
 from dataclasses import dataclass
 from typing import Literal
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from lminf.extras import SERVE, MissingExtra, hint
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+except ImportError as error:
+    raise MissingExtra(hint(SERVE, "serve")) from error
 
 from lminf.serve.engine import Engine
 from lminf.serve.scheduler import Job
