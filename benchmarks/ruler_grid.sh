@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14's RULER grid on the default model: 11 tasks x 4 prompts per (method, length).
+# The RULER methods grid on the default model: 11 tasks x 4 prompts per (method, length).
 # Inside the 8,192-token window every LM-Infinite-style method computes vanilla's attention, so
 # 4k runs vanilla and lminf (the check), 8k adds infllm (128 + 4,096 tokens: not vanilla's
 # computation there), 16k all five methods.

@@ -5,7 +5,7 @@
                                        [--engines transformers,vllm-lminf,vllm-plain] [--max-tokens 128]
                                        [--out docs/serving.json] [--doc docs/benchmarks.md]
 
-Runs in the vLLM venv (README, section vLLM), on the default model. Each workload is N
+Runs in the vLLM venv (docs/vllm.md), on the default model. Each workload is N
 concurrent streaming clients, each with its own prompt of the given length (slices of the
 standard library's sources, so no two share a prefix) and `--max-tokens` generated tokens,
 greedy. Reported per engine and workload: aggregate generated tokens/s (prompt tokens not

@@ -4,7 +4,7 @@ the first tokens, the window and one prefill chunk; plain vLLM given the same po
     python benchmarks/vllm_long.py [--tokens 100000] [--n-local 8192] [--new-tokens 64] [--compare]
                                    [--out docs/measurements/vllm_long.json]
 
-Runs in the vLLM venv (README, section vLLM). The prompt is Python's own standard library
+Runs in the vLLM venv (docs/vllm.md). The prompt is Python's own standard library
 sources, concatenated (offline). Records the KV blocks in use after every engine step
 (vLLM's kv_cache_usage_perc metric times the pool), wall times, and the worker's peak RSS;
 with --compare, also the same greedy continuation from lminf in transformers. Prints a

@@ -206,7 +206,7 @@ def serve_vllm(args: argparse.Namespace) -> int:
     from lminf.vllm.server import server_command, small_cpu_env, vllm_installed
 
     if not vllm_installed():
-        raise ValueError("--engine vllm needs vLLM next to lminf (see the README's vLLM section).")
+        raise ValueError("--engine vllm needs vLLM next to lminf (docs/vllm.md).")
     if args.weights != "dense" or args.kv_dtype or args.kernel != "auto":
         raise ValueError("--weights gguf, --kv-dtype and --kernel run on lminf's own engine: add --engine transformers.")
     model_dir = lminf.default_model.model_source(args.model)

@@ -276,7 +276,7 @@ def _haystack(name: str | None) -> tuple[str, str]:
 
 def bench_command(args: argparse.Namespace) -> int:
     lengths = numbers(args.lengths or (",".join(map(str, RACE_LENGTHS)) if args.race else BENCH_LENGTHS), int, "--lengths")
-    if args.decode_tokens is None:  # the race's protocol (issue 15): 64 greedy tokens
+    if args.decode_tokens is None:  # the race's protocol: 64 greedy tokens
         args.decode_tokens = RACE_DECODE_TOKENS if args.race else 32
     if min(lengths) < 1 or args.decode_tokens < 1 or args.chunk_size < 1:
         raise ValueError("--lengths, --decode-tokens and --chunk-size must be >= 1.")

@@ -35,7 +35,7 @@ def write_report(runs: Path, out: Path) -> Path:
     names += sorted(p.stem for kind in KINDS for p in runs.glob(f"{kind}-*.json"))
     found = {name: json.loads((runs / f"{name}.json").read_text()) for name in names}
     if not found:
-        raise ValueError(f"no {', '.join(k + '.json' for k in KINDS)} in {runs}: run the evaluations first (see README).")
+        raise ValueError(f"no {', '.join(k + '.json' for k in KINDS)} in {runs}: run the evaluations first (docs/evaluation.md).")
     assets = out.parent / "results"
     assets.mkdir(parents=True, exist_ok=True)
     for name, report in found.items():
