@@ -172,11 +172,15 @@ def test_default_model_decodes_the_same(weights):
         assert torch.equal(got.argmax(-1), want.argmax(-1))
     else:  # the 4-bit kernel rounds its inputs to bfloat16, so float32 noise grows to bfloat16 noise
         assert float((got - want).norm() / want.norm()) < 2e-2
-        # which flips near-ties (an Intel Xeon here: 2 of 80 steps, the forward's top two 0.005 and 0.016
-        # apart): the fast step's choice is the forward's best or within 0.05 of it, and rarely not the best
+        # Where float32 sums in another order land on the other side of a bfloat16 rounding, a
+        # logit moves by about one bfloat16 step (2^-8) of the logits' scale; the fast step's
+        # pick and the forward's best each by that much, so the pick is within two such steps of
+        # the best (near-ties flip: a few of 80 steps, up to about one such step behind).
+        bf16_step = 2**-8 * want.abs().amax(-1)
         chosen = want.gather(-1, got.argmax(-1, keepdim=True)).squeeze(-1)
         behind = want.amax(-1) - chosen
-        assert float(behind.max()) < 0.05 and int((behind > 0).sum()) <= 4
+        assert bool((behind <= 2 * bf16_step).all()), (behind / bf16_step).max()
+        assert int((behind > 0).sum()) <= 4  # and rarely not the best
 
 
 @pytest.fixture
