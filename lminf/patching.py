@@ -81,7 +81,7 @@ class _PatchState:
         return self._pinned[n_global]
 
 
-class Patched(NamedTuple):
+class PatchView(NamedTuple):
     """What a patched model runs, for code that decodes through it (lminf.decoding): read, never set."""
 
     kinds: tuple[LayerKind, ...]  # what each attention layer is (lminf.families)
@@ -91,12 +91,12 @@ class Patched(NamedTuple):
     strategy_for: Callable[[int | None], Strategy]  # n_global -> the global layers' strategy, that many first tokens pinned
 
 
-def state_of(model: PreTrainedModel) -> Patched | None:
+def state_of(model: PreTrainedModel) -> PatchView | None:
     """What `patch` set on `model`; None where it is not patched."""
     state: _PatchState | None = getattr(model, "_lminf", None)
     if state is None:
         return None
-    return Patched(tuple(state.kinds), state.rotary, state.kernel, state.backend is not None, state.strategy_for)
+    return PatchView(tuple(state.kinds), state.rotary, state.kernel, state.backend is not None, state.strategy_for)
 
 
 def lminf_attention_forward(
