@@ -16,8 +16,6 @@ import torch
 from tqdm import tqdm
 from transformers import Cache, PreTrainedModel
 
-from lminf.fast_decode import FastStep, why_not
-
 PREFILL_CHUNK = 2048  # prompt tokens per forward call
 
 
@@ -66,8 +64,10 @@ def prefill(
 
 def decoder(model: PreTrainedModel, cache: Cache, n_global: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """A decoding step, token (B, 1) -> next-token logits (B, vocab) float32, through `cache`: the
-    fast step where it applies (lminf.fast_decode.why_not), the model's forward elsewhere.
+    fast step where it applies (lminf.decoding.why_not), the model's forward elsewhere.
     n_global: the first tokens the cache pins (a forward call's `lminf_n_global`)."""
+    from lminf.decoding import FastStep, why_not  # lminf.decoding imports lminf.patching, which imports this module
+
     return FastStep(model, cache, n_global) if why_not(model, cache, n_global) is None else forward_step(model, cache, n_global)
 
 

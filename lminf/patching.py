@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from transformers import AttentionInterface, Cache, PreTrainedModel
@@ -30,14 +31,15 @@ from lminf.families import (
     layer_kinds,
     rotary_embedding,
 )
-from lminf.fast_decode import FastStep, compiled_layers_fit, why_not
 from lminf.generation import PREFILL_CHUNK, cache_kwarg, prefill
-from lminf.kernels.linear_layout import arrange_linear_weights
-from lminf.kernels.one_query import COMPILED, prepare
-from lminf.kernels.sdpa import KERNELS
+from lminf.kernels import native
+from lminf.kernels.sdpa import check_kernel
 from lminf.layout import Layout, lambda_mask
 from lminf.strategies import AttentionCall, Strategy, build
 from lminf.strategies.windowed import ModelWindow
+
+if TYPE_CHECKING:
+    from lminf.decoding import FastStep
 
 IMPLEMENTATION = "lminf"
 GLOBAL_DISTANCES = {"capped": "lminf", "reindexed": "sinks"}  # the older spelling of a strategy choice
@@ -77,6 +79,24 @@ class _PatchState:
         if n_global not in self._pinned:
             self._pinned[n_global] = self.strategy.pinned(n_global)
         return self._pinned[n_global]
+
+
+class PatchView(NamedTuple):
+    """What a patched model runs, for code that decodes through it (lminf.decoding): read, never set."""
+
+    kinds: tuple[LayerKind, ...]  # what each attention layer is (lminf.families)
+    rotary: torch.nn.Module | None  # the model's rotary embedding; None: no rotary layer
+    kernel: str  # patch's backend, where it names a kernel
+    replaced: bool  # an attention function replaces the strategy's (patch's backend)
+    strategy_for: Callable[[int | None], Strategy]  # n_global -> the global layers' strategy, that many first tokens pinned
+
+
+def state_of(model: PreTrainedModel) -> PatchView | None:
+    """What `patch` set on `model`; None where it is not patched."""
+    state: _PatchState | None = getattr(model, "_lminf", None)
+    if state is None:
+        return None
+    return PatchView(tuple(state.kinds), state.rotary, state.kernel, state.backend is not None, state.strategy_for)
 
 
 def lminf_attention_forward(
@@ -141,12 +161,9 @@ def patch(
         top_k=0, top_k_from_layer=4: middle tokens each query head also attends to, in layers
             >= top_k_from_layer (with top_k > 0 the generation cache keeps every token);
         global_distance="capped" | "reindexed" is the older spelling of strategy "lminf" | "sinks".
-    backend: the kernel, one of "auto" (on a CPU torch's fused kernel, and lminf's C++ kernel
-        for a decoding step's float32 query: lminf.kernels.native), "torch", "flash_cpu", "compiled" (a decoding step
-        through torch.compile: its attention, and on a CPU its layers around it (float weights,
-        which this then stores row-major, as they read fastest, or 4-bit ones); 1.3-1.7x faster
-        float32 decoding on a 2-core CPU, 1.1-1.4x with 4-bit weights and a 16-bit cache; needs a C++
-        compiler; the first step compiles, ~20 s on a 2-core CPU, 3-4 s from torch's cache); or a function
+    backend: the kernel, one of "auto" (on a CPU lminf's C++ kernels for a decoding step with
+        float32 or 4-bit weights: every layer and its attention in one call, lminf.kernels.native,
+        built on first use; torch's fused kernel for the rest), "torch", "flash_cpu"; or a function
         (strategy, q, k, v, layout, call) -> output that replaces the strategy's attention.
     kv_dtype: store the cache's keys and values in this dtype (torch.bfloat16 halves a float32
         model's cache and what a decoding step reads; attention still sums in float32); None: the model's.
@@ -154,8 +171,8 @@ def patch(
     if getattr(model, "_lminf", None) is not None:
         raise RuntimeError("this model is already patched by lminf; call lminf.unpatch(model) first.")
     check_supported(model)
-    if isinstance(backend, str) and backend not in KERNELS:
-        raise ValueError(f"backend must be one of {KERNELS} or an attention function, got {backend!r}.")
+    if isinstance(backend, str):
+        check_kernel(backend, "backend (a kernel name or an attention function)")
     strategy = _strategy(strategy, settings).resolve(model.config)
     if kv_dtype is not None and not isinstance(strategy.cache_layer(), LambdaLayer):
         raise ValueError(f"kv_dtype is not supported by strategy {strategy.name!r} yet (its cache is its own).")
@@ -172,10 +189,8 @@ def patch(
     )
     for module in attention_modules(model):
         module._lminf = state
-    if state.kernel == COMPILED and compiled_layers_fit(model):
-        arrange_linear_weights(model, input_major=False)  # what the compiled layers read fastest (decode_layers)
-    if state.kernel in ("auto", COMPILED) and model.device.type == "cpu" and model.dtype == torch.float32:
-        prepare()  # lminf's C++ attention kernel (lminf.kernels.native): built now on first use, not in a timed decoding step
+    if state.kernel == "auto" and model.device.type == "cpu" and model.dtype == torch.float32:
+        native.op()  # lminf's C++ kernels: built now on first use, not in a timed decoding step
     if state.family.prepare is not None:
         state.prepared = state.family.prepare(model)
     if strategy.stateful:  # its attention reads its own cache layer: note which cache each forward call uses
@@ -283,7 +298,7 @@ def _generate_with_strategy_cache(model: PreTrainedModel) -> Callable:
     def generate(*args, prefill_chunk: int = PREFILL_CHUNK, decode_step: str = "auto", **kwargs):
         """transformers' generate, through the strategy's cache (made here unless one is passed):
         the prompt goes through it in chunks of `prefill_chunk` tokens first. decode_step: "auto"
-        decodes through lminf's fast step where it applies (lminf.fast_decode), "fast" insists
+        decodes through lminf's fast step where it applies (lminf.decoding), "fast" insists
         (an error says why it cannot), "forward" always runs the model's forward."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}.")
@@ -306,6 +321,8 @@ def _generate_with_strategy_cache(model: PreTrainedModel) -> Callable:
             raise ValueError(f"decode_step='fast' cannot run here: {reason}.")
         if decode_step == "forward" or reason is not None:
             return original(*args, **kwargs)  # generate() runs only the tokens the cache has not seen
+        from lminf.decoding import FastStep  # lminf.decoding reads state_of: imported here, not at the top
+
         state.fast_steps[id(cache)] = FastStep(model, cache)
         try:
             return original(*args, **kwargs)
@@ -331,6 +348,8 @@ def _check_cache_leaves_a_token(cache: Cache, ids) -> None:
 
 def _why_not_fast(model: PreTrainedModel, cache: Cache, ids, mask: torch.Tensor | None, kwargs: dict) -> str | None:
     """Why generate cannot decode through the fast step; None when it can."""
+    from lminf.decoding import why_not
+
     reason = why_not(model, cache)
     if reason is not None:
         return reason

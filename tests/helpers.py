@@ -94,12 +94,13 @@ def tokens(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
 
 
 def decoded(model, ids: torch.Tensor, prompt: int, cache=None, n_global=None) -> torch.Tensor:
-    """Logits (1, n - prompt + 1, vocab) of a prompt's last token, then of each later token fed one at a time."""
+    """Logits (1, n - prompt + 1, vocab) of a prompt's last token (through the forward), then of
+    each later token fed one at a time; prompt 0: every token one at a time from an empty cache."""
     cache = lminf.make_cache(model, n_global=n_global) if cache is None else cache
     extra = {} if n_global is None else {"lminf_n_global": n_global}
-    first = model(ids[:, :prompt], **cache_kwarg(model, cache), **extra).logits[:, -1]
+    first = [model(ids[:, :prompt], **cache_kwarg(model, cache), **extra).logits[:, -1]] if prompt else []
     step = decoder(model, cache, n_global)
-    return torch.stack([first, *(step(ids[:, t : t + 1]) for t in range(prompt, ids.shape[1]))], dim=1)
+    return torch.stack([*first, *(step(ids[:, t : t + 1]) for t in range(prompt, ids.shape[1]))], dim=1)
 
 
 def lminf_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:

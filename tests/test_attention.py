@@ -71,7 +71,7 @@ def test_softmax_lse_equals_torch_and_empties_rows_without_keys():
     kv_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
 )
 def test_one_query_pass_in_parts_equals_the_dense_formula(n_kv, rep, n_keys, offset, threads, kv_dtype):
-    # The fast step's pass (lminf.fast_decode): keys cut into parts so every thread has equal work,
+    # The fast step's pass (lminf.decoding): keys cut into parts so every thread has equal work,
     # the last keys left over, the stored keys a slice of a longer cache (a view, not a copy).
     g = torch.Generator().manual_seed(n_keys + 7 * offset)
     stored = torch.randn(1, n_kv, n_keys + offset + 3, 8, generator=g).to(kv_dtype)

@@ -28,7 +28,7 @@ def test_empty_input():
         (dict(global_distance="reindexed", top_k=2), "reindexed needs top_k=0"),
         (dict(strategy="streaming"), "unknown strategy 'streaming'; choose from infllm, lminf, lminf-original, sinks"),
         (dict(strategy="sinks", top_k=2), "strategy 'sinks' has no setting top_k; its settings: n_global, n_local"),
-        (dict(backend="triton"), "backend must be one of"),
+        (dict(backend="triton"), r"backend \(a kernel name or an attention function\) must be one of"),
     ],
 )
 def test_bad_settings(kwargs, match):

@@ -2,16 +2,21 @@
 the dense float64 formula: any key heads, rows, head size and number of keys, keys stored in
 float32, float64 or 16 bits, strided views of a larger cache, any number of threads; its errors;
 that it is off where it cannot be built; and its layers around the attention (decode_layer_cpu.cpp)
-against lminf.kernels.decode_layers' formulas, float32 weights in float64 and 4-bit weights."""
+against the layer's formulas (Llama's, written out below), float32 weights in float64 and 4-bit weights."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lminf.decoding.modules import joined
+from lminf.decoding.native_stack import products
 from lminf.kernels import native
+from lminf.kernels.int4 import Int4Weights, int4_linear
+from lminf.rope import rotate
 from tests.conftest import HAS_CXX
 from tests.reference import dense_attention as dense
 
@@ -67,7 +72,7 @@ def test_the_kernel_equals_the_dense_formula(op, hkv, rep, head_dim, n_keys, dty
 )
 def test_the_kernel_turns_the_first_keys_as_asked(op, n_keys, n_far, dtype, threads, seed):
     # Past the window the first tokens' keys are read turned to where the query sees them
-    # (lminf.fast_decode): the kernel turns the first n_far as lminf.rope.rotate would, rounded to
+    # (lminf.decoding): the kernel turns the first n_far as lminf.rope.rotate would, rounded to
     # the cache's dtype as a turned key stored there is.
     from lminf.rope import rotate, rotation
 
@@ -125,8 +130,8 @@ def test_it_is_off_where_asked_and_says_why_where_it_cannot_build(monkeypatch, t
 @pytest.mark.parametrize("bias", [False, True])  # Qwen2's q, k, v projections have biases; Llama's none
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_the_layer_equals_its_formulas_in_float64(op, bias, head_dim):
-    # decode_layer_cpu.cpp's enter and leave against lminf.kernels.decode_layers' (eager: the modules'
-    # formulas), those run in float64 on the same numbers.
+    # decode_layer_cpu.cpp's enter and leave against the modules' formulas (below), run in float64
+    # on the same numbers.
     g = torch.Generator().manual_seed(head_dim + bias)
     shapes = layer_shapes(head_dim)
     linears = [torch.nn.Linear(n_in, n_out, bias=bias) for n_out, n_in in shapes["products"]]
@@ -143,10 +148,9 @@ def test_the_layer_equals_its_formulas_in_float64(op, bias, head_dim):
 
 def test_the_layer_with_4_bit_weights_equals_its_formulas(op):
     # 4-bit products (lminf.kernels.int4: the int4 kernel, its inputs rounded to bfloat16), q, k, v
-    # joined into one layer as the fast step joins them; against decode_layers' formulas calling
-    # the same kernel, in float32: equal up to a bfloat16 rounding of an input that float32 sums
-    # in another order put on the other side of it.
-    from lminf.fast_decode import _joined
+    # joined into one layer as the fast step joins them; against the formulas calling the same
+    # kernel, in float32: equal up to a bfloat16 rounding of an input that float32 sums in another
+    # order put on the other side of it.
     from lminf.gguf_weights import GROUP
     from lminf.kernels.int4 import Int4Linear
 
@@ -159,9 +163,9 @@ def test_the_layer_with_4_bit_weights_equals_its_formulas(op):
         return Int4Linear([(codes, scale, -8 * scale)], GROUP, torch.randn(n_out, generator=g))
 
     linears = [int4(n_out, n_in) for n_out, n_in in shapes["products"]]
-    joined = [*_joined(linears[:3]), *linears[3:]]
-    assert len(joined) == 5  # q, k and v as one
-    got, want = both_ways(joined, [m.weights() for m in joined], shapes, g, torch.float32)
+    layers = [*joined(linears[:3]), *linears[3:]]
+    assert len(layers) == 5  # q, k and v as one
+    got, want = both_ways(layers, [m.weights() for m in layers], shapes, g, torch.float32)
     for a, b in zip(got, want, strict=True):
         assert a.shape == b.shape and a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * float(b.abs().max()))
@@ -174,24 +178,47 @@ def layer_shapes(head_dim: int) -> dict:
     return dict(hidden=hidden, n_q=n_q, n_kv=n_kv, head_dim=head_dim, products=products)
 
 
-def both_ways(linears, formulas, shapes, g, dtype):
-    """(enter's 3 outputs and leave's, by the C++ layer), (the same by decode_layers' formulas in dtype);
-    linears: the modules [q, k, v] (or one joined), o, gate, up, down; formulas: their decode_layers.Linear."""
-    from lminf.fast_decode import native_products
-    from lminf.kernels import decode_layers
+def linear(x: torch.Tensor, layer) -> torch.Tensor:
+    """F.linear over (weight, bias); 4-bit weights (Int4Weights) through their kernel."""
+    return int4_linear(x, layer) if isinstance(layer, Int4Weights) else F.linear(x, *layer)
 
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm: computed in float32 (float64 stays), then the input's dtype."""
+    h = x.float() if x.dtype != torch.float64 else x
+    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def enter(x, cos, sin, norm, qkv: tuple, eps: float, n_q: int, n_qk: int, head_dim: int):
+    """Llama's layer up to its attention: x (1, 1, hidden) -> query (1, Hq, D), key and value (1, Hkv, 1, D)."""
+    y = torch.cat([linear(rms_norm(x, norm, eps), layer) for layer in qkv], -1)
+    qk = rotate(y[..., :n_qk].view(1, -1, head_dim), (cos, sin))
+    return qk[:, :n_q], qk[:, n_q:, None], y[..., n_qk:].view(1, -1, 1, head_dim)
+
+
+def leave(x, attended, o, norm, gate_up: tuple, down, eps: float):
+    """Llama's layer after its attention: x and the attention's output (1, Hq, D) -> x after the layer."""
+    x = x + linear(attended.reshape(1, 1, -1), o)
+    gate, up = torch.cat([linear(rms_norm(x, norm, eps), layer) for layer in gate_up], -1).chunk(2, -1)
+    return x + linear(F.silu(gate) * up, down)
+
+
+def both_ways(linears, formulas, shapes, g, dtype):
+    """(enter's 3 outputs and leave's, by the C++ layer), (the same by the formulas above in dtype);
+    linears: the modules [q, k, v] (or one joined), o, gate, up, down; formulas: their (weight, bias) or Int4Weights."""
     hidden, n_q, n_kv, head_dim = shapes["hidden"], shapes["n_q"], shapes["n_kv"], shapes["head_dim"]
     n_qkv = len(linears) - 4
     norm1, norm2 = 1 + 0.1 * torch.randn(hidden, generator=g), 1 + 0.1 * torch.randn(hidden, generator=g)
     angle = torch.rand(head_dim // 2, generator=g) * 6
-    cos, sin = torch.cat([angle.cos()] * 2), torch.cat([-angle.sin(), angle.sin()])
+    cos, sin = torch.cat([angle.cos()] * 2), torch.cat([angle.sin()] * 2)
+    signed_sin = torch.cat([-angle.sin(), angle.sin()])  # what the C++ layer takes: rotate_half(x) * sin as roll(x) * signed_sin
     x, attended = torch.randn(1, 1, hidden, generator=g), torch.randn(1, n_q, head_dim, generator=g)
     ops = native.layers()
-    got = [*ops.enter(x, norm1, 1e-5, *native_products(linears[:n_qkv]), cos[None, None], sin[None, None], n_q, head_dim)]
-    got.append(ops.leave(x, attended, norm2, 1e-5, *native_products(linears[n_qkv:])))
+    got = [*ops.enter(x, norm1, 1e-5, *products(linears[:n_qkv]), cos[None, None], signed_sin[None, None], n_q, head_dim)]
+    got.append(ops.leave(x, attended, norm2, 1e-5, *products(linears[n_qkv:])))
     c = dict(dtype=dtype)
     qkv, (o, gate, up, down) = tuple(formulas[:n_qkv]), formulas[n_qkv:]
     n_qk = (n_q + n_kv) * head_dim
-    want = [*decode_layers.enter(x.to(**c), cos.to(**c), sin.to(**c), norm1.to(**c), qkv, 1e-5, n_q, n_qk, head_dim)]
-    want.append(decode_layers.leave(x.to(**c), attended.to(**c), o, norm2.to(**c), (gate, up), down, 1e-5))
+    want = [*enter(x.to(**c), cos.to(**c), sin.to(**c), norm1.to(**c), qkv, 1e-5, n_q, n_qk, head_dim)]
+    want.append(leave(x.to(**c), attended.to(**c), o, norm2.to(**c), (gate, up), down, 1e-5))
     return got, want

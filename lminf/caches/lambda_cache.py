@@ -97,7 +97,7 @@ class LambdaLayer(DynamicLayer):
 
     def reserve_one(self) -> int | None:
         """Room for one decoding token's key and value, which the caller then writes last in
-        self.keys and self.values (lminf.fast_decode: lminf's C++ layers write them), after it
+        self.keys and self.values (lminf.decoding: lminf's C++ layers write them), after it
         moves the newest stored ones to the returned row (-1: none; the ring's oldest slot
         when full, as `update` does). None where `update` must take the token instead."""
         if not self.is_initialized or self.in_order:

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 
+from lminf.decoding import FastStep
 from lminf.default_model import load_model
 from lminf.eval.methods import Method, check_distinct
 from lminf.eval.runs import RunStore
-from lminf.fast_decode import FastStep
 from lminf.generation import decoder, forward_step, prefill
 from lminf.kernels.int4 import Int4Linear
 from lminf.kernels.linear_layout import arrange_linear_weights, input_major_count
@@ -78,11 +78,10 @@ def measure_cell(model_path: str | None, method: Method, length: int, settings: 
         "decode_bytes": weight_bytes(model) + decode_keys * kv_bytes_per_token(model, cache_itemsize(cache)) // layers,
         "prefill_flops": prefill_flops(model, length, method),
         "settings": method.settings(),
-        # Linear weights stored input-major (lminf.kernels.linear_layout), as decoding read them
-        # (kernel "compiled" stores its layers' weights row-major again).
+        # Linear weights stored input-major (lminf.kernels.linear_layout), as decoding read them.
         "input_major_weights": input_major_count(model),
-        "decode_step": "fast" if isinstance(step, FastStep) else "forward",  # which step ran (lminf.fast_decode)
-        # What the step's attention and its layers ran on, after it ran (a failed compile falls back).
+        "decode_step": "fast" if isinstance(step, FastStep) else "forward",  # which step ran (lminf.decoding)
+        # What the step's attention and its layers ran on.
         **({"decode_kernel": step.attention_kernel, "decode_layers": step.layers_kernel} if isinstance(step, FastStep) else {}),
     }
     del model, cache, step  # the probe's buffer in their place: the peak above stays the cell's own

@@ -8,13 +8,11 @@ for every engine), then decodes `decode_tokens` greedy tokens one at a time, and
 prefill time and the median decoding step. Engines (ENGINES): llama.cpp through
 llama-cpp-python (`pip install 'lminf[race]'`; never a test dependency) with its defaults
 (16-bit cache) and the same threads and batch; lminf with float32 weights, with the file's own
-blocks (`--weights gguf`), with those and a 16-bit cache, and with those and the decoding
-step through torch.compile (`--kernel compiled`: its attention and layers); and float32 with
-its linear weights row-major as loaded, beside the input-major layout lminf.load_model gives
-them on CPU, and float32 compiled; and the file's blocks decoded through the
-model's forward, beside the fast decoding step (lminf.fast_decode) every other lminf engine
-takes. Above the model's training length llama.cpp is not run (see LLAMA_CPP_PAST_TRAINING);
-lminf runs alone there.
+blocks (`--weights gguf`), and with those and a 16-bit cache; float32 with its linear
+weights row-major as loaded, beside the input-major layout lminf.load_model gives them on CPU;
+and the file's blocks decoded through the model's forward, beside the fast decoding step
+(lminf.decoding) every other lminf engine takes. Above the model's training length llama.cpp
+is not run (see LLAMA_CPP_PAST_TRAINING); lminf runs alone there.
 
 Rounds: this host's speed drifts 20-30% between processes minutes apart, more than the targets'
 margins, so `rounds` runs every cell that many times, round after round (engines side by side
@@ -48,10 +46,8 @@ ENGINES: dict[str, dict | None] = {
     LLAMA_CPP: None,
     "lminf": {"weights": "dense"},
     "lminf-row-major": {"weights": "dense", "linear_layout": "row-major"},  # as loaded: the layout's gain, side by side
-    "lminf-compiled": {"weights": "dense", "kernel": "compiled"},
     "lminf-gguf": {"weights": "gguf"},
     "lminf-gguf-kv16": {"weights": "gguf", "kv_dtype": "bfloat16"},
-    "lminf-gguf-kv16-compiled": {"weights": "gguf", "kv_dtype": "bfloat16", "kernel": "compiled"},
     "lminf-gguf-forward": {"weights": "gguf", "decode_step": "forward"},  # the model's forward: the fast step's gain
 }
 LENGTHS = (1024, 8000, 16384, 32768)
@@ -109,7 +105,7 @@ def llama_cpp_cell(gguf: Path, ids: list[int], length: int, settings: dict) -> d
 
 def lminf_cell(options: dict, ids: list[int], length: int, settings: dict) -> dict:
     """One lminf cell (lminf.eval.bench.measure_cell) with the engine's options."""
-    method = Patched(LMInfinite(), "lminf", options.get("kv_dtype"), options.get("kernel", "auto"))
+    method = Patched(LMInfinite(), "lminf", options.get("kv_dtype"))
     cell_settings = {**settings, "device": "cpu", "dtype": "float32", "weights": options["weights"]}
     cell_settings["linear_layout"] = options.get("linear_layout", "input-major")
     cell_settings["decode_step"] = options.get("decode_step", "fast")

@@ -1,5 +1,5 @@
 // A decoding step's layer around its attention, for Llama-shaped layers with float32 or 4-bit
-// weights on a CPU (lminf/kernels/native.py builds it with one_query_cpu.cpp; lminf.fast_decode calls it).
+// weights on a CPU (lminf/kernels/native.py builds it with one_query_cpu.cpp; lminf.decoding calls it).
 //
 // Why: one token through a layer is seven matrix-vector products and a few hundred numbers of
 // arithmetic around them, but done as torch calls from Python it is about 130 calls a layer:
@@ -60,7 +60,7 @@ void check(const Tensor& t, const char* what) {
               "lminf::", what, " takes contiguous float32 CPU tensors");
 }
 
-// A layer's products as lminf.fast_decode.native_products gives them: each one's tensors (counts[i]
+// A layer's products as lminf.decoding.native_stack.products gives them: each one's tensors (counts[i]
 // of them, in turn): a float32 weight (groups[i] == 0), or per part of a 4-bit layer its packed
 // codes and scales (groups[i] its group; the parts' products summed, as lminf.kernels.int4).
 struct Products {

@@ -9,9 +9,6 @@ the 49,152 x 576 output layer 1.9x, the 1,536 x 576 MLP inputs 1.6x, 576 x 576 1
 narrow ones (192 x 576, 576 x 1,536) 0.75-0.85x, so they stay as they are. A whole decoding
 step at 1,024 tokens went from 73.5 to 57.3 ms; prefill of 2,048 tokens did not slow down.
 
-Kernel "compiled" (lminf.kernels.decode_layers) reads row-major weights faster still, so
-`lminf.patch(..., backend="compiled")` stores them row-major again where its layers apply.
-
 Only the order changes: the values, shapes, tied embeddings and state dict are the same, and
 results agree to float32 rounding (the sums run in another order). But save_pretrained wants
 contiguous tensors: `arrange_linear_weights(model, input_major=False)` first.

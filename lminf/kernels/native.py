@@ -1,30 +1,23 @@
 """lminf's own C++ kernels on a CPU, built on first use: one query's attention (one_query_cpu.cpp)
-and a decoding step's layer around it (decode_layer_cpu.cpp: `layers()`).
+and a decoding step's layers around it (decode_layer_cpu.cpp: `layers()`, lminf.decoding).
 
 Why: a decoding step's attention reads each stored key and value once and does little
-arithmetic on them, but neither torch's fused CPU kernel nor the kernel torch.compile
-generates (lminf.kernels.one_query) comes near the memory's speed on one query: inductor's
-sums each key's 64 products across a vector, per key and query row, and the fused kernel
-rounds the query to a 16-bit cache's dtype. This one scores four keys at a time and adds
-their lanes together. One layer of the default model (3 key heads of 3 rows; 30 layers'
-caches in turn; Intel Xeon, 2 threads; micro-benchmark runs kept in the JSON below): 38 us
-over 1,025 bfloat16 keys and 428 over 8,193, against 134 and 702 for inductor's; float32 46
-and 608 against the fused kernel's 77 and 825.
-Whole decoding steps: docs/measurements/native-attention-ab.json (0.79-0.99x the time). Its
-second version (vector maxima, values summed in registers, the next keys prefetched) reads a
-cold cache as fast as torch.sum reads it: 0.92x / 0.90x a step at 8k, float32 / 4-bit
-weights with a bfloat16 cache (docs/measurements/native-kernel-v2-ab.json).
+arithmetic on them, and torch's fused CPU kernel neither reads them at the memory's speed on
+one query nor keeps the float32 query over a 16-bit cache (it rounds the query to the cache's
+dtype). This one scores four keys at a time and sums in float32
+(docs/measurements/native-kernel-v2-ab.json).
 
-Built with the C++ compiler torch.compile uses (kernel "compiled" needs one anyway) into
-lminf's cache folder (kernels/ under ~/.cache/lminf or $LMINF_CACHE), against this torch, for this CPU's vector
-instructions; about 15 s, once per torch version and CPU. Where it cannot be built, `op()`
-is None (said once) and callers run torch's kernels. LMINF_NATIVE=0 turns it off.
+Built with `compiler()` ($CXX, else g++; the tests ask `has_compiler()` the same) into lminf's
+cache folder (kernels/ under ~/.cache/lminf or $LMINF_CACHE), against this torch, for this
+CPU's vector instructions; about 15 s, once per torch version and CPU. Where it cannot be
+built, `op()` is None (said once) and callers run torch's kernels. LMINF_NATIVE=0 turns it off.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -61,6 +54,16 @@ def layers():
     return None if op() is None else torch.ops.lminf
 
 
+def compiler() -> str:
+    """The C++ compiler the kernels are built with: $CXX, else g++ (it needs OpenMP's -fopenmp)."""
+    return os.environ.get("CXX") or "g++"
+
+
+def has_compiler() -> bool:
+    """Whether `compiler()` is installed: where it is, the kernels must build."""
+    return shutil.which(compiler()) is not None
+
+
 def why_not() -> str | None:
     """Why `op()` is None; None when it is not."""
     op()
@@ -86,7 +89,7 @@ def _load():
 
 
 def _shape(rows, keys, values, scale, far_cos=None, far_sin=None):
-    """What the op returns, for torch.compile's tracing."""
+    """What the op returns, for tracing (torch.compile, torch.export)."""
     return rows.new_empty(rows.shape, dtype=torch.float32)
 
 
@@ -94,11 +97,10 @@ def _command(sources: tuple[Path, ...], library: Path) -> list[str]:
     from torch.utils import cpp_extension
 
     torch_lib = Path(torch.__file__).parent / "lib"
-    compiler = os.environ.get("CXX", "g++")
     isa = _ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])
     includes = [flag for path in cpp_extension.include_paths() for flag in ("-I", path)]
     return [
-        compiler, "-O3", "-shared", "-fPIC", "-std=c++17", "-fopenmp", *isa, *includes,
+        compiler(), "-O3", "-shared", "-fPIC", "-std=c++17", "-fopenmp", *isa, *includes,
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         *map(str, sources), "-o", str(library),
         f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{torch_lib}",

@@ -4,8 +4,7 @@ A strategy's attention is a few such passes over different key sets (a window, a
 keys, selected middle keys); merging their outputs through their log-sum-exps gives one
 softmax over the union. Two backends compute a pass, chosen by one switch (`kernel`):
 "torch" (plain matmuls, everywhere) and "flash_cpu" (torch's fused CPU kernel); "auto"
-takes the fused one on CPU where torch has it. "compiled" is "auto" here, and a decoding
-step's one query through torch.compile (lminf.kernels.one_query). A GPU backend goes here.
+takes the fused one on CPU where torch has it. A GPU backend goes here.
 """
 
 from __future__ import annotations
@@ -16,15 +15,27 @@ import torch
 
 # torch's fused CPU attention that also returns the log-sum-exp (an aten op, not public API).
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-KERNELS = ("auto", "flash_cpu", "torch", "compiled")
+KERNELS = ("auto", "flash_cpu", "torch")
+# kernels that once were, and what replaced them
+REPLACED = {
+    "compiled": "kernel 'compiled' (torch.compile) is gone: 'auto' runs lminf's C++ kernels for a decoding step "
+    "on a CPU (every layer and its attention in one call), faster, with the same C++ compiler "
+    "(docs/measurements/compiled-vs-auto.json); use 'auto'",
+}
+
+
+def check_kernel(kernel: str, what: str = "kernel") -> None:
+    """A ValueError unless `kernel` is one of KERNELS; for a removed one it says what replaced it."""
+    if kernel in REPLACED:
+        raise ValueError(f"{REPLACED[kernel]}.")
+    if kernel not in KERNELS:
+        raise ValueError(f"{what} must be one of {KERNELS}, got {kernel!r}.")
 
 
 def use_flash(kernel: str, device: torch.device) -> bool:
     """Whether `kernel` means the fused CPU kernel on `device`."""
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
-    auto = kernel in ("auto", "compiled")
-    return kernel == "flash_cpu" or (auto and device.type == "cpu" and _FLASH_CPU is not None)
+    check_kernel(kernel)
+    return kernel == "flash_cpu" or (kernel == "auto" and device.type == "cpu" and _FLASH_CPU is not None)
 
 
 def attend(
@@ -51,7 +62,7 @@ def attend(
         if bias is not None:  # the kernel reports lse 0, not -inf, for a row with no visible key
             lse = torch.where(torch.isfinite(bias).any(-1), lse, -torch.inf)
         return wide(o), wide(lse)
-    s = capped(wide(q @ k.transpose(-1, -2)) * scaling, softcap)
+    s = softcapped(wide(q @ k.transpose(-1, -2)) * scaling, softcap)
     if additive:
         s = s + mask
     elif mask is not None:
@@ -114,8 +125,11 @@ def wide(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+def softcapped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Logits soft-capped as Gemma 2 does: softcap * tanh(logits / softcap); as they are for None."""
     return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
 
 
 def attend_causal_grouped(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lminf.kernels.sdpa import capped, rows_mask
+from lminf.kernels.sdpa import rows_mask, softcapped
 
 KEY_CHUNK = 4096  # candidate keys scored at once
 
@@ -32,7 +32,7 @@ def top_k_attention(
     count = 0
     for c in range(0, hi, KEY_CHUNK):
         d = min(c + KEY_CHUNK, hi)
-        s = capped((q @ k[:, :, c:d].transpose(-1, -2)).float() * scaling, softcap)
+        s = softcapped((q @ k[:, :, c:d].transpose(-1, -2)).float() * scaling, softcap)
         if bias is not None:  # bias(c, d) -> (B, Hkv, M, d - c) added to the logits (ALiBi)
             s = s + bias(c, d)
         allowed = candidates(c, d)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lminf.kernels.sdpa import alibi_bias, attend, capped, merge, rows, rows_mask, softmax_lse, use_flash, wide
+from lminf.kernels.sdpa import alibi_bias, attend, merge, rows, rows_mask, softcapped, softmax_lse, use_flash, wide
 from lminf.layout import Layout
 from lminf.rope import rotate, rotation
 
@@ -150,7 +150,7 @@ class _Run:
         if softcap is None:  # the scale on the few queries, not on the many logits
             s = wide((qb * scaling) @ k.transpose(-1, -2))
         else:
-            s = capped(wide(qb @ k.transpose(-1, -2)) * scaling, softcap)
+            s = softcapped(wide(qb @ k.transpose(-1, -2)) * scaling, softcap)
         if self.call.alibi is None:
             for cols, hidden in self.layout.once((*key, "hidden", qb.shape[0], self.rep), _hidden, self.seen_as, d, n_local):
                 s[..., cols].masked_fill_(hidden, -torch.inf)
