@@ -4,7 +4,7 @@ lminf/kernels/decode_layer_cpu.cpp): the norms, products, rotation, attention ov
 
 Why: on a CPU much of a step's time is per-call overhead (the model's forward makes about 110
 torch calls a layer); one call for the whole stack leaves the products and the attention's reads
-(docs/measurements/native-stack-ab.json).
+(docs/history.md, native-stack-ab).
 """
 
 from __future__ import annotations

@@ -2,21 +2,19 @@
 // weights on a CPU (lminf/kernels/native.py builds it with one_query_cpu.cpp; lminf.decoding calls it).
 //
 // Why: one token through a layer is seven matrix-vector products and a few hundred numbers of
-// arithmetic around them, but done as torch calls from Python it is about 130 calls a layer:
-// on a 2-core CPU a fifth to a quarter of a float32 step's time went to those calls, not to
-// the products (docs/measurements/native-layers-ab.json). Here the arithmetic is plain loops and
+// arithmetic around them, but done as torch calls from Python it is about 130 calls a layer,
+// whose overhead rivals the products on a small model (docs/history.md, native-layers-ab). Here the arithmetic is plain loops and
 // the products are torch's (at::linear: MKL's where torch has it; the int4 kernel for 4-bit
 // weights, as lminf.kernels.int4 calls it).
 //
 // enter: x (1, 1, hidden) -> query (1, Hq, D), key (1, Hkv, 1, D), value (1, Hkv, 1, D): RMSNorm,
 //   the q, k, v projections, q and k rotated (x * cos + rotate_half(x) * sin, signed_sin = sin
-//   with its first half negated, as lminf.kernels.decode_layers.rope).
+//   with its first half negated, as lminf.decoding.native_stack passes it).
 // leave: x and the attention's output (1, Hq, D) -> x after the layer: the output projection
 //   and residual, RMSNorm, the SiLU-gated MLP and residual.
-// Each computes what lminf.kernels.decode_layers' functions of the same name compute, in float32.
-// layers: every layer of a step in one call (enter, the cache write, lminf::one_query, leave): with
-//   two calls a layer the Python between them was still a tenth of a float32 step at 1k context
-//   (docs/measurements/native-stack-ab.json: 0.85x / 0.88x the time per token at 1k / 9k).
+// Each computes what tests/test_native.py's float64 formulas of the same name compute, in float32.
+// layers: every layer of a step in one call (enter, the cache write, lminf::one_query, leave), so
+//   no Python runs between layers (docs/history.md, native-stack-ab).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>

@@ -5,7 +5,7 @@ Why: a decoding step's attention reads each stored key and value once and does l
 arithmetic on them, and torch's fused CPU kernel neither reads them at the memory's speed on
 one query nor keeps the float32 query over a 16-bit cache (it rounds the query to the cache's
 dtype). This one scores four keys at a time and sums in float32
-(docs/measurements/native-kernel-v2-ab.json).
+(docs/history.md, native-kernel-v2-ab).
 
 Built with `compiler()` ($CXX, else g++; the tests ask `has_compiler()` the same) into lminf's
 cache folder (kernels/ under ~/.cache/lminf or $LMINF_CACHE), against this torch, for this

@@ -72,8 +72,7 @@ def attend(
 
 
 # A one-query pass over at least this many keys runs in parts on the fused kernel (`one_query_pass`):
-# below it, merging the parts cost more than the even work saved (decoding steps 1.02-1.05x the
-# time at 1k and 2k context, even at 4k, 0.92x at 8k; Intel Xeon, 2 threads, docs/measurements/one-query-in-parts-ab.json).
+# below it, merging the parts costs more than the even work saves (docs/history.md, one-query-in-parts-ab).
 SPLIT_FROM = 4096
 
 
@@ -84,9 +83,7 @@ def one_query_pass(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     Why in parts: the fused kernel shares whole heads out between its threads, so the default
     model's 3 key heads on 2 threads left one thread idle a third of the time. Cut into parts
     (each part a batch row of its own, so Hkv * parts is a multiple of the threads) the work is
-    even: over 8,192 keys 0.83-0.88 ms a layer against 0.99 (float32 cache, Intel Xeon, 2
-    threads), and decoding at 8k context took 0.92x the time with float32 weights, 0.89x with
-    4-bit weights and a 16-bit cache. The parts merge through their log-sum-exps."""
+    even. The parts merge through their log-sum-exps."""
     hkv, n_keys = keys.shape[1], keys.shape[2]
     threads = torch.get_num_threads()
     parts = threads // math.gcd(hkv, threads)
@@ -110,7 +107,7 @@ def softmax_lse(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(softmax over the last dim, log-sum-exp) of logits `s`. A row with no finite logit:
     zeros and -inf. torch's fused softmax reads `s` once and writes p once; the lse follows
     from the row maxima, as p's largest entry is exp(max - lse) (two reads, against the eight
-    passes over s of max, subtract, exp, sum and divide: 1.7x faster InfLLM window passes on CPU)."""
+    passes over s of max, subtract, exp, sum and divide)."""
     top = s.amax(-1)
     p = torch.softmax(s, -1)
     lse = top - p.amax(-1).log()
