@@ -249,13 +249,5 @@ def resolve_all(methods: Sequence[Method], model: PreTrainedModel) -> list[Metho
 
 
 def strategy_of(name: str, settings: dict | None = None) -> str | None:
-    """The strategy a recorded method ran, or None for a baseline: its settings say (since
-    they record "strategy"); for older JSON, the method registry or a strategy name that
-    starts the method's name ("lminf-top5")."""
-    if settings and "strategy" in settings:
-        return settings["strategy"]
-    if name in BASELINES:
-        return None
-    if name in strategy_methods():
-        return strategy_methods()[name][0].name
-    return next((strategy for strategy in STRATEGIES if name.startswith(strategy)), None)
+    """The strategy a recorded method ran (its settings name it), or None for a baseline."""
+    return (settings or {}).get("strategy")
