@@ -14,10 +14,10 @@ import dataclasses
 import torch
 
 from lminf.default_model import WEIGHTS, load_model
-from lminf.kernels.linear_layout import arrange_linear_weights
 from lminf.kernels.sdpa import KERNELS, check_kernel
 from lminf.patching import patch
 from lminf.strategies import STRATEGIES, Strategy, get
+from lminf.weights.linear_layout import arrange_linear_weights
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
