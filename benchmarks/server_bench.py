@@ -34,7 +34,7 @@ class Server:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "lminf.cli", "serve", "--port", str(self.port), *extra]
+        cmd = [sys.executable, "-m", "lminf.cli", "serve", "--port", str(self.port), "--weights", "dense", *extra]  # float32
         self.proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
         self.base = f"http://127.0.0.1:{self.port}"
         while True:

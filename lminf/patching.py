@@ -174,7 +174,7 @@ def patch(
     if isinstance(backend, str):
         check_kernel(backend, "backend (a kernel name or an attention function)")
     strategy = _strategy(strategy, settings).resolve(model.config)
-    if kv_dtype is not None and not isinstance(strategy.cache_layer(), LambdaLayer):
+    if kv_dtype is not None and not takes_kv_dtype(strategy):
         raise ValueError(f"kv_dtype is not supported by strategy {strategy.name!r} yet (its cache is its own).")
     kinds = layer_kinds(model.config)
     state = _PatchState(
@@ -240,6 +240,11 @@ def unpatch(model: PreTrainedModel) -> PreTrainedModel:
         model.forward = state.previous_forward
     model.set_attn_implementation(state.previous_implementation)
     return model
+
+
+def takes_kv_dtype(strategy: Strategy) -> bool:
+    """Whether the (resolved) strategy's cache can store keys and values in another dtype: LambdaCache's can."""
+    return isinstance(strategy.cache_layer(), LambdaLayer)
 
 
 def settings_of(model: PreTrainedModel) -> Strategy:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import sys
@@ -13,13 +14,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lminf
+from lminf.arguments import add_model_args, kv_dtype_for, weights_for
 from lminf.cli import main
 from lminf.default_model import converted_folder
 from lminf.eval.bench import prefill_pairs
 from lminf.eval.methods import Patched, Vanilla
 from lminf.eval.plots import plot_bench
 from lminf.eval.tables import bench_page, bench_table, write_section
-from lminf.strategies import LMInfinite
+from lminf.strategies import InfLLM, LMInfinite
+from lminf.weights import int4
 from tests.helpers import lminf_cli
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -46,7 +49,8 @@ def test_generate_reads_stdin_and_vanilla_says_what_lminf_says(monkeypatch, caps
 
     def generate(*flags: str) -> tuple[str, str]:
         monkeypatch.setattr(sys, "stdin", io.StringIO(text))
-        assert main(["generate", "-", "--max-new-tokens", "5", "--dtype", "float32", *flags]) == 0
+        # Dense weights: the promise is about the attention (the default's bfloat16 cache is vanilla's float32 one).
+        assert main(["generate", "-", "--max-new-tokens", "5", "--weights", "dense", *flags]) == 0
         out = capsys.readouterr()
         return out.out, out.err.strip().splitlines()[-1]
 
@@ -192,7 +196,7 @@ def test_generate_with_a_float16_cache_stores_float16_and_says_what_float32_says
     monkeypatch.setattr(lminf, "make_cache", lambda model: caches.append(make_cache(model)) or caches[-1])
 
     def generate(*flags: str) -> str:
-        args = ["generate", str(doc), "-i", "What is the capital of Italy?", "--max-new-tokens", "8", "--dtype", "float32"]
+        args = ["generate", str(doc), "-i", "What is the capital of Italy?", "--max-new-tokens", "8", "--weights", "dense"]
         assert main([*args, "--n-local", "64", *flags]) == 0
         return capsys.readouterr().out
 
@@ -202,3 +206,53 @@ def test_generate_with_a_float16_cache_stores_float16_and_says_what_float32_says
     float32 = generate()
     assert caches[-1].layers[0].keys.dtype == torch.float32
     assert float16.strip() and float16 == float32  # 10 mantissa bits: the same greedy words on a short reply
+
+
+def decoding_args(*flags: str, auto_weights: bool = True) -> argparse.Namespace:
+    """The arguments of a decoding command (generate, chat, serve), or of eval/bench with auto_weights=False."""
+    parser = argparse.ArgumentParser()
+    add_model_args(parser, auto_weights=auto_weights)
+    return parser.parse_args(["--device", "cpu", *flags])
+
+
+def chosen(*flags: str, strategy: lminf.Strategy | None = None) -> tuple[str, torch.dtype | None]:
+    """(weights, cache dtype or None: the model's) that a decoding command with these flags runs."""
+    args = decoding_args(*flags)
+    weights = weights_for(args)
+    return weights, kv_dtype_for(args, weights, strategy or LMInfinite(n_local=64))
+
+
+def test_built_in_models_decode_their_own_gguf_blocks_on_cpu_by_default():
+    assert chosen() == ("gguf", torch.bfloat16)  # the default model, float32 activations on CPU
+    assert chosen("--model", "gemma3-270m") == chosen("--dtype", "float32") == chosen("--vanilla") == ("gguf", torch.bfloat16)
+    assert chosen("--kv-dtype", "float16") == ("gguf", torch.float16)  # a given cache dtype wins
+    assert chosen(strategy=InfLLM(n_local=64)) == ("gguf", None)  # its cache keeps the model's dtype
+
+
+def test_elsewhere_the_default_is_dense_and_given_flags_win(tmp_path, monkeypatch):
+    assert chosen("--model", str(tmp_path)) == ("dense", None)  # a local model has no GGUF file of its own
+    assert chosen("--dtype", "bfloat16") == chosen("--device", "cuda", "--dtype", "float32") == ("dense", None)
+    assert chosen("--weights", "dense") == ("dense", None)  # float32, one flag away
+    assert chosen("--weights", "gguf") == ("gguf", None)  # as asked: the cache as the model computes it
+    assert chosen("--weights", "dense", "--kv-dtype", "bfloat16") == ("dense", torch.bfloat16)
+    monkeypatch.setattr(int4, "_MM", None)  # a torch without the int4 CPU kernel: dense, no error
+    assert chosen() == ("dense", None)
+
+
+def test_eval_and_bench_keep_dense_weights():
+    assert weights_for(decoding_args(auto_weights=False)) == "dense"
+    with pytest.raises(SystemExit):
+        decoding_args("--weights", "auto", auto_weights=False)
+    with pytest.raises(SystemExit):
+        main(["bench", "--weights", "auto"])
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_generate_with_no_flag_runs_the_gguf_weights_and_says_so():
+    run = lminf_cli("generate", "-", "-i", "Name a colour.", "--max-new-tokens", "4", stdin="The sky is blue.")
+    assert run.returncode == 0, run.stderr
+    stats = run.stderr.strip().splitlines()[-1]
+    assert stats.startswith("[lminf] prompt") and stats.endswith("weights gguf, kv bfloat16"), stats
+    dense = lminf_cli("generate", "-", "-i", "Name a colour.", "--max-new-tokens", "4", "--weights", "dense", stdin="x")
+    assert dense.stderr.strip().splitlines()[-1].endswith("weights dense float32, kv float32"), dense.stderr

@@ -97,9 +97,9 @@ def test_streamed_greedy_generation_matches_full_forward(default, text_ids):
 
 
 def test_default_model_stores_wide_weights_input_major(default):
-    """The loader's CPU layout (lminf.kernels.linear_layout): the output layer, the MLP's inputs
+    """The loader's CPU layout (lminf.weights.linear_layout): the output layer, the MLP's inputs
     and q/o input-major; k, v and the MLP's output as loaded; the embedding still tied."""
-    from lminf.kernels.linear_layout import is_input_major
+    from lminf.weights.linear_layout import is_input_major
 
     model, _ = default
     layer = model.model.layers[0]

@@ -282,8 +282,8 @@ def four_bit(model):
     quantized to Q4_1 blocks), so they run on the int4 kernel as `--weights gguf` does."""
     from gguf import GGMLQuantizationType, quants
 
-    from lminf.gguf_weights import GROUP, block_parts
-    from lminf.kernels.int4 import Int4Linear
+    from lminf.weights.gguf import GROUP, block_parts
+    from lminf.weights.int4 import Int4Linear
 
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

@@ -1,4 +1,4 @@
-"""Linear weights stored input-major for CPU decoding (lminf.kernels.linear_layout): the
+"""Linear weights stored input-major for CPU decoding (lminf.weights.linear_layout): the
 storage changes, the function does not. Reference: the same model as built, row-major."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from lminf.generation import cache_kwarg
-from lminf.kernels.linear_layout import arrange_linear_weights, is_input_major
+from lminf.weights.linear_layout import arrange_linear_weights, is_input_major
 from tests.helpers import tiny_model
 
 torch.set_grad_enabled(False)

@@ -1,4 +1,4 @@
-"""Low-bit options: a GGUF file's own 4/8-bit weights (lminf.gguf_weights, lminf.kernels.int4)
+"""Low-bit options: a GGUF file's own 4/8-bit weights (lminf.weights.gguf, lminf.weights.int4)
 and a 16-bit cache (`kv_dtype`).
 
 References: the gguf package's own de-quantizer for what the blocks mean, float64 matmuls for
@@ -19,8 +19,8 @@ import lminf
 from lminf.eval.bench import prefill_flops, weight_bytes
 from lminf.eval.methods import Patched
 from lminf.generation import cache_kwarg
-from lminf.gguf_weights import BLOCK_BYTES, GROUP, block_parts
-from lminf.kernels.int4 import Int4Linear
+from lminf.weights.gguf import BLOCK_BYTES, GROUP, block_parts
+from lminf.weights.int4 import Int4Linear
 from tests.helpers import tiny_model
 from tests.reference import reference_attention
 from tests.strategy_cases import random_case

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from lminf.decoding.modules import joined
 from lminf.decoding.native_stack import products
 from lminf.kernels import native
-from lminf.kernels.int4 import Int4Weights, int4_linear
 from lminf.rope import rotate
+from lminf.weights.int4 import Int4Weights, int4_linear
 from tests.conftest import HAS_CXX
 from tests.reference import dense_attention as dense
 
@@ -147,12 +147,12 @@ def test_the_layer_equals_its_formulas_in_float64(op, bias, head_dim):
 
 
 def test_the_layer_with_4_bit_weights_equals_its_formulas(op):
-    # 4-bit products (lminf.kernels.int4: the int4 kernel, its inputs rounded to bfloat16), q, k, v
+    # 4-bit products (lminf.weights.int4: the int4 kernel, its inputs rounded to bfloat16), q, k, v
     # joined into one layer as the fast step joins them; against the formulas calling the same
     # kernel, in float32: equal up to a bfloat16 rounding of an input that float32 sums in another
     # order put on the other side of it.
-    from lminf.gguf_weights import GROUP
-    from lminf.kernels.int4 import Int4Linear
+    from lminf.weights.gguf import GROUP
+    from lminf.weights.int4 import Int4Linear
 
     g = torch.Generator().manual_seed(4)
     shapes = layer_shapes(64)

@@ -44,3 +44,14 @@ def test_small_cpu_machines_compute_on_every_core(monkeypatch):
     assert small_cpu_env({"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"})["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"  # the user's stays
     monkeypatch.setattr("os.cpu_count", lambda: 64)
     assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in small_cpu_env({})  # vLLM's default on big machines
+
+
+def test_engine_vllm_takes_the_default_weights_and_refuses_gguf(tmp_path, monkeypatch, capsys):
+    tiny_model("llama").save_pretrained(tmp_path)
+    monkeypatch.setattr("lminf.vllm.server.vllm_installed", lambda: True)
+    started = []
+    monkeypatch.setattr("os.execve", lambda path, argv, env: started.append(argv))
+    assert main(["serve", "--engine", "vllm", "--model", str(tmp_path), "--device", "cpu"]) == 0  # --weights auto: dense
+    assert started and started[0][:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    assert main(["serve", "--engine", "vllm", "--model", str(tmp_path), "--weights", "gguf"]) == 2
+    assert "--weights gguf, --kv-dtype and --kernel run on lminf's own engine" in capsys.readouterr().err

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from lminf.kernels.int4 import Int4Linear
 from lminf.rope import rotate
+from lminf.weights.int4 import Int4Linear
 
 
 @dataclass

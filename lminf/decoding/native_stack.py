@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 
 from lminf.decoding.modules import joined
 from lminf.kernels import native
-from lminf.kernels.int4 import Int4Linear
+from lminf.weights.int4 import Int4Linear
 
 
 def fits(model: PreTrainedModel) -> bool:

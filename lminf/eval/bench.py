@@ -37,9 +37,9 @@ from lminf.default_model import load_model
 from lminf.eval.methods import Method, check_distinct
 from lminf.eval.runs import RunStore
 from lminf.generation import decoder, forward_step, prefill
-from lminf.kernels.int4 import Int4Linear
-from lminf.kernels.linear_layout import arrange_linear_weights, input_major_count
 from lminf.memory import cache_mib, cache_tiers, peak_mib
+from lminf.weights.int4 import Int4Linear
+from lminf.weights.linear_layout import arrange_linear_weights, input_major_count
 
 
 def measure_cell(model_path: str | None, method: Method, length: int, settings: dict, prompt: torch.Tensor | None = None) -> dict:
@@ -78,7 +78,7 @@ def measure_cell(model_path: str | None, method: Method, length: int, settings: 
         "decode_bytes": weight_bytes(model) + decode_keys * kv_bytes_per_token(model, cache_itemsize(cache)) // layers,
         "prefill_flops": prefill_flops(model, length, method),
         "settings": method.settings(),
-        # Linear weights stored input-major (lminf.kernels.linear_layout), as decoding read them.
+        # Linear weights stored input-major (lminf.weights.linear_layout), as decoding read them.
         "input_major_weights": input_major_count(model),
         "decode_step": "fast" if isinstance(step, FastStep) else "forward",  # which step ran (lminf.decoding)
         # What the step's attention and its layers ran on.

@@ -5,7 +5,7 @@
 // arithmetic around them, but done as torch calls from Python it is about 130 calls a layer,
 // whose overhead rivals the products on a small model (docs/history.md, native-layers-ab). Here the arithmetic is plain loops and
 // the products are torch's (at::linear: MKL's where torch has it; the int4 kernel for 4-bit
-// weights, as lminf.kernels.int4 calls it).
+// weights, as lminf.weights.int4 calls it).
 //
 // enter: x (1, 1, hidden) -> query (1, Hq, D), key (1, Hkv, 1, D), value (1, Hkv, 1, D): RMSNorm,
 //   the q, k, v projections, q and k rotated (x * cos + rotate_half(x) * sin, signed_sin = sin
@@ -60,7 +60,7 @@ void check(const Tensor& t, const char* what) {
 
 // A layer's products as lminf.decoding.native_stack.products gives them: each one's tensors (counts[i]
 // of them, in turn): a float32 weight (groups[i] == 0), or per part of a 4-bit layer its packed
-// codes and scales (groups[i] its group; the parts' products summed, as lminf.kernels.int4).
+// codes and scales (groups[i] its group; the parts' products summed, as lminf.weights.int4).
 struct Products {
   at::TensorList tensors;
   at::IntArrayRef counts, groups;
@@ -89,7 +89,7 @@ struct Products {
       return at::linear(h, t[0], bias);
     }
     TORCH_CHECK(counts[i] % 2 == 0, "lminf: a 4-bit product is (packed codes, scales) per part");
-    const Tensor input = h.to(at::kBFloat16);  // the int4 kernel reads bfloat16 (lminf.kernels.int4.COMPUTE)
+    const Tensor input = h.to(at::kBFloat16);  // the int4 kernel reads bfloat16 (lminf.weights.int4.COMPUTE)
     Tensor y = at::_weight_int4pack_mm_for_cpu(input, t[0], groups[i], t[1]).to(at::kFloat);
     for (int64_t j = 2; j < counts[i]; j += 2) y.add_(at::_weight_int4pack_mm_for_cpu(input, t[j], groups[i], t[j + 1]).to(at::kFloat));
     if (bias.has_value()) y.add_(*bias);

@@ -1,13 +1,10 @@
 """How linear layers' weights lie in memory: the same values, a faster order for decoding on a CPU.
 
 A decoding step multiplies one row by every weight matrix, so it is bound by reading them.
-With float32 on CPU, torch's matrix-vector path reads a wide matrix (more outputs than inputs)
-faster when it is stored input-major (W.T contiguous, seen through a transposed view, which
-is what F.linear then multiplies without a copy). Measured on the default model, 2-core AMD
-EPYC, 2 threads, torch 2.13 (one matrix-vector product, 30 copies so none stays in cache):
-the 49,152 x 576 output layer 1.9x, the 1,536 x 576 MLP inputs 1.6x, 576 x 576 1.1x faster;
-narrow ones (192 x 576, 576 x 1,536) 0.75-0.85x, so they stay as they are. A whole decoding
-step at 1,024 tokens went from 73.5 to 57.3 ms; prefill of 2,048 tokens did not slow down.
+With float32 on CPU, torch's matrix-vector path reads a wide matrix (more outputs than inputs:
+the output layer, the MLP's inputs) faster when it is stored input-major (W.T contiguous, seen
+through a transposed view, which is what F.linear then multiplies without a copy); narrow ones
+read slower that way, so they stay as they are. Prefill does not slow down.
 
 Only the order changes: the values, shapes, tied embeddings and state dict are the same, and
 results agree to float32 rounding (the sums run in another order). But save_pretrained wants

@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-from lminf.kernels.int4 import Int4Linear, Part
+from lminf.weights.int4 import Int4Linear, Part
 
 GROUP = 32
 BLOCK_BYTES = {gguf.GGMLQuantizationType.Q4_0: 18, gguf.GGMLQuantizationType.Q4_1: 20, gguf.GGMLQuantizationType.Q8_0: 34}
