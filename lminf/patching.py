@@ -32,7 +32,6 @@ from lminf.families import (
     rotary_embedding,
 )
 from lminf.generation import PREFILL_CHUNK, cache_kwarg, prefill
-from lminf.kernels import native
 from lminf.kernels.sdpa import check_kernel
 from lminf.layout import Layout, lambda_mask
 from lminf.strategies import AttentionCall, Strategy, build
@@ -162,7 +161,7 @@ def patch(
             >= top_k_from_layer (with top_k > 0 the generation cache keeps every token);
         global_distance="capped" | "reindexed" is the older spelling of strategy "lminf" | "sinks".
     backend: the kernel, one of "auto" (on a CPU lminf's C++ kernels for a decoding step with
-        float32 or 4-bit weights: every layer and its attention in one call, lminf.kernels.native,
+        float32 or 4-bit weights: every layer and its attention in one call, lminf.decoding.native,
         built on first use; torch's fused kernel for the rest), "torch", "flash_cpu"; or a function
         (strategy, q, k, v, layout, call) -> output that replaces the strategy's attention.
     kv_dtype: store the cache's keys and values in this dtype (torch.bfloat16 halves a float32
@@ -189,8 +188,7 @@ def patch(
     )
     for module in attention_modules(model):
         module._lminf = state
-    if state.kernel == "auto" and model.device.type == "cpu" and model.dtype == torch.float32:
-        native.op()  # lminf's C++ kernels: built now on first use, not in a timed decoding step
+    _build_kernels(model, state.kernel)
     if state.family.prepare is not None:
         state.prepared = state.family.prepare(model)
     if strategy.stateful:  # its attention reads its own cache layer: note which cache each forward call uses
@@ -202,6 +200,14 @@ def patch(
     model.forward = _forward_with_fast_step(model, state)
     model.generate = _generate_with_strategy_cache(model)
     return model
+
+
+def _build_kernels(model: PreTrainedModel, kernel: str) -> None:
+    """lminf's C++ kernels, built now on first use where decoding runs them, not in a timed step."""
+    if kernel == "auto" and model.device.type == "cpu" and model.dtype == torch.float32:
+        from lminf.decoding import native  # lazily: the decoding package asks patching for its state
+
+        native.op()
 
 
 def _strategy(strategy: Strategy | str | None, settings: dict) -> Strategy:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from lminf.kernels import native
+from lminf.decoding import native
 from tests.helpers import TINY_CONFIGS
 
-# lminf's C++ kernels build where their compiler is (lminf.kernels.native); there a failed build fails the tests.
+# lminf's C++ kernels build where their compiler is (lminf.decoding.native); there a failed build fails the tests.
 HAS_CXX = native.has_compiler()
 
 

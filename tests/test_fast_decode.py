@@ -12,10 +12,10 @@ from transformers import DynamicCache
 
 import lminf
 from lminf import arguments
-from lminf.decoding import LLAMA_SHAPED, FastStep, why_not
+from lminf.decoding import LLAMA_SHAPED, FastStep, native, why_not
 from lminf.eval.methods import make_method
 from lminf.generation import cache_kwarg, decoder
-from lminf.kernels import native, sdpa
+from lminf.kernels import sdpa
 from lminf.serve.session import Sampling, Session, stream_tokens
 from tests.conftest import HAS_CXX
 from tests.helpers import FP32, decoded, tiny_model, tokens

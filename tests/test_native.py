@@ -1,4 +1,4 @@
-"""lminf's C++ kernel for one query's attention (lminf.kernels.native, one_query_cpu.cpp) against
+"""lminf's C++ kernel for one query's attention (lminf.decoding.native, one_query_cpu.cpp) against
 the dense float64 formula: any key heads, rows, head size and number of keys, keys stored in
 float32, float64 or 16 bits, strided views of a larger cache, any number of threads; its errors;
 that it is off where it cannot be built; and its layers around the attention (decode_layer_cpu.cpp)
@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lminf.decoding import native
 from lminf.decoding.modules import joined
 from lminf.decoding.native_stack import products
-from lminf.kernels import native
 from lminf.rope import rotate
 from lminf.weights.int4 import Int4Weights, int4_linear
 from tests.conftest import HAS_CXX

@@ -1,6 +1,6 @@
 """Every decoder layer of a decoding step as one call of lminf's C++ layers (lminf::layers in
-lminf/kernels/decode_layer_cpu.cpp): the norms, products, rotation, attention over the cache
-(lminf/kernels/one_query_cpu.cpp) and the cache writes of all layers, no Python between them.
+lminf/decoding/decode_layer_cpu.cpp): the norms, products, rotation, attention over the cache
+(lminf/decoding/one_query_cpu.cpp) and the cache writes of all layers, no Python between them.
 
 Why: on a CPU much of a step's time is per-call overhead (the model's forward makes about 110
 torch calls a layer); one call for the whole stack leaves the products and the attention's reads
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from lminf.decoding import native
 from lminf.decoding.modules import joined
-from lminf.kernels import native
 from lminf.weights.int4 import Int4Linear
 
 

@@ -1,4 +1,4 @@
-// One query's attention on a CPU, in one pass over the stored keys and values (lminf/kernels/native.py builds it).
+// One query's attention on a CPU, in one pass over the stored keys and values (lminf/decoding/native.py builds it).
 //
 // rows (Hkv, rep, D) float32: a query's heads grouped by their key head; keys and values
 // (Hkv, S, D) in float32, float64, bfloat16 or float16, each row of D contiguous (a cache's

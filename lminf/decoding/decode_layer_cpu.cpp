@@ -1,5 +1,5 @@
 // A decoding step's layer around its attention, for Llama-shaped layers with float32 or 4-bit
-// weights on a CPU (lminf/kernels/native.py builds it with one_query_cpu.cpp; lminf.decoding calls it).
+// weights on a CPU (lminf/decoding/native.py builds it with one_query_cpu.cpp; lminf.decoding calls it).
 //
 // Why: one token through a layer is seven matrix-vector products and a few hundred numbers of
 // arithmetic around them, but done as torch calls from Python it is about 130 calls a layer,
