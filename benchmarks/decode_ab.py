@@ -111,13 +111,14 @@ def main() -> None:
     parser.add_argument("--contexts", default="1024,8192")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma list of {', '.join(SETTINGS)}")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("docs/measurements/decode-ab.json"))
     args = parser.parse_args()
     trees = {"base": args.base, "head": args.head}
     contexts = [int(c) for c in args.contexts.split(",")]
     cells = []
-    for setting in SETTINGS:
+    for setting in args.settings.split(","):
         for context in contexts:
             cells.append(cell(setting, context, trees, args))
             print(json.dumps(cells[-1]), flush=True)
