@@ -117,7 +117,7 @@ def main() -> None:
     args = parser.parse_args()
     trees = {"base": args.base, "head": args.head}
     contexts = [int(c) for c in args.contexts.split(",")]
-    cells = []
+    cells, load_before = [], os.getloadavg()[0]
     for setting in args.settings.split(","):
         for context in contexts:
             cells.append(cell(setting, context, trees, args))
@@ -126,7 +126,8 @@ def main() -> None:
         "script": "benchmarks/decode_ab.py",
         "commits": {name: commit(tree) for name, tree in trees.items()},
         "machine": cpu(),
-        "note": "the machine was shared with other processes; the checkouts alternate every round, so ratios are fair",
+        "load_1min": {"before": load_before, "after": os.getloadavg()[0]},  # the run's own workers count too
+        "note": "the checkouts alternate every round, so both see the same machine",
         "tokens": args.tokens,
         "threads": args.threads,
         "cells": cells,
