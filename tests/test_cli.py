@@ -20,7 +20,7 @@ from lminf.default_model import converted_folder
 from lminf.eval.bench import prefill_pairs
 from lminf.eval.methods import Patched, Vanilla
 from lminf.eval.plots import plot_bench
-from lminf.eval.tables import bench_page, bench_table, write_section
+from lminf.eval.tables import bench_page, bench_table, shown, write_section
 from lminf.strategies import InfLLM, LMInfinite
 from lminf.weights import int4
 from tests.helpers import lminf_cli
@@ -185,6 +185,14 @@ def test_a_bench_section_of_its_own_keeps_the_main_one(tmp_path):
     assert "main table" in text and "side by side table" in text and text.startswith("<!-- bench: generated")
     assert "## lminf, infllm side by side" in text and "`lminf bench --doc " in text and "--section infllm`" in text
     assert "(JSON: `benchmarks-infllm.json`)" in text and "(benchmarks-infllm.png)" in text
+
+
+def test_a_generated_page_names_its_doc_relative_to_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs").mkdir()
+    page = bench_page(fake_bench(["vanilla", "lminf"]), tmp_path / "docs" / "benchmarks.md", "main table")
+    assert "`lminf bench --doc docs/benchmarks.md`" in page and str(tmp_path) not in page
+    assert shown(Path("/elsewhere/benchmarks.md")) == "/elsewhere/benchmarks.md"  # outside it: as given
 
 
 @pytest.mark.slow
