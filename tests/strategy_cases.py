@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from lminf.layout import Layout
 from lminf.strategies import AttentionCall, InfLLM, LMInfinite, Sinks
 from lminf.strategies.lm_infinite_original import LMInfiniteOriginal
+from lminf.strategies.longheads import LongHeads
 
 CASES = {
     # blocks of 4 from position 3, in memory from position 14 on; 2 of them per query, 2 hot
@@ -22,7 +23,15 @@ CASES = {
     "lminf-top2": LMInfinite(n_global=3, n_local=8, top_k=2, top_k_from_layer=1),
     "sinks": Sinks(n_global=3, n_local=8),
     "lminf-original": LMInfiniteOriginal(n_global=3, n_local=8, top_k=2, top_k_from_layer=1, top_k_insert_at=5),
+    # chunks of 4, 4 read per query head (first, previous, own and 1 chosen) from position 16 on
+    "longheads": LongHeads(chunk_size=4, attention_length=16, select_from=16),
 }
+
+
+def with_sizes(strategy, **sizes):
+    """`strategy` with the sizes it has among `sizes` replaced (longheads has no n_local)."""
+    fields = {f.name for f in dataclasses.fields(strategy)}
+    return dataclasses.replace(strategy, **{k: v for k, v in sizes.items() if k in fields})
 
 
 def random_case(data):
@@ -33,7 +42,7 @@ def random_case(data):
     n_freq = data.draw(st.integers(1, 6))
     head_dim = 2 * n_freq + data.draw(st.sampled_from([0, 0, 3]))  # partial rotary: channels left alone
     n_global, n_local = data.draw(st.integers(0, 5)), data.draw(st.integers(1, 12))
-    strategy = dataclasses.replace(CASES[data.draw(st.sampled_from(sorted(CASES)))], n_global=n_global, n_local=n_local)
+    strategy = with_sizes(CASES[data.draw(st.sampled_from(sorted(CASES)))], n_global=n_global, n_local=n_local)
     batch = data.draw(st.integers(1, 3))
     total = data.draw(st.integers(1, 70))
     n_new = data.draw(st.integers(1, total))  # queries: the last n_new tokens
