@@ -16,6 +16,8 @@ import torch
 from tqdm import tqdm
 from transformers import Cache, PreTrainedModel
 
+from lminf.caches.turn_cache import begin_turn
+
 PREFILL_CHUNK = 2048  # prompt tokens per forward call
 
 
@@ -38,15 +40,20 @@ def prefill(
     attention_mask: torch.Tensor | None = None,
     chunk_size: int = PREFILL_CHUNK,
     progress: bool = False,
+    turn: bool = True,
 ) -> None:
     """Feed `input_ids` through `cache` `chunk_size` tokens at a time, so activation memory
     stays bounded whatever the length. Positions follow generate()'s rule for padded rows.
     To continue with `generate`, prefill all but the prompt's last token and pass the whole
-    prompt with this cache: generate runs only the tokens the cache has not seen."""
+    prompt with this cache: generate runs only the tokens the cache has not seen.
+    turn: the input is one turn, for a cache that counts turns (SirLLM's); False: part of one
+    announced already (generate announces its own)."""
     position_ids = None
     if attention_mask is not None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     n = input_ids.shape[1]
+    if turn:
+        begin_turn(cache, n)
     bar = tqdm(total=n, desc="prefill", unit="tok", file=sys.stderr, disable=not progress)
     for a in range(0, n, chunk_size):
         b = min(a + chunk_size, n)

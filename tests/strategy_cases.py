@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from lminf.layout import Layout
 from lminf.strategies import AttentionCall, InfLLM, LMInfinite, Sinks
 from lminf.strategies.lm_infinite_original import LMInfiniteOriginal
+from lminf.strategies.sirllm import SirLLM
 
 CASES = {
     # blocks of 4 from position 3, in memory from position 14 on; 2 of them per query, 2 hot
@@ -22,6 +23,7 @@ CASES = {
     "lminf-top2": LMInfinite(n_global=3, n_local=8, top_k=2, top_k_from_layer=1),
     "sinks": Sinks(n_global=3, n_local=8),
     "lminf-original": LMInfiniteOriginal(n_global=3, n_local=8, top_k=2, top_k_from_layer=1, top_k_insert_at=5),
+    "sirllm": SirLLM(n_global=3, n_scored=8, n_local=4, decay=0.9),  # a 15-token cache: 12 fit in one call
 }
 
 
