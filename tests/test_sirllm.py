@@ -89,11 +89,11 @@ def test_kept_indices_breaks_ties_toward_the_earlier_token():
 def test_decay_follows_the_eviction_of_its_turn():
     """The turn's eviction reads the scores as they were; only then are they decayed (with decay
     0 the other order would leave only ties, and keep the earliest tokens)."""
-    strategy = SirLLM(n_global=1, n_scored=3, n_local=0, decay=0.0)
-    cache = filled(strategy, torch.tensor([[9.0, 1.0, 2.0, 8.0]], dtype=torch.float64))
-    cache.begin_turn(2)  # room for 2: the best 1, the first token, the newest to fill 2
-    assert cache.scored[0].positions.tolist() == [[0, 3]]
-    assert cache.scores.tolist() == [[0.0, 0.0]]
+    strategy = SirLLM(n_global=1, n_scored=3, n_local=1, decay=0.0)
+    cache = filled(strategy, torch.tensor([[1.0, 9.0, 2.0, 3.0, 4.0]], dtype=torch.float64))
+    cache.begin_turn(2)  # room for 2: the best one, the first token, the newest to fill 3
+    assert cache.scored[0].positions.tolist() == [[0, 1, 4]]
+    assert cache.scores.tolist() == [[0.0, 0.0, 0.0]]
 
 
 def test_a_turn_decays_once_a_bare_call_not_at_all():
