@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 from transformers import Cache, PreTrainedModel
 
-from lminf.caches.turn_cache import begin_turn
+from lminf.caches.turn_cache import TurnCache, begin_turn
 
 PREFILL_CHUNK = 2048  # prompt tokens per forward call
 
@@ -121,6 +121,10 @@ def token_nll(
     n = ids.shape[1]
     for a in tqdm(range(0, n - 1, chunk_size), desc="nll", unit="chunk", disable=not progress):
         b = min(a + chunk_size, n - 1)
+        if isinstance(cache, TurnCache):  # its cache needs the model's forward, which reads every position's logits
+            logits = model(ids[:, a:b], **cache_kwarg(model, cache), use_cache=True).logits[0].float()
+            nll.append(torch.nn.functional.cross_entropy(logits, ids[0, a + 1 : b + 1], reduction="none"))
+            continue
         decoder = model.get_decoder()
         hidden = decoder(ids[:, a:b], **cache_kwarg(decoder, cache), use_cache=True).last_hidden_state
         nll.append(target_nll(model, hidden[0], ids[0, a + 1 : b + 1]))

@@ -246,3 +246,15 @@ def test_generate_prefill_and_sessions_announce_their_turns(monkeypatch):
     # generate: prompt + new; prefill: its input (once, whatever its chunks); a passed cache: the
     # unseen prompt tokens; a session: its unfed tokens (the last reply token too) + new
     assert turns == [12 + 5, 9, 14 - 9 + 3, 3 + 4, 1 + 2 + 4]
+
+
+def test_token_nll_runs_through_the_scoring_forward():
+    from lminf.generation import token_nll
+
+    model = lminf.patch(tiny_model(), SirLLM(n_global=3, n_scored=8, n_local=4))
+    ids = tokens(40)
+    nll = token_nll(model, ids, lminf.make_cache(model), chunk_size=10, progress=False)
+    cache = lminf.make_cache(model)
+    logits = torch.cat([model(ids[:, a : min(a + 10, 39)], **cache_kwarg(model, cache)).logits for a in range(0, 39, 10)], dim=1)
+    want = torch.nn.functional.cross_entropy(logits[0, :39], ids[0, 1:], reduction="none")
+    torch.testing.assert_close(nll, want, **FP32)
