@@ -312,11 +312,13 @@ def _generate_with_strategy_cache(model: PreTrainedModel) -> Callable:
     state: _PatchState = model._lminf
 
     @functools.wraps(original)
-    def generate(*args, prefill_chunk: int = PREFILL_CHUNK, decode_step: str = "auto", **kwargs):
+    def generate(*args, prefill_chunk: int = PREFILL_CHUNK, decode_step: str = "auto", turn: bool = True, **kwargs):
         """transformers' generate, through the strategy's cache (made here unless one is passed):
         the prompt goes through it in chunks of `prefill_chunk` tokens first. decode_step: "auto"
         decodes through lminf's fast step where it applies (lminf.decoding), "fast" insists
-        (an error says why it cannot), "forward" always runs the model's forward."""
+        (an error says why it cannot), "forward" always runs the model's forward. turn: the call
+        is one turn, for a cache that counts turns (SirLLM's); False: part of one announced already
+        (lminf.begin_turn)."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}.")
         if decode_step not in DECODE_STEPS:
@@ -329,12 +331,14 @@ def _generate_with_strategy_cache(model: PreTrainedModel) -> Callable:
             kwargs.pop("past_key_values", None)
             cache = make_cache(model, mask)
             kwargs.update(cache_kwarg(model, cache))
-            _begin_turn(model, cache, ids, kwargs)
+            if turn:
+                _begin_turn(model, cache, ids, kwargs)
             if isinstance(ids, torch.Tensor) and ids.ndim == 2 and ids.shape[1] - 1 > prefill_chunk:
                 prefill(model, ids[:, :-1], cache, None if mask is None else mask[:, :-1], prefill_chunk, turn=False)
         else:
             _check_cache_leaves_a_token(cache, ids)
-            _begin_turn(model, cache, ids, kwargs)
+            if turn:
+                _begin_turn(model, cache, ids, kwargs)
         reason = None if decode_step == "forward" else _why_not_fast(model, cache, ids, mask, kwargs)
         if decode_step == "fast" and reason is not None:
             raise ValueError(f"decode_step='fast' cannot run here: {reason}.")
