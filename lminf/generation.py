@@ -120,15 +120,20 @@ def token_nll(
     nll = []
     n = ids.shape[1]
     for a in tqdm(range(0, n - 1, chunk_size), desc="nll", unit="chunk", disable=not progress):
-        b = min(a + chunk_size, n - 1)
-        if isinstance(cache, TurnCache):  # its cache needs the model's forward, which reads every position's logits
-            logits = model(ids[:, a:b], **cache_kwarg(model, cache), use_cache=True).logits[0].float()
-            nll.append(torch.nn.functional.cross_entropy(logits, ids[0, a + 1 : b + 1], reduction="none"))
-            continue
-        decoder = model.get_decoder()
-        hidden = decoder(ids[:, a:b], **cache_kwarg(decoder, cache), use_cache=True).last_hidden_state
-        nll.append(target_nll(model, hidden[0], ids[0, a + 1 : b + 1]))
+        nll.append(chunk_nll(model, ids, a, min(a + chunk_size, n - 1), cache))
     return torch.cat(nll)
+
+
+def chunk_nll(model: PreTrainedModel, ids: torch.Tensor, a: int, b: int, cache: Cache) -> torch.Tensor:
+    """NLL of tokens a+1..b of `ids` (1, n), feeding tokens a..b-1 through `cache` -> (b - a,) float32.
+    The decoder alone and the output layer on the rows needed; a cache that scores every token
+    (SirLLM's) needs the model's own forward, which computes every position's logits anyway."""
+    if isinstance(cache, TurnCache):
+        logits = model(ids[:, a:b], **cache_kwarg(model, cache), use_cache=True).logits[0].float()
+        return torch.nn.functional.cross_entropy(logits, ids[0, a + 1 : b + 1], reduction="none")
+    decoder = model.get_decoder()
+    hidden = decoder(ids[:, a:b], **cache_kwarg(decoder, cache), use_cache=True).last_hidden_state
+    return target_nll(model, hidden[0], ids[0, a + 1 : b + 1])
 
 
 def target_nll(model: PreTrainedModel, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
