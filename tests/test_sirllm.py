@@ -258,3 +258,24 @@ def test_token_nll_runs_through_the_scoring_forward():
     logits = torch.cat([model(ids[:, a : min(a + 10, 39)], **cache_kwarg(model, cache)).logits for a in range(0, 39, 10)], dim=1)
     want = torch.nn.functional.cross_entropy(logits[0, :39], ids[0, 1:], reduction="none")
     torch.testing.assert_close(nll, want, **FP32)
+
+
+def test_each_row_of_a_batch_keeps_its_own_tokens():
+    """Rows score differently, so each row evicts its own tokens: a batch equals its rows alone."""
+    model = lminf.patch(tiny_model(), SirLLM(n_global=2, n_scored=6, n_local=3))
+    ids = tokens(30, batch=2, seed=3)
+
+    def turns(rows):
+        cache = lminf.make_cache(model)
+        out = []
+        for a, b in ((0, 9), *((t, t + 3) for t in range(9, 30, 3))):  # turns shorter than n_scored: some kept by score
+            cache.begin_turn(b - a)
+            out.append(model(rows[:, a:b], **cache_kwarg(model, cache)).logits)
+        return torch.cat(out, dim=1), cache
+
+    batched, cache = turns(ids)
+    for b in range(2):
+        alone, own = turns(ids[b : b + 1])
+        torch.testing.assert_close(batched[b : b + 1], alone, **FP32)
+        assert cache.scored[0].positions[b].tolist() == own.scored[0].positions[0].tolist()
+    assert cache.scored[0].positions[0].tolist() != cache.scored[0].positions[1].tolist()
