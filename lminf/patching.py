@@ -448,7 +448,7 @@ def _forward_with_scores(model: PreTrainedModel, forward: Callable) -> Callable:
             out = forward(**_piece(kwargs, m, a, a + size))
             scores, last = strategy.token_scores(out.logits, ids[:, a : a + size], cache.last_logprobs)
             cache.record(scores, last)
-            logits.append(out.logits)
+            logits.append(out.logits[:, -keep:] if isinstance(keep, int) and keep else out.logits)  # only what is asked
             a += size
         logits = logits[0] if len(logits) == 1 else torch.cat(logits, dim=1)
         if isinstance(keep, int):

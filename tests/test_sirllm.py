@@ -219,6 +219,9 @@ def test_a_call_longer_than_the_cache_is_fed_in_pieces():
     pieces = [model(ids[:, a : min(a + 6, 45)], **cache_kwarg(model, by_hand)).logits for a in range(5, 45, 6)]
     torch.testing.assert_close(whole, torch.cat(pieces, dim=1), **FP32)
     torch.testing.assert_close(cache.scores, by_hand.scores)
+    last_only = lminf.make_cache(model)
+    model(ids[:, :5], **cache_kwarg(model, last_only))
+    torch.testing.assert_close(model(ids[:, 5:], **cache_kwarg(model, last_only), logits_to_keep=2).logits, whole[:, -2:])
     with pytest.raises(ValueError, match="feed it in pieces"):
         cache.make_room(13)
 

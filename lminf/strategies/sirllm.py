@@ -48,7 +48,7 @@ class SirLLM(Strategy):
     needs_scores = True  # the patched forward scores every token for its cache
 
     n_global: int = field(default=4, metadata={"help": "first tokens every query sees"})
-    n_local: int | None = field(default=RECENT, metadata={"help": "window of recent tokens (default: the training length)"})
+    n_local: int | None = field(default=RECENT, metadata={"help": "recent tokens kept (sirllm: default 1000)"})
     n_scored: int = field(default=1000, metadata={"help": "tokens kept for their score (sirllm)"})
     decay: float = field(default=1.0, metadata={"help": "factor on every kept token's score at each turn (sirllm)"})
     score: str = field(default="surprisal", metadata={"help": "surprisal (the paper's) or released (the code's) (sirllm)"})
@@ -105,7 +105,7 @@ class SirLLM(Strategy):
             mask = None if Q == 1 else layout.once(("causal", Q, K, B, rep), rows_mask, seen, rep)
         else:
             mask = alibi_bias(distance[None].expand(B, -1, -1), seen, call.alibi, rep)
-        grouped = rows(q.view(B, k.shape[1], rep, Q, D))
+        grouped = rows(q.reshape(B, k.shape[1], rep, Q, D))
         o, _ = attend(grouped, k, v, mask, call.scaling, use_flash(call.kernel, q.device), softcap=call.softcap)
         return o.view(B, Hq, Q, D).to(q.dtype)
 
