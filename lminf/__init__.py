@@ -6,7 +6,7 @@ lminf.patch(model, n_global=10, n_local=8192)   # LM-Infinite; or lminf.patch(mo
 model.generate(...)                          # bounded cache, any input length
 """
 
-from lminf.caches import LambdaCache
+from lminf.caches import LambdaCache, begin_turn
 from lminf.default_model import load_default, load_model
 from lminf.families import SUPPORTED_MODEL_TYPES
 from lminf.generation import prefill
@@ -23,6 +23,7 @@ __all__ = [
     "Sinks",
     "Strategy",
     "arrange_linear_weights",
+    "begin_turn",
     "load_default",
     "load_model",
     "make_cache",

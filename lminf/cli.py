@@ -90,8 +90,10 @@ def generate(args: argparse.Namespace) -> int:
     cache = DynamicCache() if args.vanilla else lminf.make_cache(model)
     start = time.perf_counter()
     with torch.inference_mode():
-        # All but the last prompt token go through the cache in chunks (timed apart); generate() does the rest.
-        lminf.prefill(model, ids[:, :-1], cache, chunk_size=args.chunk_size, progress=ids.shape[1] >= 4096)
+        # All but the last prompt token go through the cache in chunks (timed apart); generate() does the rest,
+        # in the same turn (a cache that counts turns, SirLLM's).
+        lminf.begin_turn(cache, ids.shape[1] + args.max_new_tokens)
+        lminf.prefill(model, ids[:, :-1], cache, chunk_size=args.chunk_size, progress=ids.shape[1] >= 4096, turn=False)
         prefill_s = time.perf_counter() - start
         torch.manual_seed(args.seed)
         start = time.perf_counter()
@@ -107,6 +109,7 @@ def generate(args: argparse.Namespace) -> int:
             repetition_penalty=args.repetition_penalty,
             streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            **({} if args.vanilla else {"turn": False}),
         )
         decode_s = time.perf_counter() - start
     new = out.shape[1] - ids.shape[1]

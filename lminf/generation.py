@@ -16,6 +16,8 @@ import torch
 from tqdm import tqdm
 from transformers import Cache, PreTrainedModel
 
+from lminf.caches.turn_cache import TurnCache, begin_turn
+
 PREFILL_CHUNK = 2048  # prompt tokens per forward call
 
 
@@ -38,15 +40,20 @@ def prefill(
     attention_mask: torch.Tensor | None = None,
     chunk_size: int = PREFILL_CHUNK,
     progress: bool = False,
+    turn: bool = True,
 ) -> None:
     """Feed `input_ids` through `cache` `chunk_size` tokens at a time, so activation memory
     stays bounded whatever the length. Positions follow generate()'s rule for padded rows.
     To continue with `generate`, prefill all but the prompt's last token and pass the whole
-    prompt with this cache: generate runs only the tokens the cache has not seen."""
+    prompt with this cache: generate runs only the tokens the cache has not seen.
+    turn: the input is one turn, for a cache that counts turns (SirLLM's); False: part of one
+    announced already (generate announces its own)."""
     position_ids = None
     if attention_mask is not None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     n = input_ids.shape[1]
+    if turn:
+        begin_turn(cache, n)
     bar = tqdm(total=n, desc="prefill", unit="tok", file=sys.stderr, disable=not progress)
     for a in range(0, n, chunk_size):
         b = min(a + chunk_size, n)
@@ -113,11 +120,20 @@ def token_nll(
     nll = []
     n = ids.shape[1]
     for a in tqdm(range(0, n - 1, chunk_size), desc="nll", unit="chunk", disable=not progress):
-        b = min(a + chunk_size, n - 1)
-        decoder = model.get_decoder()
-        hidden = decoder(ids[:, a:b], **cache_kwarg(decoder, cache), use_cache=True).last_hidden_state
-        nll.append(target_nll(model, hidden[0], ids[0, a + 1 : b + 1]))
+        nll.append(chunk_nll(model, ids, a, min(a + chunk_size, n - 1), cache))
     return torch.cat(nll)
+
+
+def chunk_nll(model: PreTrainedModel, ids: torch.Tensor, a: int, b: int, cache: Cache) -> torch.Tensor:
+    """NLL of tokens a+1..b of `ids` (1, n), feeding tokens a..b-1 through `cache` -> (b - a,) float32.
+    The decoder alone and the output layer on the rows needed; a cache that scores every token
+    (SirLLM's) needs the model's own forward, which computes every position's logits anyway."""
+    if isinstance(cache, TurnCache):
+        logits = model(ids[:, a:b], **cache_kwarg(model, cache), use_cache=True).logits[0].float()
+        return torch.nn.functional.cross_entropy(logits, ids[0, a + 1 : b + 1], reduction="none")
+    decoder = model.get_decoder()
+    hidden = decoder(ids[:, a:b], **cache_kwarg(decoder, cache), use_cache=True).last_hidden_state
+    return target_nll(model, hidden[0], ids[0, a + 1 : b + 1])
 
 
 def target_nll(model: PreTrainedModel, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

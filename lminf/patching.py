@@ -11,6 +11,7 @@ Everything goes through transformers' public extension points:
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
@@ -21,6 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lminf.caches.lambda_cache import LambdaCache, LambdaLayer
+from lminf.caches.turn_cache import ScoredLayer, TurnCache, begin_turn
 from lminf.families import (
     FAMILIES,
     Family,
@@ -131,6 +133,8 @@ def lminf_attention_forward(
     memory = None
     if strategy.stateful and state.cache is not None and len(getattr(state.cache, "layers", ())) > layer:
         memory = state.cache.layers[layer]  # the strategy checks it is its own kind of layer
+    if isinstance(memory, ScoredLayer):  # it keeps keys of scattered positions: the mask function only counted them
+        attention_mask = memory.key_layout(attention_mask)
     call = AttentionCall(layer, inv_freq, scaling, state.kernel, kwargs.get("softcap"), state.family.interleaved, alibi, memory)
     attend = strategy.attention if state.backend is None else functools.partial(state.backend, strategy)
     out = attend(query, key, value, attention_mask, call)
@@ -198,6 +202,8 @@ def patch(
         model.set_attn_implementation(IMPLEMENTATION)
     state.previous_forward = vars(model).get("forward")
     model.forward = _forward_with_fast_step(model, state)
+    if strategy.needs_scores:
+        model.forward = _forward_with_scores(model, model.forward)
     model.generate = _generate_with_strategy_cache(model)
     return model
 
@@ -276,7 +282,7 @@ def make_cache(model: PreTrainedModel, attention_mask: torch.Tensor | None = Non
         layer.in_order = state.family.alibi
         if state.kv_dtype is not None:
             layer.kv_dtype = state.kv_dtype
-    return LambdaCache(layers)
+    return TurnCache(layers) if any(isinstance(layer, ScoredLayer) for layer in layers) else LambdaCache(layers)
 
 
 def layer_strategy(model: PreTrainedModel, layer: int) -> Strategy:
@@ -306,11 +312,13 @@ def _generate_with_strategy_cache(model: PreTrainedModel) -> Callable:
     state: _PatchState = model._lminf
 
     @functools.wraps(original)
-    def generate(*args, prefill_chunk: int = PREFILL_CHUNK, decode_step: str = "auto", **kwargs):
+    def generate(*args, prefill_chunk: int = PREFILL_CHUNK, decode_step: str = "auto", turn: bool = True, **kwargs):
         """transformers' generate, through the strategy's cache (made here unless one is passed):
         the prompt goes through it in chunks of `prefill_chunk` tokens first. decode_step: "auto"
         decodes through lminf's fast step where it applies (lminf.decoding), "fast" insists
-        (an error says why it cannot), "forward" always runs the model's forward."""
+        (an error says why it cannot), "forward" always runs the model's forward. turn: the call
+        is one turn, for a cache that counts turns (SirLLM's); False: part of one announced already
+        (lminf.begin_turn)."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}.")
         if decode_step not in DECODE_STEPS:
@@ -323,10 +331,14 @@ def _generate_with_strategy_cache(model: PreTrainedModel) -> Callable:
             kwargs.pop("past_key_values", None)
             cache = make_cache(model, mask)
             kwargs.update(cache_kwarg(model, cache))
+            if turn:
+                _begin_turn(model, cache, ids, kwargs)
             if isinstance(ids, torch.Tensor) and ids.ndim == 2 and ids.shape[1] - 1 > prefill_chunk:
-                prefill(model, ids[:, :-1], cache, None if mask is None else mask[:, :-1], prefill_chunk)
+                prefill(model, ids[:, :-1], cache, None if mask is None else mask[:, :-1], prefill_chunk, turn=False)
         else:
             _check_cache_leaves_a_token(cache, ids)
+            if turn:
+                _begin_turn(model, cache, ids, kwargs)
         reason = None if decode_step == "forward" else _why_not_fast(model, cache, ids, mask, kwargs)
         if decode_step == "fast" and reason is not None:
             raise ValueError(f"decode_step='fast' cannot run here: {reason}.")
@@ -341,6 +353,13 @@ def _generate_with_strategy_cache(model: PreTrainedModel) -> Callable:
             state.fast_steps.pop(id(cache), None)
 
     return generate
+
+
+def _begin_turn(model: PreTrainedModel, cache: Cache, ids, kwargs: dict) -> None:
+    """A generate call is one turn: its prompt tokens the cache has not seen and the new ones."""
+    if isinstance(cache, TurnCache) and isinstance(ids, torch.Tensor):
+        new = kwargs.get("max_new_tokens") or model.generation_config.max_new_tokens or 0
+        begin_turn(cache, ids.shape[-1] - cache.get_seq_length() + new)
 
 
 def _check_cache_leaves_a_token(cache: Cache, ids) -> None:
@@ -399,3 +418,59 @@ def _forward_with_fast_step(model: PreTrainedModel, state: _PatchState) -> Calla
         return original(*args, **kwargs)
 
     return forward
+
+
+def _forward_with_scores(model: PreTrainedModel, forward: Callable) -> Callable:
+    """The model's forward for a strategy whose cache evicts by score (SirLLM): on its cache, a
+    call makes room for its tokens first, then the cache records their scores, computed from
+    the logits of every position (asked for here); it returns the logits the caller asked for.
+    A call too long to fit is fed in the cache's pieces, each a call of its own."""
+    takes_logits_to_keep = "logits_to_keep" in inspect.signature(type(model).forward).parameters
+    strategy = model._lminf.strategy
+
+    @functools.wraps(forward)
+    def scored_forward(*args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if not isinstance(cache, TurnCache):
+            return forward(*args, **kwargs)
+        if args:
+            kwargs["input_ids"], args = args[0], args[1:]
+        ids = kwargs.get("input_ids")
+        if ids is None or args:
+            raise ValueError("strategy sirllm scores the tokens of a call: pass input_ids (not inputs_embeds) as keywords.")
+        keep = kwargs.pop("logits_to_keep", 0)
+        if takes_logits_to_keep:
+            kwargs["logits_to_keep"] = 0  # every position's: each token's score needs them
+        kwargs["return_dict"] = True
+        m, logits, a = ids.shape[1], [], 0
+        for size in cache.pieces(m):
+            cache.make_room(size)
+            out = forward(**_piece(kwargs, m, a, a + size))
+            scores, last = strategy.token_scores(out.logits, ids[:, a : a + size], cache.last_logprobs)
+            cache.record(scores, last)
+            logits.append(out.logits[:, -keep:] if isinstance(keep, int) and keep else out.logits)  # only what is asked
+            a += size
+        logits = logits[0] if len(logits) == 1 else torch.cat(logits, dim=1)
+        if isinstance(keep, int):
+            logits = logits[:, -keep:] if keep else logits
+        else:
+            logits = logits[:, keep]
+        return CausalLMOutputWithPast(logits=logits, **cache_kwarg(model, cache))
+
+    return scored_forward
+
+
+def _piece(kwargs: dict, m: int, a: int, b: int) -> dict:
+    """A forward call's keywords for its tokens [a, b) of m (the mask covers every token seen)."""
+    if (a, b) == (0, m):
+        return kwargs
+    piece = dict(kwargs)
+    for name in ("input_ids", "position_ids"):
+        if piece.get(name) is not None:
+            piece[name] = piece[name][..., a:b]
+    if piece.get("cache_position") is not None:
+        piece["cache_position"] = piece["cache_position"][a:b]
+    mask = piece.get("attention_mask")
+    if mask is not None:
+        piece["attention_mask"] = mask[:, : mask.shape[1] - m + b]
+    return piece

@@ -15,6 +15,7 @@ from lminf.layout import Layout
 from lminf.strategies import AttentionCall, InfLLM, LMInfinite, Sinks
 from lminf.strategies.lm_infinite_original import LMInfiniteOriginal
 from lminf.strategies.longheads import LongHeads
+from lminf.strategies.sirllm import SirLLM
 
 CASES = {
     # blocks of 4 from position 3, in memory from position 14 on; 2 of them per query, 2 hot
@@ -25,6 +26,7 @@ CASES = {
     "lminf-original": LMInfiniteOriginal(n_global=3, n_local=8, top_k=2, top_k_from_layer=1, top_k_insert_at=5),
     # chunks of 4, 4 read per query head (first, previous, own and 1 chosen) from position 16 on
     "longheads": LongHeads(chunk_size=4, attention_length=16, select_from=16),
+    "sirllm": SirLLM(n_global=3, n_scored=8, n_local=4, decay=0.9),  # a 15-token cache: 12 fit in one call
 }
 
 

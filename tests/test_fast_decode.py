@@ -78,7 +78,7 @@ def decodes_as_the_reference(family: str, case: str, prompt: int, attention: str
     if strategy.same_across_calls:
         ref = reference(ids).logits[:, max(prompt - 1, 0) :]
     else:  # its output depends on the split into calls (by design): the reference over the same calls
-        ref = decoded(reference, ids, prompt, DynamicCache())
+        ref = decoded(reference, ids, prompt, lminf.make_cache(reference) if strategy.stateful else DynamicCache())
     torch.testing.assert_close(got, ref, **FP32)
     assert cache.get_seq_length() == 50
 

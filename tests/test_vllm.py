@@ -206,6 +206,7 @@ BAD_CASES = [
     "unsupported family (Falcon)",
     "sliding layers (Gemma 3)",
     "infllm",
+    "sirllm",
     "lminf-original",
 ]
 
@@ -227,8 +228,8 @@ def test_bad_settings_fail_at_start(tiny, tmp_path, capfd, case):
             num_key_value_heads=1, head_dim=64, sliding_window=32, layer_types=["sliding_attention", "full_attention"],
         )  # fmt: skip
         folder, settings, cause = save_tiny(tmp_path, config), {"n_local": 64}, "supports plain rotary full-attention layers only"
-    elif case == "infllm":  # a block memory lives in lminf's cache, not in vLLM's blocks
-        settings, cause = {"strategy": "infllm", "n_local": 64}, "runs through lminf.patch, not vLLM yet"
+    elif case in ("infllm", "sirllm"):  # a block memory, scores from the logits: in lminf's cache, not in vLLM's blocks
+        settings, cause = {"strategy": case, "n_local": 64}, "runs through lminf.patch, not vLLM yet"
     elif case == "lminf-original":  # the last query of each call picks: vLLM's chunks would change it
         settings = {"strategy": "lminf-original", "n_local": 64, "top_k_from_layer": 1}  # the tiny model has 2 layers
         cause = "depends on how the input is split into calls"

@@ -17,10 +17,11 @@ import torch
 from tqdm import tqdm
 from transformers import Cache, PreTrainedModel
 
+from lminf.caches.turn_cache import TurnCache
 from lminf.eval.methods import Method, resolve_all
 from lminf.eval.runs import RunStore
 from lminf.families import training_length
-from lminf.generation import cache_kwarg, check_ids, target_nll
+from lminf.generation import cache_kwarg, check_ids, chunk_nll, target_nll
 from lminf.memory import cache_mib, rss_mib
 
 
@@ -119,9 +120,12 @@ def _stream_bucket(model: PreTrainedModel, ids: torch.Tensor, state: StreamState
     total, count, start = 0.0, 0, time.perf_counter()
     while pos < end_of_bucket:
         end = min(pos + chunk_size, end_of_bucket)
-        decoder = model.get_decoder()
-        hidden = decoder(ids[:, pos:end], **cache_kwarg(decoder, state.cache), use_cache=True).last_hidden_state
-        nll = target_nll(model, hidden[0], ids[0, pos + 1 : end + 1])
+        if isinstance(state.cache, TurnCache):  # it scores every token: the model's own forward feeds it
+            nll = chunk_nll(model, ids, pos, end, state.cache)
+        else:
+            decoder = model.get_decoder()
+            hidden = decoder(ids[:, pos:end], **cache_kwarg(decoder, state.cache), use_cache=True).last_hidden_state
+            nll = target_nll(model, hidden[0], ids[0, pos + 1 : end + 1])
         total, count = total + float(nll.sum()), count + len(nll)
         bar.update(end - pos)
         pos = end

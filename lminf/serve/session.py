@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, TopPLogitsWarper
 
+from lminf.caches.turn_cache import begin_turn
 from lminf.generation import cache_kwarg, decoder
 from lminf.patching import make_cache, settings_of
 
@@ -97,6 +98,7 @@ def stream_tokens(
     """Append `new_tokens`, then sample. Yields None after each prefill chunk and each
     sampled token id after that; stops after a stop token or max_new_tokens."""
     session.tokens.extend(new_tokens)
+    begin_turn(session.cache, len(session.tokens) - session.fed + sampling.max_new_tokens)  # a request is a turn
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu")
     if sampling.seed is not None:

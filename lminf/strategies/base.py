@@ -82,6 +82,7 @@ class Strategy:
     # False: the output depends on how the input is split into forward calls (the original top-k
     # rule: the last query of each call picks), so decoding does not equal one forward.
     same_across_calls: ClassVar[bool] = True
+    needs_scores: ClassVar[bool] = False  # True: its cache takes every token's score from the logits (SirLLM)
 
     # First tokens every query sees; a chat pins its system prompt here (`pinned`). The help
     # text of each setting is its command-line help (lminf.arguments makes one flag per setting).
