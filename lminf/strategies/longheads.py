@@ -162,13 +162,15 @@ class LongHeads(Strategy):
         key_head = torch.arange(Hq * G * R, device=q.device) // (G * R) // rep  # rows are (query head, query, rank)
         out = torch.empty_like(q)
         for b in range(B):
-            logits = _chunk_logits(placed[b].reshape(Hq * G * R, D), chunks[b].reshape(-1), key_head, keys[b])
+            segments = _Segments(chunks[b].reshape(-1), key_head, keys.shape[1], c)
+            logits = segments.times(placed[b].reshape(Hq * G * R, D), keys[b], transposed=True)
             logits = torch.cat((logits.view(Hq, G, R * w), q[b] @ k_own[b].transpose(-1, -2)), -1)
             logits = softcapped(wide(logits) * call.scaling, call.softcap)
             seen = torch.cat((torch.ones(G, R * w, dtype=torch.bool, device=q.device), seen_own), -1)
             probs = torch.softmax(logits.masked_fill(~seen, -torch.inf), -1)
-            read = _chunk_values(probs[..., : R * w].reshape(Hq * G * R, w), chunks[b].reshape(-1), key_head, values[b], R)
-            out[b] = (read.view(Hq, G, -1) + probs[..., R * w :].to(v.dtype) @ v_own[b]).to(q.dtype)
+            read = segments.times(probs[..., : R * w].reshape(Hq * G * R, w), values[b], transposed=False)
+            read = read.view(Hq, G, R, D).sum(2)  # over the chunks each query head read
+            out[b] = (read + probs[..., R * w :] @ v_own[b].to(probs.dtype)).to(q.dtype)
         return out
 
     def choose(self, unrotated: torch.Tensor, summaries: torch.Tensor, c: int, closes_chunk: bool) -> torch.Tensor:
@@ -211,36 +213,29 @@ def _rotated(x: torch.Tensor, delta: torch.Tensor, call: AttentionCall) -> torch
     return rotate(x.reshape(B * H, 1, N, D), cos_sin, call.interleaved).view(B, H, N, D)
 
 
-def _segments(chunks: torch.Tensor, key_head: torch.Tensor, n_heads: int, n_chunks: int):
-    """Rows, each reading chunk `chunks[row]` of key head `key_head[row]`, grouped by (key head,
-    chunk) -> (rows, key head, chunk) for every pair some row reads."""
-    group = key_head * n_chunks + chunks
-    order = group.argsort(stable=True)
-    start = 0
-    for g, n in enumerate(torch.bincount(group, minlength=n_heads * n_chunks).tolist()):
-        if n:
-            yield order[start : start + n], g // n_chunks, g % n_chunks
-            start += n
+class _Segments:
+    """Rows that each read one chunk of one key head, sorted so that the rows reading the same
+    (key head, chunk) are contiguous: each chunk is then read once, by one matmul, for all of them."""
 
+    def __init__(self, chunks: torch.Tensor, key_head: torch.Tensor, n_heads: int, n_chunks: int):
+        group = key_head * n_chunks + chunks
+        self.order = group.argsort(stable=True)
+        self.back = self.order.argsort()
+        self.spans, start = [], 0
+        for g, n in enumerate(torch.bincount(group, minlength=n_heads * n_chunks).tolist()):
+            if n:
+                self.spans.append((start, start + n, g // n_chunks, g % n_chunks))
+                start += n
 
-def _chunk_logits(rows: torch.Tensor, chunks: torch.Tensor, key_head: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """rows (N, D), each against the keys of its chunk and key head, keys (Hkv, C, w, D) -> (N, w).
-    Each chunk's keys are read once for all the rows that chose it."""
-    out = rows.new_empty(len(rows), keys.shape[2])
-    for index, head, chunk in _segments(chunks, key_head, keys.shape[0], keys.shape[1]):
-        out[index] = rows[index] @ keys[head, chunk].T.to(rows.dtype)
-    return out
-
-
-def _chunk_values(
-    probs: torch.Tensor, chunks: torch.Tensor, key_head: torch.Tensor, values: torch.Tensor, R: int
-) -> torch.Tensor:
-    """probs (N, w) times the values (Hkv, C, w, D) of each row's chunk, summed over each run of R
-    rows (one query head's chunks) -> (N / R, D)."""
-    read = torch.empty(len(probs), values.shape[-1], dtype=wide(probs).dtype, device=probs.device)
-    for index, head, chunk in _segments(chunks, key_head, values.shape[0], values.shape[1]):
-        read[index] = wide(probs[index] @ values[head, chunk].to(probs.dtype))
-    return read.view(-1, R, read.shape[-1]).sum(1)
+    def times(self, rows: torch.Tensor, per_chunk: torch.Tensor, transposed: bool) -> torch.Tensor:
+        """Each row (N, X) times its chunk's matrix (per_chunk[head, chunk], (w, X) or (w, Y)):
+        rows @ m.T if `transposed` else rows @ m -> (N, w or Y), in the rows' order."""
+        rows = rows[self.order]
+        out = rows.new_empty(len(rows), per_chunk.shape[-2] if transposed else per_chunk.shape[-1])
+        for start, end, head, chunk in self.spans:
+            m = per_chunk[head, chunk].to(rows.dtype)
+            out[start:end] = rows[start:end] @ (m.T if transposed else m)
+        return out[self.back]
 
 
 def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
