@@ -182,3 +182,12 @@ def test_generate_procedure_xl3m_uses_the_given_question(tmp_path, monkeypatch, 
     seq = prompt[0].tolist()
     at = next(i for i in range(len(seq)) if seq[i : i + len(digits)] == digits)
     assert any(a <= at and at + len(digits) <= b for a, b in (selection.spans[i] for i in selection.chosen))
+
+
+def test_generate_refuses_a_question_without_xl3m_and_sampling_with_it(tmp_path, capsys):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("Some text. " * 10)
+    assert main(["generate", str(doc), "--question", "Why?"]) == 2
+    assert "--question is for --procedure xl3m" in capsys.readouterr().err
+    assert main(["generate", str(doc), "--procedure", "xl3m", "--sample"]) == 2
+    assert "greedily" in capsys.readouterr().err
