@@ -124,8 +124,11 @@ def test_eval_offers_xl3m_where_prompts_are_completed_and_refuses_it_for_nll():
     args = parse("eval", "needle", "--methods", "xl3m", "--segment-tokens", "64", "--question-tokens", "12")
     (method,) = methods_from(args.methods, args, eval_cli.choices("needle"))
     assert method.procedure == XL3M(segment_tokens=64, question_tokens=12, window=1024)  # window: --n-local
-    for command in ("ppl", "stream"):
-        args = parse("eval", command, "--methods", "xl3m")
+    for command, args in (
+        ("ppl", parse("eval", "ppl", "--methods", "xl3m")),
+        ("stream", parse("eval", "stream", "--methods", "xl3m")),
+        ("bench", parse("bench", "--methods", "xl3m")),
+    ):
         with pytest.raises(ValueError, match="no per-token NLL"):
             methods_from(args.methods, args, eval_cli.choices(command))
     with pytest.raises(NotImplementedError, match="no per-token NLL"):
