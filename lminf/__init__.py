@@ -11,6 +11,7 @@ from lminf.default_model import load_default, load_model
 from lminf.families import SUPPORTED_MODEL_TYPES
 from lminf.generation import prefill
 from lminf.patching import make_cache, patch, settings_of, unpatch
+from lminf.procedures import XL3M
 from lminf.strategies import STRATEGIES, InfLLM, LMInfinite, Sinks, Strategy
 from lminf.weights.linear_layout import arrange_linear_weights
 
@@ -22,6 +23,7 @@ __all__ = [
     "LambdaCache",
     "Sinks",
     "Strategy",
+    "XL3M",
     "arrange_linear_weights",
     "begin_turn",
     "load_default",

@@ -16,6 +16,7 @@ import torch
 from lminf.default_model import BUILT_IN, DEFAULT_MODEL, WEIGHTS, load_model
 from lminf.kernels.sdpa import KERNELS, check_kernel
 from lminf.patching import patch, takes_kv_dtype
+from lminf.procedures import XL3M
 from lminf.strategies import STRATEGIES, Strategy, get
 from lminf.weights import int4
 from lminf.weights.linear_layout import arrange_linear_weights
@@ -95,6 +96,29 @@ def strategy_from(args: argparse.Namespace, name: str | None = None, strict: boo
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in foreign)
         raise ValueError(f"--strategy {cls.name} has no setting {flags}; its settings: {', '.join(sorted(own))}.")
     return cls(**{**{k: v for k, v in given.items() if k in own}, **(fixed or {})})
+
+
+def add_procedure_args(parser: argparse.ArgumentParser) -> None:
+    """XL3M's settings (lminf.procedures.xl3m); its window is --n-local's (default: the training length)."""
+    xl3m = parser.add_argument_group("xl3m (segment-wise inference around the plain model)")
+    xl3m.add_argument("--segment-tokens", type=int, default=None, help="tokens per segment (default: the window / 8)")
+    xl3m.add_argument("--overlap", type=int, default=None, help="tokens neighbouring segments share (default: a segment / 8)")
+    xl3m.add_argument(
+        "--question-tokens", type=int, default=XL3M.question_tokens,
+        help=f"the input's last tokens that are its question (default {XL3M.question_tokens})",
+    )  # fmt: skip
+    xl3m.add_argument("--max-segments", type=int, default=None, help="keep at most this many segments (default: all that fit)")
+
+
+def procedure_from(args: argparse.Namespace) -> XL3M:
+    """XL3M with the settings given on the command line (add_procedure_args; --n-local its window)."""
+    return XL3M(
+        segment_tokens=getattr(args, "segment_tokens", None),
+        overlap=getattr(args, "overlap", None),
+        question_tokens=getattr(args, "question_tokens", XL3M.question_tokens),
+        window=getattr(args, "n_local", None),
+        max_segments=getattr(args, "max_segments", None),
+    )
 
 
 def dtype_for(name: str, device: str) -> torch.dtype:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -13,11 +14,12 @@ import transformers
 from transformers import DynamicCache, TextStreamer
 
 import lminf
-from lminf.arguments import add_model_args, dtype_for, load, strategy_from
+from lminf.arguments import add_model_args, add_procedure_args, dtype_for, load, procedure_from, strategy_from
 from lminf.eval import cli as eval_cli
 from lminf.extras import SERVE, MissingExtra, require
 from lminf.generation import cache_kwarg
 from lminf.memory import peak_mib
+from lminf.procedures import PROCEDURES
 from lminf.weights.int4 import Int4Linear
 
 
@@ -35,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 discourages loops (default 1: off)")
     gen.add_argument("--chunk-size", type=int, default=2048, help="prompt tokens per prefill step")
+    gen.add_argument(
+        "--procedure", choices=sorted(PROCEDURES), default=None,
+        help="xl3m: answer from the segments the plain model is most certain about (greedy; lminf.procedures.xl3m)",
+    )  # fmt: skip
+    gen.add_argument("--question", default=None, help="xl3m: the question, placed after the input (default: its last tokens)")
+    add_procedure_args(gen)
     chat = commands.add_parser("chat", help="a terminal chat that never runs out of context")
     chat.add_argument("--system", default=None, help="system prompt, kept in force for the whole chat")
     add_model_args(chat, auto_weights=True)
@@ -84,6 +92,10 @@ def generate(args: argparse.Namespace) -> int:
         raise ValueError("the input is empty: give a file, pipe text on stdin, or pass --instruction.")
     if args.max_new_tokens < 1 or args.chunk_size < 1:
         raise ValueError("--max-new-tokens and --chunk-size must be >= 1.")
+    if args.procedure:
+        return generate_segmentwise(args, text)
+    if args.question is not None:
+        raise ValueError("--question is for --procedure xl3m; put a question to the other methods in --instruction.")
     model, tokenizer = load(args, patched=not args.vanilla)
     ids = _prompt_ids(tokenizer, text, args.instruction).to(args.device)
 
@@ -118,6 +130,32 @@ def generate(args: argparse.Namespace) -> int:
         f"prefill {prefill_s:.1f} s ({(ids.shape[1] - 1) / max(prefill_s, 1e-9):.0f} tok/s), "
         f"decode {new / max(decode_s, 1e-9):.1f} tok/s, peak memory {peak_mib(args.device) / 1024:.2f} GiB, "
         f"{_what_ran(model, cache)}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def generate_segmentwise(args: argparse.Namespace, text: str) -> int:
+    """`lminf generate --procedure xl3m`: the plain model answers from the key context XL3M picks."""
+    if args.sample or args.vanilla:
+        raise ValueError("--procedure xl3m runs the plain model greedily: drop --sample and --vanilla.")
+    model, tokenizer = load(args, patched=False)
+    procedure = procedure_from(args)
+    ids = _prompt_ids(tokenizer, text, args.instruction)
+    if args.question is not None:
+        # The question ends the user's text; it is what the prompt with it adds to the prompt without it.
+        instruction = "\n\n".join(part for part in (args.instruction.strip(), args.question.strip()) if part)
+        ids, without = _prompt_ids(tokenizer, text, instruction), ids
+        same = (ids[0, : without.shape[1]] == without[0, : ids.shape[1]]).long().cumprod(0).sum()
+        procedure = dataclasses.replace(procedure, question_tokens=ids.shape[1] - int(same))
+    start = time.perf_counter()
+    tokens, selection = procedure.generate(model, ids.to(args.device), args.max_new_tokens, stop={tokenizer.eos_token_id})
+    print(tokenizer.decode(tokens, skip_special_tokens=True))
+    chosen = ", ".join(f"{a}-{b}" for a, b in (selection.spans[i] for i in selection.chosen))
+    print(
+        f"[lminf] xl3m: prompt {ids.shape[1]} tokens, {len(selection.spans)} segments, kept {len(selection.chosen)} "
+        f"(tokens {chosen}), key context {selection.key_ids.shape[1]} tokens, generated {len(tokens)} tokens, "
+        f"{time.perf_counter() - start:.1f} s, peak memory {peak_mib(args.device) / 1024:.2f} GiB",
         file=sys.stderr,
     )
     return 0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lminf.arguments import add_model_args, dtype_for, load
+from lminf.arguments import add_model_args, add_procedure_args, dtype_for, load
 from lminf.default_model import BUILT_IN, DEFAULT_MODEL, model_name
 from lminf.eval.bench import run_bench
 from lminf.eval.data import available, data_dir, extract, find_document, sources
@@ -36,6 +36,7 @@ PPL_METHODS, STREAM_METHODS, BENCH_METHODS = "vanilla,lminf,sinks,window", "lmin
 BENCH_LENGTHS = "1024,2048,4096,8192,16384,32768"
 RULER_METHODS = "lminf"  # the no-flag grid stays small: one method
 COMMANDS = ("data", "eval", "bench")
+PROMPT_COMMANDS = ("passkey", "needle", "ruler")  # evaluations that only complete prompts
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -74,7 +75,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         grid.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="where the secret sits, 0 = start, 1 = end")
         grid.add_argument("--samples", type=int, default=2, help="prompts per cell, each with its own secret (default 2)")
         grid.add_argument("--seed", type=int, default=0)
-        grid.add_argument("--methods", default=",".join(choices(task)), help=f"comma list of {', '.join(choices(task))}")
+        grid.add_argument(
+            "--methods",
+            default=",".join(method_names()),
+            help=f"comma list of {', '.join(choices(task))} (default: all but xl3m)",
+        )
         grid.add_argument("--out", type=Path, default=Path(f"runs/{task}.json"), help="JSON (resumed if present); PNG beside it")
 
     ruler = evaluate.add_parser("ruler", help="RULER's synthetic tasks (needles, variable tracking, word counts), offline")
@@ -106,6 +111,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         parser = evaluate.choices[name]
         # top_k is the paper's k = 5, for the lminf-topk method; the other methods ignore it.
         add_model_args(parser, n_local=window, top_k=5, vanilla=False, strategy=False)
+        if name in PROMPT_COMMANDS:
+            add_procedure_args(parser)
         parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     _add_bench(commands)
 
@@ -154,7 +161,10 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
 
 def choices(command: str) -> list[str]:
     """The method names a command accepts: every one, but streaming runs only strategies (the
-    baselines have no bounded cache) and the benchmark no recomputed window (it has no cache)."""
+    baselines have no bounded cache), the benchmark no recomputed window (it has no cache), and
+    xl3m only completes prompts (passkey, needle, ruler)."""
+    if command in PROMPT_COMMANDS:
+        return method_names(procedures=True)
     return {"stream": method_names(vanilla=False, window=False), "bench": method_names(window=False)}.get(command, method_names())
 
 

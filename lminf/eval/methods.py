@@ -10,11 +10,17 @@ A method has a `name` (its key in results), `settings()` (what the JSON records 
   scored `stride` at a time by the vanilla model reading only the last `n_local` tokens, so
   each token sees between n_local - stride and n_local - 1 previous tokens and nothing older);
 - `Patched(strategy, name)`: the model patched with a registered strategy, one pass through
-  the strategy's cache (exactly the one-pass result), unpatched afterwards.
+  the strategy's cache (exactly the one-pass result), unpatched afterwards;
+- `SegmentWise(procedure)`: a procedure around the plain model (lminf.procedures: XL3M), which
+  answers the question that ends a prompt from segments it picks for that question. It
+  completes prompts (passkey, needle, RULER) but has no per-token NLL and no cache to
+  benchmark, so `lminf eval ppl`, `stream` and `bench` refuse it by name.
 
 Method names: "vanilla", "window", and every name in each registered strategy's
 `methods()` (LM-Infinite offers "lminf" and "lminf-topk", sinks "sinks"), so a new strategy
-reaches `lminf eval`, `lminf bench` and the report without an edit here.
+reaches `lminf eval`, `lminf bench` and the report without an edit here; and "xl3m", offered
+where a method only completes prompts and left out of the default lists (it runs the model
+once per segment).
 """
 
 from __future__ import annotations
@@ -30,11 +36,12 @@ import torch
 from tqdm import tqdm
 from transformers import Cache, DynamicCache, PreTrainedModel
 
-from lminf.arguments import strategy_from
+from lminf.arguments import procedure_from, strategy_from
 from lminf.families import training_length
 from lminf.generation import check_ids, greedy, target_nll, token_nll
 from lminf.memory import cache_tiers
 from lminf.patching import make_cache, patch, settings_of, unpatch
+from lminf.procedures import XL3M
 from lminf.strategies import STRATEGIES, Strategy, build
 
 
@@ -178,9 +185,51 @@ class Patched(Method):
         return self.strategy.kept_pairs(length, layer)
 
 
+@dataclass(frozen=True)
+class SegmentWise(Method):
+    """XL3M run on the plain model: each prompt's answer comes from the segments it picks."""
+
+    procedure: XL3M = XL3M()
+
+    name = XL3M.name
+
+    def settings(self) -> dict:
+        return self.procedure.settings()
+
+    def resolved(self, model: PreTrainedModel) -> SegmentWise:
+        return SegmentWise(self.procedure.resolved(model.config))
+
+    def kept_pairs(self, length: int, layer: int = 0) -> int:
+        raise NotImplementedError(NOT_SCORED.format(name=self.name))
+
+    def nll(self, model: PreTrainedModel, ids: torch.Tensor, progress: bool = True) -> torch.Tensor:
+        raise NotImplementedError(NOT_SCORED.format(name=self.name))
+
+    def complete(
+        self,
+        model: PreTrainedModel,
+        ids: torch.Tensor,
+        max_new_tokens: int,
+        measured: dict | None = None,
+        stop: Collection[int] = (),
+    ) -> list[int]:
+        """Greedy answer from the key context; `measured` gets what was chosen (Selection.summary)."""
+        tokens, selection = self.procedure.generate(model, ids, max_new_tokens, stop=stop, progress=False)
+        if measured is not None:
+            measured.update(selection.summary())
+        return tokens
+
+
+NOT_SCORED = (
+    "{name} picks segments for the question that ends a prompt, so it has no per-token NLL and no cache "
+    "to benchmark: run it in lminf eval passkey, needle or ruler."
+)
+
+
 # -- the registry of names ---------------------------------------------------------------
 
 BASELINES: dict[str, type[Method]] = {Vanilla.name: Vanilla, Window.name: Window}
+PROCEDURES: dict[str, type[Method]] = {SegmentWise.name: SegmentWise}
 
 
 def strategy_methods() -> dict[str, tuple[type[Strategy], dict]]:
@@ -188,9 +237,9 @@ def strategy_methods() -> dict[str, tuple[type[Strategy], dict]]:
     return {name: (cls, preset) for cls in STRATEGIES.values() for name, preset in cls.methods().items()}
 
 
-def method_names(vanilla: bool = True, window: bool = True) -> list[str]:
-    """The names the CLI offers: vanilla, every strategy method, window."""
-    return [*([Vanilla.name] * vanilla), *strategy_methods(), *([Window.name] * window)]
+def method_names(vanilla: bool = True, window: bool = True, procedures: bool = False) -> list[str]:
+    """The names the CLI offers: vanilla, every strategy method, window; then, with `procedures`, xl3m."""
+    return [*([Vanilla.name] * vanilla), *strategy_methods(), *([Window.name] * window), *(list(PROCEDURES) * procedures)]
 
 
 def make_method(name: str, args: argparse.Namespace) -> Method:
@@ -200,6 +249,8 @@ def make_method(name: str, args: argparse.Namespace) -> Method:
         return Vanilla()
     if name == Window.name:
         return Window(getattr(args, "n_local", None))
+    if name == SegmentWise.name:
+        return SegmentWise(procedure_from(args))
     if name not in strategy_methods():
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(method_names())}.")
     cls, preset = strategy_methods()[name]
@@ -217,6 +268,8 @@ def methods_from(text: str, args: argparse.Namespace, allowed: Sequence[str] | N
     allowed = list(allowed or method_names())
     names = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in names if m not in allowed]
+    for name in set(unknown) & set(PROCEDURES):
+        raise ValueError(NOT_SCORED.format(name=name))
     if unknown or not names:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(allowed)}.")
     methods = [make_method(name, args) for name in names]
