@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,12 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors.torch import load_file
+
+
+def checkout_commit(folder: Path) -> str:
+    """The commit of a git checkout, or "unknown" for an exported tree."""
+    run = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return run.stdout.strip() if run.returncode == 0 else "unknown"
 
 
 def multi_head_state_dict(folder: Path, config: dict) -> dict[str, torch.Tensor]:
@@ -101,7 +108,8 @@ def main() -> None:
         decode_s = time.perf_counter() - start
 
     record = {
-        "input_ids": input_ids[0], "settings": settings, "transformers": transformers.__version__,
+        "input_ids": input_ids[0], "settings": settings, "commit": checkout_commit(args.longheads),
+        "transformers": transformers.__version__,
         "torch": torch.__version__, "prefill_hidden": prefill_hidden, "prefill_argmax": prefill_argmax,
         "greedy_tokens": tokens, "decode_logits": torch.stack(step_logits) if step_logits else None,
         "seconds": {"prefill": prefill_s, "decode": decode_s},

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,12 @@ import torch
 import transformers
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def checkout_commit(folder: Path) -> str:
+    """The commit of a git checkout, or "unknown" for an exported tree."""
+    run = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return run.stdout.strip() if run.returncode == 0 else "unknown"
 
 
 def load_model(folder: Path) -> LlamaForCausalLM:
@@ -84,7 +91,8 @@ def main() -> None:
     result = {
         "settings": {"start_size": args.start_size, "token_entropy_size": args.token_entropy_size,
                      "recent_size": args.recent_size, "decay_ratio": args.decay_ratio},
-        "transformers": transformers.__version__, "torch": torch.__version__, "turns": turns,
+        "commit": checkout_commit(args.sirllm), "transformers": transformers.__version__, "torch": torch.__version__,
+        "turns": turns,
         "seconds": time.perf_counter() - start,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
