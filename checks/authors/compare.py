@@ -164,7 +164,11 @@ def main() -> None:
     if "sirllm" in authors:
         turns = authors["sirllm"]["turns"]
         about["sirllm"].update(turns=len(turns), evictions=sum(len(t["kept_positions"]) < t["cache_before"] for t in turns))
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    lminf_tree = Path(lminf.__file__).resolve().parents[1]  # the lminf that ran, wherever it was imported from
+    git = ["git", "-C", str(lminf_tree)]
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if subprocess.run([*git, "status", "--porcelain", "lminf"], capture_output=True, text=True).stdout.strip():
+        commit += "+uncommitted"
     report = {
         "script": "checks/authors/compare.py", "commit": commit,
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor(), "load_average": os.getloadavg()},
