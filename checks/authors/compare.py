@@ -23,6 +23,7 @@ import lminf
 from lminf.generation import cache_kwarg
 
 ROOT = Path(__file__).resolve().parents[2]
+NOISE = 1e-3  # a prompt position whose logits differ by more is counted
 
 
 def longheads_settings(authors: dict) -> dict:
@@ -46,7 +47,7 @@ def compare_longheads(model, authors: dict, embedding: torch.Tensor, settings: d
         ids = authors["input_ids"][None]
         select_from = authors["settings"]["begin_selective_length"]
         dense = selective = 0.0
-        argmax_equal, start = 0, time.perf_counter()
+        argmax_equal, over, start = 0, 0, time.perf_counter()
         for a in range(0, ids.shape[1], prefill_chunk):
             logits = model(ids[:, a : a + prefill_chunk], **cache_kwarg(model, cache), use_cache=True).logits[0]
             theirs = authors["prefill_hidden"][a : a + prefill_chunk] @ embedding.T
@@ -55,6 +56,7 @@ def compare_longheads(model, authors: dict, embedding: torch.Tensor, settings: d
             dense = max(dense, float(diff[:split].max()) if split else 0.0)
             selective = max(selective, float(diff[split:].max()) if split < len(diff) else 0.0)
             argmax_equal += int((logits.argmax(-1) == authors["prefill_argmax"][a : a + prefill_chunk]).sum())
+            over += int((diff > NOISE).sum())
         tokens, decode = [int(logits[-1].argmax())], 0.0
         for step_logits in authors["decode_logits"]:
             logits = model(torch.tensor([[tokens[-1]]]), **cache_kwarg(model, cache), use_cache=True).logits[0, -1]
@@ -62,7 +64,7 @@ def compare_longheads(model, authors: dict, embedding: torch.Tensor, settings: d
             tokens.append(int(logits.argmax()))
         return {
             "settings": settings, "max_logit_diff": {"dense": dense, "selective": selective, "decode": decode},
-            "argmax_equal": argmax_equal / ids.shape[1], "greedy_tokens": tokens,
+            "argmax_equal": argmax_equal / ids.shape[1], f"positions_over_{NOISE:g}": over, "greedy_tokens": tokens,
             "greedy_equal": tokens == authors["greedy_tokens"], "seconds": time.perf_counter() - start,
         }
     finally:
@@ -110,6 +112,12 @@ def attempt(name: str, run, *args) -> dict:
         return {"name": name, "error": f"{type(error).__name__}: {error}"}
 
 
+def _by_strategy(report: dict) -> dict:
+    """{strategy: the lminf commit its rows came from} of a JSON this script wrote."""
+    commit = report["commit"]
+    return dict(commit) if isinstance(commit, dict) else {name: commit for name in report["authors"]}
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"{'run':44s} {'max |logit diff|':>34s} {'argmax eq':>9s}  greedy / kept")
     for row in rows:
@@ -154,7 +162,7 @@ def main() -> None:
     print_table(rows)
 
     about = {
-        name: {"commit": run["commit"], "transformers": run["transformers"], "torch": run["torch"],
+        name: {"commit": run.get("commit", "unknown"), "transformers": run["transformers"], "torch": run["torch"],
                "settings": run["settings"], "seconds": run["seconds"]}
         for name, run in authors.items()
     }
@@ -174,6 +182,11 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor(), "load_average": os.getloadavg()},
         "lminf_transformers": __import__("transformers").__version__, "authors": about, "rows": rows,
     }
+    if args.only and args.out.exists():  # one strategy rerun: keep the other's rows
+        previous = json.loads(args.out.read_text())
+        report["authors"] = {**previous["authors"], **report["authors"]}
+        report["rows"] = [row for row in previous["rows"] if not row["name"].startswith(args.only)] + rows
+        report["commit"] = {**_by_strategy(previous), args.only: commit}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
