@@ -100,7 +100,7 @@ def _with_chosen_chunks(rule, q, zq, zk, k, v, layout, call):
     key's distance is the count of seen keys from it up to the query. A chunk's queries may have
     come in earlier calls: they are kept on the cache layer the call passes (`call.memory`)."""
     B, Hq, Q, K = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
-    F, w = zq.shape[-1], rule.chunk_size
+    F, w = zq.shape[-1], rule.chunk_tokens
     w_freq = torch.zeros(0, dtype=torch.float64) if call.inv_freq is None else call.inv_freq.double()
     past = getattr(call.memory, "reference_queries", None)  # (z, rest) of positions [0, p0)
     z_all, rest_all = zq, q[..., 2 * F :]

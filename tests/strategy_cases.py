@@ -25,7 +25,7 @@ CASES = {
     "sinks": Sinks(n_global=3, n_local=8),
     "lminf-original": LMInfiniteOriginal(n_global=3, n_local=8, top_k=2, top_k_from_layer=1, top_k_insert_at=5),
     # chunks of 4, 4 read per query head (first, previous, own and 1 chosen) from position 16 on
-    "longheads": LongHeads(chunk_size=4, attention_length=16, select_from=16),
+    "longheads": LongHeads(chunk_tokens=4, attention_length=16, select_from=16),
     "sirllm": SirLLM(n_global=3, n_scored=8, n_local=4, decay=0.9),  # a 15-token cache: 12 fit in one call
 }
 

@@ -20,7 +20,7 @@ torch.set_grad_enabled(False)
 def test_no_query_reads_more_than_the_attention_length(w, length, start):
     """Keys read per query head <= attention_length, and the farthest of them (the count read
     before the query, laid out contiguously) < attention_length."""
-    strategy = LongHeads(chunk_size=w, attention_length=length, select_from=start)
+    strategy = LongHeads(chunk_tokens=w, attention_length=length, select_from=start)
     j = torch.arange(200)[None, None, :]
     for decoding in (False, True):
         i = torch.arange(150, 200)[None, :, None] if not decoding else torch.tensor([[[199]]])
@@ -36,7 +36,7 @@ def test_no_query_reads_more_than_the_attention_length(w, length, start):
 
 
 def test_encoding_leaves_the_query_out_and_decoding_reads_it():
-    strategy = LongHeads(chunk_size=4, attention_length=16, select_from=16)
+    strategy = LongHeads(chunk_tokens=4, attention_length=16, select_from=16)
     j = torch.arange(30)[None, None, :]
     encoding = strategy.rule(torch.arange(20, 30)[None, :, None], j, 0)
     decoding = strategy.rule(torch.tensor([[[25]]]), j, 0)
@@ -50,26 +50,26 @@ def test_encoding_leaves_the_query_out_and_decoding_reads_it():
 @pytest.mark.parametrize(
     "settings, message",
     [
-        (dict(attention_length=10), "multiple of chunk_size"),
+        (dict(attention_length=10), "multiple of chunk_tokens"),
         (dict(attention_length=8), "at least 3 chunks"),
         (dict(attention_length=16, select_from=6), "select_from"),
         (dict(attention_length=16, select_from=8), "select_from"),
-        (dict(chunk_size=0), "chunk_size"),
+        (dict(chunk_tokens=0), "chunk_tokens"),
         (dict(attention_length=128), "training length"),
     ],
 )
 def test_settings_are_checked(settings, message):
     with pytest.raises(ValueError, match=message):
-        lminf.patch(tiny_model(), LongHeads(**{"chunk_size": 4, **settings}))
+        lminf.patch(tiny_model(), LongHeads(**{"chunk_tokens": 4, **settings}))
 
 
 def test_alibi_models_are_refused():
     with pytest.raises(ValueError, match="ALiBi"):
-        lminf.patch(tiny_model("mpt"), LongHeads(chunk_size=4, attention_length=16))
+        lminf.patch(tiny_model("mpt"), LongHeads(chunk_tokens=4, attention_length=16))
 
 
 def test_summaries_do_not_depend_on_how_the_input_is_split():
-    model = lminf.patch(tiny_model(), LongHeads(chunk_size=4, attention_length=16))
+    model = lminf.patch(tiny_model(), LongHeads(chunk_tokens=4, attention_length=16))
     ids = tokens(43)
     whole, parts = lminf.make_cache(model), lminf.make_cache(model)
     model(ids, **cache_kwarg(model, whole))
@@ -95,7 +95,7 @@ def test_heads_choose_their_own_chunks(monkeypatch):
     monkeypatch.setattr(LongHeads, "choose", recording)
     model, _ = lminf.load_default(torch.float32)
     ids = torch.randint(100, 20000, (1, 800), generator=torch.Generator().manual_seed(0))
-    lminf.patch(model, LongHeads(chunk_size=32, attention_length=192))(ids)
+    lminf.patch(model, LongHeads(chunk_tokens=32, attention_length=192))(ids)
     chunks = torch.cat([c[0].flatten(1, 2) for c in choices], 1)  # (Hq, queries over layers and groups, R)
     differs = (chunks != chunks[:1]).any(-1).any(0)  # per query: some head reads other chunks than head 0
     assert float(differs.float().mean()) > 0.5

@@ -207,6 +207,7 @@ BAD_CASES = [
     "sliding layers (Gemma 3)",
     "infllm",
     "sirllm",
+    "longheads",
     "lminf-original",
 ]
 
@@ -230,6 +231,8 @@ def test_bad_settings_fail_at_start(tiny, tmp_path, capfd, case):
         folder, settings, cause = save_tiny(tmp_path, config), {"n_local": 64}, "supports plain rotary full-attention layers only"
     elif case in ("infllm", "sirllm"):  # a block memory, scores from the logits: in lminf's cache, not in vLLM's blocks
         settings, cause = {"strategy": case, "n_local": 64}, "runs through lminf.patch, not vLLM yet"
+    elif case == "longheads":  # chunk summaries per query head, in lminf's cache
+        settings, cause = {"strategy": case, "chunk_tokens": 16, "attention_length": 64}, "reads chunk summaries"
     elif case == "lminf-original":  # the last query of each call picks: vLLM's chunks would change it
         settings = {"strategy": "lminf-original", "n_local": 64, "top_k_from_layer": 1}  # the tiny model has 2 layers
         cause = "depends on how the input is split into calls"

@@ -29,7 +29,7 @@ NOISE = 1e-3  # a prompt position whose logits differ by more is counted
 def longheads_settings(authors: dict) -> dict:
     """lminf's names for the settings the authors' run used."""
     s = authors["settings"]
-    return {"chunk_size": s["window_size"], "attention_length": s["atten_length"], "select_from": s["begin_selective_length"]}
+    return {"chunk_tokens": s["window_size"], "attention_length": s["atten_length"], "select_from": s["begin_selective_length"]}
 
 
 def sirllm_settings(authors: dict) -> dict:
@@ -149,10 +149,10 @@ def main() -> None:
     if args.only != "sirllm":
         authors["longheads"] = torch.load(args.runs / "longheads.pt", weights_only=False)
         same = longheads_settings(authors["longheads"])
-        control = {**same, "chunk_size": same["chunk_size"] // 2}
+        control = {**same, "chunk_tokens": same["chunk_tokens"] // 2}
         rows.append(attempt("longheads, the authors' settings", compare_longheads, model, authors["longheads"],
                             embedding, same, args.prefill_chunk))
-        rows.append(attempt(f"longheads chunk_size {control['chunk_size']} (control)", compare_longheads, model,
+        rows.append(attempt(f"longheads chunk_tokens {control['chunk_tokens']} (control)", compare_longheads, model,
                             authors["longheads"], embedding, control, args.prefill_chunk))
     if args.only != "longheads":
         authors["sirllm"] = torch.load(args.runs / "sirllm.pt", weights_only=False)

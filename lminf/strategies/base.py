@@ -41,14 +41,14 @@ class Rule:
     top_blocks: int = 0
     repr_topk: int = 0
     scored: torch.Tensor | None = None
-    # Chunks chosen per query head (LongHeads): keys in chunks of `chunk_size` from position 0; a
+    # Chunks chosen per query head (LongHeads): keys in chunks of `chunk_tokens` from position 0; a
     # query head adds the `top_chunks` chunks among `chunk_candidates` (bool pairs) whose summary
     # keys score best against its query before rotation (a chunk's summary key per query head: its
     # queries and keys, rotated at their offsets in the chunk, attend to each other without a
     # causal mask; the mean output s weights the chunk's keys, so rotated, by softmax(s . k /
     # sqrt(head_dim))), and the keys the head then sees are laid out contiguously: a pair's
     # distance is the number of seen keys from the key up to the query, the query's own excluded.
-    chunk_size: int = 0
+    chunk_tokens: int = 0
     top_chunks: int = 0
     chunk_candidates: torch.Tensor | None = None
 
@@ -150,8 +150,8 @@ class Strategy:
                 n_blocks, keys = rule.block.max(-1).values + 1, ((rule.block >= 0) & causal).sum(-1)
                 total += int((keys * n_blocks.clamp(max=rule.top_blocks) // n_blocks.clamp(min=1)).sum())
             if rule.chunk_candidates is not None:  # whole chunks: min(top_chunks, candidates) of them
-                n_chunks = (rule.chunk_candidates & causal).sum(-1) // rule.chunk_size
-                total += int((n_chunks.clamp(max=rule.top_chunks) * rule.chunk_size).sum())
+                n_chunks = (rule.chunk_candidates & causal).sum(-1) // rule.chunk_tokens
+                total += int((n_chunks.clamp(max=rule.top_chunks) * rule.chunk_tokens).sum())
         return total
 
     def settings(self) -> dict:

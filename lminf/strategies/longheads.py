@@ -2,11 +2,11 @@
 head reads its own chunks of the text, as many as fit in the attention length, laid out side
 by side so that no rotary distance reaches it.
 
-The text is cut into chunks of `chunk_size` tokens from position 0. A finished chunk gets,
+The text is cut into chunks of `chunk_tokens` tokens from position 0. A finished chunk gets,
 per query head, a summary key, computed as the official code does: the chunk's queries and
 keys, rotated at their positions inside the chunk, attend to each other (no causal mask), the
 outputs are averaged into one vector s, and the summary key is the chunk's keys (rotated the
-same way) weighted by softmax(s . k / sqrt(head_dim)). With K = attention_length / chunk_size,
+same way) weighted by softmax(s . k / sqrt(head_dim)). With K = attention_length / chunk_tokens,
 a query at position p in chunk c reads, from `select_from` on:
 
     encoding (a call of several tokens): chunk 0, chunk c - 1, the K - 3 chunks of 1..c-2
@@ -47,7 +47,7 @@ DEFAULT_ATTENTION_LENGTH = 4096  # the official default, capped at the model's t
 @register
 @dataclass(frozen=True)
 class LongHeads(Strategy):
-    """Every query head reads its own `attention_length // chunk_size` chunks (see the module
+    """Every query head reads its own `attention_length // chunk_tokens` chunks (see the module
     docstring). The cache keeps every key and value, a summary key per chunk and query head,
     and the queries of the chunk not yet finished."""
 
@@ -57,7 +57,7 @@ class LongHeads(Strategy):
     same_across_calls = False  # a call of one token reads its own key, a longer call does not
 
     n_global: int = field(default=0, metadata={"help": "first tokens every query sees"})  # unused: chunk 0 is always read
-    chunk_size: int = field(default=256, metadata={"help": "tokens per chunk (longheads)"})
+    chunk_tokens: int = field(default=256, metadata={"help": "tokens per chunk (longheads)"})
     attention_length: int | None = field(
         default=None,
         metadata={"help": "keys each query head reads, whole chunks (longheads; default min(4096, training length))"},
@@ -68,19 +68,19 @@ class LongHeads(Strategy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}.")
+        if self.chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {self.chunk_tokens}.")
         if self.attention_length is not None:
             self._check()
 
     def _check(self) -> None:
-        w, length = self.chunk_size, self.attention_length
+        w, length = self.chunk_tokens, self.attention_length
         if length % w or length < 3 * w:
-            raise ValueError(f"attention_length ({length}) must be a multiple of chunk_size ({w}), at least 3 chunks.")
+            raise ValueError(f"attention_length ({length}) must be a multiple of chunk_tokens ({w}), at least 3 chunks.")
         start = length if self.select_from is None else self.select_from
         if start % w or start < length - w:
             raise ValueError(
-                f"select_from ({start}) must be a multiple of chunk_size ({w}) and >= attention_length - chunk_size "
+                f"select_from ({start}) must be a multiple of chunk_tokens ({w}) and >= attention_length - chunk_tokens "
                 f"({length - w}): a selecting query needs that many chunks behind it."
             )
 
@@ -89,7 +89,7 @@ class LongHeads(Strategy):
             raise ValueError(f"strategy longheads lays chunks out by rotary positions; {config.model_type} uses ALiBi.")
         trained = training_length(config)
         length = self.attention_length or max(
-            3 * self.chunk_size, min(DEFAULT_ATTENTION_LENGTH, trained) // self.chunk_size * self.chunk_size
+            3 * self.chunk_tokens, min(DEFAULT_ATTENTION_LENGTH, trained) // self.chunk_tokens * self.chunk_tokens
         )
         if length > trained:
             raise ValueError(f"attention_length ({length}) must not exceed the model's training length ({trained}).")
@@ -103,7 +103,7 @@ class LongHeads(Strategy):
     def cache_layer(self, left_pad: int = 0) -> ChunkMemory:
         if left_pad:
             raise ValueError(PADDING)
-        return ChunkMemory(self.chunk_size)
+        return ChunkMemory(self.chunk_tokens)
 
     def keys_for(self, q_start: int, total: int) -> tuple[int, int]:
         raise NotImplementedError("longheads reads chunk summaries from its own cache; an engine cannot gather its keys.")
@@ -135,7 +135,7 @@ class LongHeads(Strategy):
             out[..., : plain_end - p0, :] = _causal(
                 q[..., : plain_end - p0, :], k[..., :plain_end, :], v[..., :plain_end, :], call
             )
-        a, w = plain_end, self.chunk_size
+        a, w = plain_end, self.chunk_tokens
         while a < total:  # queries in groups that share their chunk
             b = min(total, (a // w + 1) * w)
             out[..., a - p0 : b - p0, :] = self._chunked(q[..., a - p0 : b - p0, :], k, v, a, memory, call, decoding)
@@ -145,7 +145,7 @@ class LongHeads(Strategy):
     def _chunked(self, q, k, v, start: int, memory: ChunkMemory, call: AttentionCall, decoding: bool) -> torch.Tensor:
         """Queries at positions start.. (one chunk, c) reading their chosen chunks and their own."""
         B, Hq, G, D = q.shape
-        w, rep = self.chunk_size, Hq // k.shape[1]
+        w, rep = self.chunk_tokens, Hq // k.shape[1]
         c, positions = start // w, torch.arange(start, start + G, device=q.device)
         chunks = self.choose(_rotated(q, -positions, call), memory.summaries, c, decoding and (start + 1) % w == 0)
         R = chunks.shape[-1]
@@ -179,12 +179,12 @@ class LongHeads(Strategy):
         `closes_chunk` (a decoding step on the last token of chunk c, which then stands for it)."""
         last_candidate = c - 1 if closes_chunk else c - 2
         scores = torch.einsum("bhgd,bhcd->bhgc", unrotated, summaries[:, :, 1 : last_candidate + 1].to(unrotated.dtype))
-        top = scores.topk(self.attention_length // self.chunk_size - 3, dim=-1).indices.sort(-1).values + 1
+        top = scores.topk(self.attention_length // self.chunk_tokens - 3, dim=-1).indices.sort(-1).values + 1
         first, previous = torch.zeros_like(top[..., :1]), torch.full_like(top[..., :1], c - 1)
         return torch.cat((first, top) if closes_chunk else (first, top, previous), -1)
 
     def rule(self, i: torch.Tensor, j: torch.Tensor, layer: int) -> Rule:
-        w = self.chunk_size
+        w = self.chunk_tokens
         decoding = i.shape[1] == 1
         c, cj = i.div(w, rounding_mode="floor"), j.div(w, rounding_mode="floor")
         selects = i >= self.select_from - (1 if decoding else 0)
@@ -196,7 +196,7 @@ class LongHeads(Strategy):
             seen=torch.where(selects, forced, j <= i),
             distance=(i - j).expand_as(forced),
             candidates=torch.zeros_like(forced),
-            chunk_size=w,
+            chunk_tokens=w,
             top_chunks=self.attention_length // w - 3,
             chunk_candidates=selects & candidates,
         )
@@ -252,15 +252,15 @@ class ChunkMemory(LambdaLayer):
     the summary key of every finished chunk per query head (B, Hq, chunks, D), and the queries
     of the unfinished chunk, which its summary will need."""
 
-    def __init__(self, chunk_size: int):
+    def __init__(self, chunk_tokens: int):
         super().__init__(n_global=0, n_local=None)
-        self.chunk_size = chunk_size
+        self.chunk_tokens = chunk_tokens
         self.summaries: torch.Tensor | None = None
-        self.queries: torch.Tensor | None = None  # positions [finished * chunk_size, seen), rotated at them
+        self.queries: torch.Tensor | None = None  # positions [finished * chunk_tokens, seen), rotated at them
 
     def summarise(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p0: int, call: AttentionCall) -> None:
         """Add the summaries of the chunks that queries [p0, p0 + Q) finish; keep the rest's queries."""
-        w = self.chunk_size
+        w = self.chunk_tokens
         done = 0 if self.summaries is None else self.summaries.shape[2]
         kept = q[..., :0, :] if self.queries is None else self.queries
         queries = torch.cat((kept, q), -2)  # positions [done * w, p0 + Q)

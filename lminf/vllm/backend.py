@@ -52,7 +52,12 @@ def strategy_from_config(vllm_config) -> Strategy | None:
     hf_config = vllm_config.model_config.hf_config
     strategy = build(settings.pop("strategy", "lminf"), **settings).resolve(hf_config)
     if strategy.stateful:  # its memory lives in lminf's own cache, which vLLM's paged blocks are not
-        raise ValueError(f"strategy {strategy.name!r} keeps state in lminf's cache and runs through lminf.patch, not vLLM yet.")
+        try:
+            strategy.keys_for(0, 1)
+            why = "it keeps state in lminf's cache"
+        except NotImplementedError as error:  # the strategy's own reason
+            why = str(error).rstrip(".")
+        raise ValueError(f"strategy {strategy.name!r} runs through lminf.patch, not vLLM yet: {why}.")
     if not strategy.same_across_calls:  # vLLM's scheduler splits prompts into its own chunks
         raise ValueError(f"strategy {strategy.name!r} depends on how the input is split into calls; run it through lminf.patch.")
     return strategy
