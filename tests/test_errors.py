@@ -26,7 +26,7 @@ def test_empty_input():
         (dict(top_k=4, top_k_from_layer=2), "no room"),  # the tiny model has layers 0..1
         (dict(global_distance="far"), "global_distance must be one of"),
         (dict(global_distance="reindexed", top_k=2), "reindexed needs top_k=0"),
-        (dict(strategy="streaming"), "unknown strategy 'streaming'; choose from infllm, lminf, lminf-original, longheads, sinks, sirllm"),
+        (dict(strategy="streaming"), "unknown strategy 'streaming'; choose from infllm, lminf, lminf-original, longheads, sinks"),
         (dict(strategy="sinks", top_k=2), "strategy 'sinks' has no setting top_k; its settings: n_global, n_local"),
         (dict(backend="triton"), r"backend \(a kernel name or an attention function\) must be one of"),
     ],

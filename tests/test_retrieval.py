@@ -175,13 +175,27 @@ def test_cli_passkey_and_needle_on_the_default_model(tmp_path):
 
 
 def test_the_original_passkey_format_is_the_lm_infinite_repositorys(tokenizer):
-    ids, answer = build_prompt(Passkey(original=True), tokenizer, 400, 0.3, random.Random("0/400/0.3/0"))
+    ids, answer = build_prompt(Passkey("original"), tokenizer, 400, 0.3, random.Random("0/400/0.3/0"))
     text = tokenizer.decode(ids[0])
     assert text.startswith("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it.")
     assert "I will quiz you about the important information there." in text  # ours says "info there"
     assert f"The pass key is {answer}. Remember it. {answer} is the pass key." in text
     assert text.endswith(" What is the pass key? The pass key is") and 1 <= int(answer) <= 10_000_000
-    assert Passkey(original=True).name == "passkey-original" and Passkey().name == "passkey"
+    assert Passkey("original").name == "passkey-original" and Passkey().name == "passkey"
+
+
+def test_the_longheads_passkey_format_is_the_longheads_repositorys(tokenizer):
+    keys = set()
+    for seed in range(20):
+        ids, answer = build_prompt(Passkey("longheads"), tokenizer, 400, 0.5, random.Random(seed))
+        keys.add(int(answer))
+    text = tokenizer.decode(ids[0])
+    assert text.startswith("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them.")
+    assert "I will quiz you about the important information there." in text
+    assert all(1 <= k <= 50_000 for k in keys) and len(keys) == 20
+    assert Passkey("longheads").name == "passkey-longheads"
+    with pytest.raises(ValueError, match="passkey format"):
+        Passkey("landmark")
 
 
 def test_a_grid_records_time_and_memory_by_tier_and_the_report_shows_them(tmp_path, tokenizer):
@@ -194,7 +208,7 @@ def test_a_grid_records_time_and_memory_by_tier_and_the_report_shows_them(tmp_pa
     methods = [Patched(InfLLM(n_global=4, n_local=32, block_size=8, top_blocks=2)), Patched("sinks")]
     runs = tmp_path / "runs"
     grid = dict(lengths=[300], depths=[0.2], samples=1, seed=0, progress=False)
-    report = run_grid(model, tokenizer, Passkey(original=True), methods, out_json=runs / "passkey-original.json", **grid)
+    report = run_grid(model, tokenizer, Passkey("original"), methods, out_json=runs / "passkey-original.json", **grid)
     cells = {c["method"]: c for c in report["results"].values()}
     assert cells["infllm"]["host_kv_mib"] > 0 and cells["sinks"]["host_kv_mib"] == 0
     assert 0 < cells["infllm"]["device_kv_mib"] and cells["infllm"]["rss_mib"] > 0

@@ -68,8 +68,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
             grid.add_argument("--document", default=None, help="the haystack text (default: emma, else paradise-lost)")
         else:
             grid.add_argument(
-                "--format", choices=["lminf", "original"], default="lminf",
-                help="original: exactly the LM-Infinite repository's prompt (its prefix, keys 1..10,000,000)",
+                "--format", choices=["lminf", "original", "longheads"], default="lminf",
+                help="original: the LM-Infinite repository's prompt (its prefix, keys 1..10,000,000); longheads: the "
+                "LongHeads repository's (its prefix, keys 1..50,000)",
             )  # fmt: skip
         grid.add_argument("--lengths", default="1024,2048,4096", help="prompt lengths in tokens (default 1024,2048,4096)")
         grid.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="where the secret sits, 0 = start, 1 = end")
@@ -248,7 +249,7 @@ def eval_grid(args: argparse.Namespace) -> int:
         raise ValueError("--samples and --lengths must be >= 1 and --depths in [0, 1].")
     model, tokenizer = load(args, patched=False)
     if args.evaluation == "passkey":
-        task = Passkey(original=args.format == "original")
+        task = Passkey(args.format)
     else:
         document = args.document or next((d for d in ("emma", "paradise-lost") if d in available()), "emma")
         path, ids = _tokenized(tokenizer, document)

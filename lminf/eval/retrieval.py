@@ -35,31 +35,38 @@ WORDS = [
 ]  # fmt: skip
 
 
+INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize {0}. "
+    "I will quiz you about the important {1} there."
+)
+# format -> (task prefix, largest key); keys start at 1 except ours (5 digits)
+PASSKEY_FORMATS = {
+    "lminf": (INTRO.format("it", "info"), 99999),
+    "original": (INTRO.format("it", "information"), 10_000_000),  # the LM-Infinite repository's
+    "longheads": (INTRO.format("them", "information"), 50_000),  # the LongHeads repository's passkey_retrieval.py
+}
+
+
 class Passkey:
-    """The paper's passkey retrieval prompt (after Mohtashami and Jaggi, 2023). original=True:
-    exactly the LM-Infinite repository's (its task prefix, keys 1..10,000,000), not our
-    5-digit keys."""
+    """The paper's passkey retrieval prompt (after Mohtashami and Jaggi, 2023), in one of
+    PASSKEY_FORMATS: "lminf" (5-digit keys), or exactly the task prefix and key range of the
+    LM-Infinite ("original") or LongHeads ("longheads") repository."""
 
     name = "passkey"
     max_new_tokens = 8
-    intro = (
-        "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-        "I will quiz you about the important info there."
-    )
     filler = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 
-    def __init__(self, original: bool = False) -> None:
-        self.original = original
-        if original:
-            self.name = "passkey-original"
-            self.intro = (
-                "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-                "I will quiz you about the important information there."
-            )
+    def __init__(self, format: str = "lminf") -> None:
+        if format not in PASSKEY_FORMATS:
+            raise ValueError(f"passkey format must be one of {sorted(PASSKEY_FORMATS)}, got {format!r}.")
+        self.format = format
+        self.intro, self.largest_key = PASSKEY_FORMATS[format]
+        if format != "lminf":
+            self.name = f"passkey-{format}"
 
     def secret(self, rng: random.Random) -> tuple[str, str, str]:
         """-> (sentence to hide, question at the end, answer)"""
-        key = str(rng.randint(1, 10_000_000) if self.original else rng.randint(10000, 99999))
+        key = str(rng.randint(10000, 99999) if self.format == "lminf" else rng.randint(1, self.largest_key))
         return f" The pass key is {key}. Remember it. {key} is the pass key.", " What is the pass key? The pass key is", key
 
     def haystack(self, tokenizer: PreTrainedTokenizerBase, budget: int, rng: random.Random) -> tuple[list[int], list[int]]:
