@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 from dataclasses import replace
@@ -10,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lminf.eval import cli as eval_cli
 from lminf.eval import leaderboard
 from lminf.eval.leaderboard import Column, advice, columns, default_plan, plot_leaderboard, run_leaderboard, write_outputs
-from lminf.eval.methods import Patched, SegmentWise, Vanilla, Window
+from lminf.eval.methods import Patched, SegmentWise, Vanilla, Window, methods_from
 from lminf.eval.ruler import Sources
 from tests.helpers import tiny_model
 
@@ -178,3 +180,13 @@ def test_the_heatmap_normalises_each_column_and_writes_raw_values(tmp_path):
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert texts[: len(cols)] == ["1.00", "3.00", "100", "20", "5.00", "100", "9.0"] and texts.count("n/a") == 1
     assert (tmp_path / "h.png").stat().st_size > 0
+
+
+def test_the_command_offers_every_row_by_default():
+    parser = argparse.ArgumentParser()
+    eval_cli.add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "leaderboard"])
+    methods = methods_from(args.methods, args, eval_cli.choices("leaderboard"))
+    every = ["vanilla", "window", "sinks", "lminf", "lminf-topk", "infllm", "longheads", "sirllm", "xl3m"]
+    assert [m.name for m in methods] == every
+    assert args.lengths is None and args.cost_lengths == "16384,32768"  # lengths: 2x and 4x the training length
