@@ -190,3 +190,11 @@ def test_the_command_offers_every_row_by_default():
     every = ["vanilla", "window", "sinks", "lminf", "lminf-topk", "infllm", "longheads", "sirllm", "xl3m"]
     assert [m.name for m in methods] == every
     assert args.lengths is None and args.cost_lengths == "16384,32768"  # lengths: 2x and 4x the training length
+
+
+def test_a_ruler_length_too_short_fails_before_any_cell(board, tmp_path):
+    _, run, folder = board
+    plan = replace(run["plan"], ruler_lengths=(100,))
+    with pytest.raises(ValueError, match="too short|room|needs"):
+        run_leaderboard(**{**run, "plan": plan, "out_json": tmp_path / "x.json"}, model_path=folder, progress=False)
+    assert not (tmp_path / "x.json").exists()

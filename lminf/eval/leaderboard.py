@@ -38,7 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lminf.eval.bench import _in_child, measure_cell
 from lminf.eval.methods import Method, resolve_all
 from lminf.eval.retrieval import Passkey, build_prompt
-from lminf.eval.ruler import Sources, check_tasks
+from lminf.eval.ruler import TASKS, Sources, check_room, check_tasks, render
 from lminf.eval.ruler import _cell as ruler_cell
 from lminf.eval.runs import RunStore, conditions
 from lminf.families import training_length
@@ -122,6 +122,9 @@ def run_leaderboard(
     when plan.ruler_tasks is empty). model_path: what the cost cells load (lminf.default_model.load_model)."""
     if plan.ruler_tasks:
         check_tasks(list(plan.ruler_tasks))
+    for task, n in ((t, n) for t in plan.ruler_tasks for n in plan.ruler_lengths):  # too short fails now, not hours in
+        smallest = TASKS[task].make(TASKS[task].min_units, random.Random(0), sources, n)
+        check_room(TASKS[task], n, len(render(tokenizer, smallest)))
     if text_ids.shape[1] < max(plan.lengths):
         raise ValueError(f"the NLL text has {text_ids.shape[1]} tokens, fewer than the longest length {max(plan.lengths)}.")
     methods = resolve_all(methods, model)
