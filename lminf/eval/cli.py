@@ -16,6 +16,7 @@ import torch
 
 from lminf.arguments import add_model_args, add_procedure_args, dtype_for, load
 from lminf.default_model import BUILT_IN, DEFAULT_MODEL, model_name
+from lminf.eval import leaderboard
 from lminf.eval.bench import run_bench
 from lminf.eval.data import available, data_dir, extract, find_document, sources
 from lminf.eval.methods import method_names, methods_from
@@ -115,7 +116,30 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         if name in PROMPT_COMMANDS:
             add_procedure_args(parser)
         parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    _add_leaderboard(evaluate)
     _add_bench(commands)
+
+
+def _add_leaderboard(evaluate: argparse._SubParsersAction) -> None:
+    board = evaluate.add_parser("leaderboard", help="every method on the same cells: NLL, passkey, RULER and cost, one table")
+    rows = leaderboard.ROWS
+    board.add_argument("--methods", default=rows, help=f"comma list of {', '.join(choices('leaderboard'))} (default: {rows})")
+    board.add_argument("--lengths", default=None, help="NLL and passkey lengths (default: 2x and 4x the training length)")
+    board.add_argument("--ruler-lengths", default=None, help="RULER lengths (default: 2x the training length)")
+    board.add_argument("--ruler-tasks", default=",".join(leaderboard.RULER_TASKS), help="comma list of RULER tasks ('' for none)")
+    costs, depths = ",".join(map(str, leaderboard.COST_LENGTHS)), ",".join(f"{d:g}" for d in leaderboard.DEPTHS)
+    board.add_argument("--cost-lengths", default=costs, help=f"lengths of the cost cells, as lminf bench (default {costs})")
+    board.add_argument("--depths", default=depths, help="passkey depths, 0 = start, 1 = end")
+    board.add_argument("--samples", type=int, default=1, help="prompts per passkey depth and per RULER task (default 1)")
+    board.add_argument("--seed", type=int, default=0)
+    board.add_argument("--document", default=None, help="the NLL text and RULER's haystack (default: emma, else paradise-lost)")
+    board.add_argument("--vanilla-up-to", type=int, default=16384, help="longest cost cell vanilla runs (its cache is unbounded)")
+    board.add_argument("--decode-tokens", type=int, default=16, help="decoding steps per cost cell, the median reported")
+    board.add_argument("--chunk-size", type=int, default=2048, help="prompt tokens per prefill step in the cost cells")
+    board.add_argument("--out", type=Path, default=Path("runs/leaderboard.json"), help="JSON (resumed); .md and .png beside it")
+    add_model_args(board, top_k=5, vanilla=False, strategy=False)
+    add_procedure_args(board)
+    board.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
 
 def _add_bench(commands: argparse._SubParsersAction) -> None:
@@ -164,7 +188,7 @@ def choices(command: str) -> list[str]:
     """The method names a command accepts: every one, but streaming runs only strategies (the
     baselines have no bounded cache), the benchmark no recomputed window (it has no cache), and
     xl3m only completes prompts (passkey, needle, ruler)."""
-    if command in PROMPT_COMMANDS:
+    if command in (*PROMPT_COMMANDS, "leaderboard"):
         return method_names(procedures=True)
     return {"stream": method_names(vanilla=False, window=False), "bench": method_names(window=False)}.get(command, method_names())
 
@@ -187,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     commands = {"ppl": eval_ppl, "stream": eval_stream, "passkey": eval_grid, "needle": eval_grid, "ruler": eval_ruler}
+    commands["leaderboard"] = eval_leaderboard
     return commands[args.evaluation](args)
 
 
@@ -270,6 +295,47 @@ def eval_ruler(args: argparse.Namespace) -> int:
     sources = Sources.load(text, document)
     report = run_ruler(model, tokenizer, methods, tasks, lengths, args.samples, args.seed, sources, args.out, _meta(args, model))
     return _finish(args.out, report, plot_ruler, ruler_table)
+
+
+def eval_leaderboard(args: argparse.Namespace) -> int:
+    methods = methods_from(args.methods, args, choices("leaderboard"))
+    model, tokenizer = load(args, patched=False)
+    bench = {
+        "dtype": str(dtype_for(args.dtype, args.device)).removeprefix("torch."),
+        "device": args.device,
+        "chunk": args.chunk_size,
+        "decode_tokens": args.decode_tokens,
+        "threads": args.threads,
+        "weights": args.weights,
+    }
+    overrides = {
+        "cost_lengths": tuple(numbers(args.cost_lengths, int, "--cost-lengths")),
+        "ruler_tasks": tuple(t.strip() for t in args.ruler_tasks.split(",") if t.strip()),
+        "depths": tuple(numbers(args.depths, float, "--depths")),
+        "samples": args.samples,
+        "seed": args.seed,
+        "vanilla_up_to": args.vanilla_up_to,
+        "bench": bench,
+    }
+    if args.lengths:
+        overrides["lengths"] = tuple(numbers(args.lengths, int, "--lengths"))
+        overrides["ruler_lengths"] = overrides["lengths"][:1]
+    if args.ruler_lengths:
+        overrides["ruler_lengths"] = tuple(numbers(args.ruler_lengths, int, "--ruler-lengths"))
+    plan = leaderboard.default_plan(model, **overrides)
+    if args.samples < 1 or not all(0 <= d <= 1 for d in plan.depths) or args.decode_tokens < 1 or args.chunk_size < 1:
+        raise ValueError("--samples, --decode-tokens, --chunk-size must be >= 1 and --depths in [0, 1].")
+    document = args.document or next((d for d in ("emma", "paradise-lost") if d in available()), "emma")
+    path, ids = _tokenized(tokenizer, document)
+    name, text = _haystack(document)
+    sources = Sources.load(text, name) if plan.ruler_tasks else None
+    meta = {**_meta(args, model), **leaderboard.provenance(), "document": path.stem}
+    ids = ids.to(args.device)
+    report = leaderboard.run_leaderboard(model, tokenizer, methods, plan, ids, sources, args.out, args.model, meta)
+    text, md, png = leaderboard.write_outputs(report, args.out)
+    print(text)
+    print(f"wrote {args.out}, {md} and {png}", file=sys.stderr)
+    return 0
 
 
 def _haystack(name: str | None) -> tuple[str, str]:
