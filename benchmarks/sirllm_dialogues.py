@@ -65,7 +65,8 @@ def main() -> None:
     rps_out = args.out.with_name(f"{args.out.stem}-rps.json")
     tasks = args.tasks.split(",")
     if "grocery" in tasks:
-        grocery = run_dialogue(model, tokenizer, methods(args.cache, 1.0), args.episodes, args.distractors, 0, args.seed, grocery_out, meta)
+        found = methods(args.cache, 1.0)
+        grocery = run_dialogue(model, tokenizer, found, args.episodes, args.distractors, 0, args.seed, grocery_out, meta)
         print(dialogue_table(grocery))
         print(f"wrote {grocery_out}")
     if "rps" in tasks:

@@ -198,7 +198,7 @@ def grocery_cell(model, tokenizer, method: Method, episode: int, distractors: in
             chosen, cache = play(model, cache, rows, context)
             picks.append(chosen)
             tokens += len(rows[chosen])
-    graded = [(t, p) for t, p in zip(turns, picks) if t.kind == "distractor"]
+    graded = [(t, p) for t, p in zip(turns, picks, strict=True) if t.kind == "distractor"]
     recall = turns[-1]
     return {
         "method": method.name,
@@ -277,12 +277,11 @@ def summary(report: dict) -> dict[str, dict[str, float]]:
     for key, cell in report["results"].items():
         row = out.setdefault(cell["method"], {})
         if key.startswith("grocery/"):
-            for field, value in (("episodes", 1), ("key_correct", cell["key_correct"]),
-                                 ("distractors", cell["distractors"]), ("distractors_correct", cell["distractors_correct"])):  # fmt: skip
-                row[field] = row.get(field, 0) + value
+            counts = {"episodes": 1, **{f: cell[f] for f in ("key_correct", "distractors", "distractors_correct")}}
         else:
-            for field in ("rounds", "win", "tie", "lose"):
-                row[field] = row.get(field, 0) + cell[field]
+            counts = {f: cell[f] for f in ("rounds", "win", "tie", "lose")}
+        for field, value in counts.items():
+            row[field] = row.get(field, 0) + value
     for row in out.values():
         if row.get("episodes"):
             row["key_recall"] = row.pop("key_correct") / row["episodes"]
@@ -300,7 +299,10 @@ def dialogue_table(report: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in summary(report).items():
-        grocery = (f"{row['key_recall']:.2f}", f"{row['distractor_accuracy']:.2f}", f"{row['episodes']}") if "episodes" in row else ("",) * 3
-        rps = tuple(f"{row[f]:.3f}" for f in ("win_rate", "tie_rate", "lose_rate")) + (f"{row['rounds']}",) if "rounds" in row else ("",) * 4
+        grocery, rps = ("",) * 3, ("",) * 4
+        if "episodes" in row:
+            grocery = (f"{row['key_recall']:.2f}", f"{row['distractor_accuracy']:.2f}", f"{row['episodes']}")
+        if "rounds" in row:
+            rps = (*(f"{row[f]:.3f}" for f in ("win_rate", "tie_rate", "lose_rate")), f"{row['rounds']}")
         lines.append("| " + " | ".join((name, *grocery, *rps)) + " |")
     return "\n".join(lines)
