@@ -258,8 +258,9 @@ def run_dialogue(
     store = RunStore(out_json, identity)
     store.report.update(meta or {})
     store.record_methods(methods)
-    todo = [("grocery", m, e) for m in methods for e in range(episodes)]
-    todo += [("rps", m, d) for m in methods for d in THROWS if rounds]
+    # Episode by episode, every method on each: a run stopped early still compares like with like.
+    todo = [("grocery", m, e) for e in range(episodes) for m in methods]
+    todo += [("rps", m, d) for d in THROWS if rounds for m in methods]
     bar = tqdm(todo, desc="dialogue", unit="episode", disable=not progress)
     for task, method, which in bar:
         bar.set_postfix_str(f"{method.name} {task} {which}")
