@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--distractors", type=int, default=20, help="distractor turns per episode (default 20)")
     parser.add_argument("--rounds", type=int, default=150, help="Rock-Paper-Scissors rounds per player (default 150)")
     parser.add_argument("--tasks", default="grocery,rps", help="grocery, rps or both (default), e.g. one per process")
+    parser.add_argument("--methods", default=None, help="comma list of sinks, sirllm, sirllm-released (default all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("docs/measurements/sirllm-dialogues.json"))
@@ -64,13 +65,18 @@ def main() -> None:
     grocery_out = args.out.with_name(f"{args.out.stem}-grocery.json")
     rps_out = args.out.with_name(f"{args.out.stem}-rps.json")
     tasks = args.tasks.split(",")
+    wanted = args.methods.split(",") if args.methods else None
+
+    def methods_for(decay: float) -> list[Patched]:
+        return [m for m in methods(args.cache, decay) if wanted is None or m.name in wanted]
+
     if "grocery" in tasks:
-        found = methods(args.cache, 1.0)
+        found = methods_for(1.0)
         grocery = run_dialogue(model, tokenizer, found, args.episodes, args.distractors, 0, args.seed, grocery_out, meta)
         print(dialogue_table(grocery))
         print(f"wrote {grocery_out}")
     if "rps" in tasks:
-        rps = run_dialogue(model, tokenizer, methods(args.cache, 0.9), 0, args.distractors, args.rounds, args.seed, rps_out, meta)
+        rps = run_dialogue(model, tokenizer, methods_for(0.9), 0, args.distractors, args.rounds, args.seed, rps_out, meta)
         print(dialogue_table(rps))
         print(f"wrote {rps_out}; players: dominant {', '.join(THROWS)}")
 
