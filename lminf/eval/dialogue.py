@@ -286,7 +286,8 @@ def summary(report: dict) -> dict[str, dict[str, float]]:
     for row in out.values():
         if row.get("episodes"):
             row["key_recall"] = row.pop("key_correct") / row["episodes"]
-            row["distractor_accuracy"] = row.pop("distractors_correct") / max(1, row.pop("distractors"))
+            graded, right = row.pop("distractors"), row.pop("distractors_correct")
+            row["distractor_accuracy"] = right / graded if graded else None
         if row.get("rounds"):
             for field in ("win", "tie", "lose"):
                 row[f"{field}_rate"] = row.pop(field) / row["rounds"]
@@ -302,8 +303,12 @@ def dialogue_table(report: dict) -> str:
     for name, row in summary(report).items():
         grocery, rps = ("",) * 3, ("",) * 4
         if "episodes" in row:
-            grocery = (f"{row['key_recall']:.2f}", f"{row['distractor_accuracy']:.2f}", f"{row['episodes']}")
+            grocery = (f"{row['key_recall']:.2f}", _rate(row["distractor_accuracy"]), f"{row['episodes']}")
         if "rounds" in row:
             rps = (*(f"{row[f]:.3f}" for f in ("win_rate", "tie_rate", "lose_rate")), f"{row['rounds']}")
         lines.append("| " + " | ".join((name, *grocery, *rps)) + " |")
     return "\n".join(lines)
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
