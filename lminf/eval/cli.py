@@ -297,10 +297,9 @@ def eval_ruler(args: argparse.Namespace) -> int:
     return _finish(args.out, report, plot_ruler, ruler_table)
 
 
-def eval_leaderboard(args: argparse.Namespace) -> int:
-    methods = methods_from(args.methods, args, choices("leaderboard"))
-    model, tokenizer = load(args, patched=False)
-    bench = {
+def _bench_settings(args: argparse.Namespace) -> dict:
+    """What a cost measurement runs under (lminf bench and the leaderboard's cost cells)."""
+    return {
         "dtype": str(dtype_for(args.dtype, args.device)).removeprefix("torch."),
         "device": args.device,
         "chunk": args.chunk_size,
@@ -308,6 +307,12 @@ def eval_leaderboard(args: argparse.Namespace) -> int:
         "threads": args.threads,
         "weights": args.weights,
     }
+
+
+def eval_leaderboard(args: argparse.Namespace) -> int:
+    methods = methods_from(args.methods, args, choices("leaderboard"))
+    model, tokenizer = load(args, patched=False)
+    bench = _bench_settings(args)
     overrides = {
         "cost_lengths": tuple(numbers(args.cost_lengths, int, "--cost-lengths")),
         "ruler_tasks": tuple(t.strip() for t in args.ruler_tasks.split(",") if t.strip()),
@@ -363,14 +368,7 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.rounds is not None:
         raise ValueError("--rounds is for --race (lminf bench runs each cell once).")
     methods = methods_from(args.methods or BENCH_METHODS, args, choices("bench"))
-    settings = {
-        "dtype": str(dtype_for(args.dtype, args.device)).removeprefix("torch."),
-        "device": args.device,
-        "chunk": args.chunk_size,
-        "decode_tokens": args.decode_tokens,
-        "threads": args.threads,
-        "weights": args.weights,
-    }
+    settings = _bench_settings(args)
     if args.threads:
         torch.set_num_threads(args.threads)  # so that the machine line says what the children use
     meta = {"model": model_name(args.model), "machine": machine()}
