@@ -27,6 +27,7 @@ def test_no_query_reads_more_than_the_attention_length(w, length, start):
         for q in range(i.shape[1]) if not decoding else [0]:
             rule = strategy.rule(i[:, q : q + 1] if decoding else i, j, layer=0)
             t = 0 if decoding else q
+            assert not (rule.chunk_candidates[0, t] & rule.seen[0, t]).any()  # a chosen chunk is one not read anyway
             chosen = min(rule.top_chunks, int(rule.chunk_candidates[0, t].sum()) // w) * w
             reads = int(rule.seen[0, t].sum()) + chosen
             before = reads - int(rule.seen[0, t, i[0, t, 0]])
