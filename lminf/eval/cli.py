@@ -133,7 +133,7 @@ def _add_leaderboard(evaluate: argparse._SubParsersAction) -> None:
     board.add_argument("--samples", type=int, default=1, help="prompts per passkey depth and per RULER task (default 1)")
     board.add_argument("--seed", type=int, default=0)
     board.add_argument("--document", default=None, help="the NLL text and RULER's haystack (default: emma, else paradise-lost)")
-    board.add_argument("--vanilla-up-to", type=int, default=16384, help="longest cost cell vanilla runs (its cache is unbounded)")
+    board.add_argument("--vanilla-up-to", type=int, default=16384, help="longest cell vanilla runs (it is quadratic)")
     board.add_argument("--decode-tokens", type=int, default=16, help="decoding steps per cost cell, the median reported")
     board.add_argument("--chunk-size", type=int, default=2048, help="prompt tokens per prefill step in the cost cells")
     board.add_argument("--out", type=Path, default=Path("runs/leaderboard.json"), help="JSON (resumed); .md and .png beside it")

@@ -12,7 +12,7 @@ training length T (default 2T and 4T):
   tokens/s, decode ms/token.
 
 A method that has no value for a cell (xl3m has no per-token NLL and no cache, the
-recomputed window no cache, vanilla past --vanilla-up-to) gets "n/a" with the reason in
+recomputed window no cache, vanilla at any cell longer than --vanilla-up-to) gets "n/a" with the reason in
 the JSON, never a number. One resumable JSON (lminf.eval.runs: a finished cell is not
 rerun), a heatmap (each column normalised, the raw value written in each cell), a markdown
 table and a "which to use when" paragraph generated from the numbers by `RULES`.
@@ -36,7 +36,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lminf.eval.bench import _in_child, measure_cell
-from lminf.eval.methods import Method, resolve_all
+from lminf.eval.methods import Method, Vanilla, resolve_all
 from lminf.eval.retrieval import Passkey, build_prompt
 from lminf.eval.ruler import TASKS, Sources, check_room, check_tasks, render
 from lminf.eval.ruler import _cell as ruler_cell
@@ -62,7 +62,7 @@ class Plan:
     depths: tuple[float, ...] = DEPTHS
     samples: int = 1  # prompts per (passkey depth) and per RULER task
     seed: int = 0
-    vanilla_up_to: int = 16384  # the longest cost cell vanilla runs (its cache grows without bound)
+    vanilla_up_to: int = 16384  # the longest cell vanilla runs (quadratic attention, a cache without bound)
     bench: dict = field(default_factory=dict)  # measure_cell's settings: dtype, device, chunk, decode_tokens, threads, weights
     isolate: bool = True  # cost cells in their own process (their peak memory their own)
 
@@ -139,22 +139,29 @@ def run_leaderboard(
     store.report["rows"] = [m.name for m in methods]
     stop = {i for i in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)) if isinstance(i, int)}
     context = multiprocessing.get_context("spawn")
-    work: list[tuple[str, Callable[[Method], dict]]] = []
+    work: list[tuple[str, int, Callable[[Method], dict]]] = []  # (cell, its length, compute)
     for n in plan.lengths:
-        work.append((f"nll/{n}", lambda m, n=n: nll_cell(model, m, text_ids[:, :n])))
-        work.append((f"passkey/{n}", lambda m, n=n: passkey_cell(model, tokenizer, m, n, plan)))
+        work.append((f"nll/{n}", n, lambda m, n=n: nll_cell(model, m, text_ids[:, :n])))
+        work.append((f"passkey/{n}", n, lambda m, n=n: passkey_cell(model, tokenizer, m, n, plan)))
     for n in plan.ruler_lengths:
         for task in plan.ruler_tasks:
-            work.append((f"ruler/{task}/{n}", lambda m, t=task, n=n: ruler_score(model, tokenizer, m, t, n, plan, sources, stop)))
+            score = lambda m, t=task, n=n: ruler_score(model, tokenizer, m, t, n, plan, sources, stop)  # noqa: E731
+            work.append((f"ruler/{task}/{n}", n, score))
     for n in plan.cost_lengths:
-        work.append((f"cost/{n}", lambda m, n=n: cost_cell(context, model_path, m, n, plan)))
-    bar = tqdm([(m, key, fn) for m in methods for key, fn in work], desc="leaderboard", unit="cell", disable=not progress)
-    for method, key, compute in bar:
+        work.append((f"cost/{n}", n, lambda m, n=n: cost_cell(context, model_path, m, n, plan)))
+    cells = [(m, key, n, fn) for m in methods for key, n, fn in work]
+    bar = tqdm(cells, desc="leaderboard", unit="cell", disable=not progress)
+    for method, key, n, compute in bar:
         name = f"{method.name}/{key}"
         if name in store.results and not store.results[name].get("error"):
             continue  # finished in an earlier run
         bar.set_postfix_str(name)
-        store.put(name, {"method": method.name, "cell": key, **measured(compute, method), **conditions()})
+        if isinstance(method, Vanilla) and n > plan.vanilla_up_to:
+            # hours of quadratic attention for a model already broken down past its training length (its NLL at 2x shows it)
+            cell = {"na": f"vanilla is quadratic, its cache unbounded: not run above --vanilla-up-to {plan.vanilla_up_to}"}
+        else:
+            cell = measured(compute, method)
+        store.put(name, {"method": method.name, "cell": key, **cell, **conditions()})
     return store.report
 
 
@@ -199,8 +206,6 @@ def ruler_score(model, tokenizer, method: Method, task: str, length: int, plan: 
 def cost_cell(context, model_path: str | None, method: Method, length: int, plan: Plan) -> dict:
     """lminf bench's measurement of one (method, length): device and host KV, prefill speed, decode step."""
     method.kept_pairs(1)  # raises NotImplementedError, with the reason, for a method with no cache to measure
-    if getattr(method, "strategy", None) is None and length > plan.vanilla_up_to:
-        return {"na": f"the vanilla cache grows with the input: not run above --vanilla-up-to {plan.vanilla_up_to}"}
     args = (model_path, method, length, plan.bench)
     cell = _in_child(context, measure_cell, *args) if plan.isolate else measure_cell(*args)
     if "error" in cell:  # e.g. out of memory: rerun on resume
