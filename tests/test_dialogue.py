@@ -20,7 +20,9 @@ from lminf.eval.dialogue import (
     play,
     rps_throws,
     rps_turn,
+    within,
 )
+from lminf.eval.methods import Patched, SegmentWise, Vanilla, Window, resolve_all, strategy_methods
 from lminf.generation import cache_kwarg
 from lminf.strategies import build
 from tests.helpers import tiny_model, tokens
@@ -133,3 +135,31 @@ def test_encode_moves_the_space_to_the_choice(default_tokenizer) -> None:
     for row, choice in zip(rows, turn.choices, strict=True):
         assert default_tokenizer.decode(row[:context]).endswith("\n\nASSISTANT:")
         assert default_tokenizer.decode(row[context:]) == f" {choice}"
+
+
+def test_within_sizes_every_method_to_one_cache() -> None:
+    """The dialogue cell compares methods at one cache size: each method's window (longheads:
+    its attention length) becomes `tokens`, a bounded cache stays within it, and the sized
+    method still resolves and plays a turn; methods without a cache of turns say why."""
+    model = tiny_model(max_position_embeddings=1024, num_hidden_layers=5)  # longheads: 3 chunks; lminf-topk: layer 4
+    top_k = {"lminf-topk": {"top_k": 5}}  # its preset leaves top_k to --top-k
+    presets = [Patched(cls(**preset, **top_k.get(name, {})), name) for name, (cls, preset) in strategy_methods().items()]
+    for method in resolve_all([Vanilla(), Window(), SegmentWise(), *presets], model):
+        if method.name in ("window", "xl3m"):
+            with pytest.raises(NotImplementedError, match="not a dialogue"):
+                within(method, 64)
+            continue
+        sized = within(method, 64).resolved(model)
+        if isinstance(sized, Vanilla):
+            continue
+        s = sized.strategy
+        if method.name == "longheads":
+            assert (s.attention_length, s.chunk_tokens) == (64, 8)
+        else:
+            assert s.n_global + s.n_local + getattr(s, "n_scored", 0) == 64, method.name
+        bound = s.cache_bound()
+        hot = (s.hot_blocks + 1) * s.block_size if method.name == "infllm" else 0  # its memory's blocks on the device
+        assert bound is None or bound <= 64 + hot, method.name
+        ids = tokens(100, seed=3)[0].tolist()
+        with sized.patched(model):  # a turn of two choices after 90 tokens of context, past the cache
+            play(model, sized.new_cache(model), [ids[:93], ids[:90] + ids[93:]], 90)

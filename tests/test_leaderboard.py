@@ -32,6 +32,7 @@ def board(default_tokenizer, tmp_path_factory):
     tokenizer.save_pretrained(folder)
     plan = default_plan(model, ruler_lengths=(600,), ruler_tasks=("fwe",), cost_lengths=(256, 512))
     plan = replace(plan, depths=(0.5,), vanilla_up_to=512, bench=BENCH, isolate=False)
+    plan = replace(plan, dialogue_cache=32, episodes=2, distractors=2)
     methods = [Vanilla(), Window(), Patched("sinks"), SegmentWise()]
     ids = tokenizer(TEXT, return_tensors="pt")["input_ids"]
     sources = Sources.load(TEXT, "cat")
@@ -53,8 +54,11 @@ def test_every_cell_has_a_value_or_a_reason(board):
             assert cell["machine"] and cell["finished"]
     na = {key: cell["na"] for key, cell in report["results"].items() if "na" in cell}
     assert set(na) == {"xl3m/nll/256", "xl3m/nll/512", "xl3m/cost/256", "xl3m/cost/512", "window/cost/256", "window/cost/512",
-                       "vanilla/ruler/fwe/600"}  # fmt: skip
+                       "vanilla/ruler/fwe/600", "window/dialogue/32", "xl3m/dialogue/32"}  # fmt: skip
     assert "no per-token NLL" in na["xl3m/nll/512"] and "no cache" in na["window/cost/256"]
+    assert "not a dialogue" in na["window/dialogue/32"]
+    sized = report["results"]["sinks/dialogue/32"]  # sinks at a 32-token cache, two episodes
+    assert sized["settings"]["n_global"] + sized["settings"]["n_local"] == 32 and len(sized["episodes"]) == 2
     assert "--vanilla-up-to 512" in na["vanilla/ruler/fwe/600"]  # any cell longer, not only a cost cell
     assert report["results"]["vanilla/cost/256"]["values"]["device_kv_mib"] > 0
 
@@ -111,7 +115,7 @@ def test_the_table_plot_and_json_are_written(board):
     assert lines[0].startswith("| method | NLL 256 | NLL 512 | passkey % 256")
     rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ") and "method" not in line}
     assert set(rows) == {"vanilla", "window", "sinks", "xl3m"}
-    assert rows["xl3m"].count("n/a") == 2 + 8  # two NLL cells and eight cost cells
+    assert rows["xl3m"].count("n/a") == 2 + 1 + 8  # two NLL cells, the dialogue cell and eight cost cells
     nll = report["results"]["sinks/nll/256"]["values"]["nll"]
     assert f"| sinks | {nll:.2f} |" in text
     assert "xl3m nll/256: xl3m picks segments" in text and "For the least device memory" in text

@@ -133,6 +133,10 @@ def _add_leaderboard(evaluate: argparse._SubParsersAction) -> None:
     board.add_argument("--samples", type=int, default=1, help="prompts per passkey depth and per RULER task (default 1)")
     board.add_argument("--seed", type=int, default=0)
     board.add_argument("--document", default=None, help="the NLL text and RULER's haystack (default: emma, else paradise-lost)")
+    plan = leaderboard.Plan
+    board.add_argument("--dialogue-cache", type=int, default=plan.dialogue_cache, help="the dialogue cell's cache size")
+    board.add_argument("--episodes", type=int, default=plan.episodes, help="grocery episodes of the dialogue cell (0: none)")
+    board.add_argument("--distractors", type=int, default=plan.distractors, help="distractor turns per grocery episode")
     board.add_argument("--vanilla-up-to", type=int, default=16384, help="longest cell vanilla runs (it is quadratic)")
     board.add_argument("--decode-tokens", type=int, default=16, help="decoding steps per cost cell, the median reported")
     board.add_argument("--chunk-size", type=int, default=2048, help="prompt tokens per prefill step in the cost cells")
@@ -316,6 +320,9 @@ def eval_leaderboard(args: argparse.Namespace) -> int:
     overrides = {
         "cost_lengths": tuple(numbers(args.cost_lengths, int, "--cost-lengths")),
         "ruler_tasks": tuple(t.strip() for t in args.ruler_tasks.split(",") if t.strip()),
+        "dialogue_cache": args.dialogue_cache,
+        "episodes": args.episodes,
+        "distractors": args.distractors,
         "depths": tuple(numbers(args.depths, float, "--depths")),
         "samples": args.samples,
         "seed": args.seed,
@@ -328,6 +335,8 @@ def eval_leaderboard(args: argparse.Namespace) -> int:
     if args.ruler_lengths:
         overrides["ruler_lengths"] = tuple(numbers(args.ruler_lengths, int, "--ruler-lengths"))
     plan = leaderboard.default_plan(model, **overrides)
+    if args.episodes < 0 or args.dialogue_cache < 16:
+        raise ValueError("--episodes must be >= 0 and --dialogue-cache >= 16.")
     if args.samples < 1 or not all(0 <= d <= 1 for d in plan.depths) or args.decode_tokens < 1 or args.chunk_size < 1:
         raise ValueError("--samples, --decode-tokens, --chunk-size must be >= 1 and --depths in [0, 1].")
     document = args.document or next((d for d in ("emma", "paradise-lost") if d in available()), "emma")

@@ -19,6 +19,7 @@ Scissors: always the latter, as the released loop does). Runs are resumable (lmi
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import random
 import time
@@ -30,9 +31,13 @@ from tqdm import tqdm
 from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
 from lminf.caches.turn_cache import begin_turn
-from lminf.eval.methods import Method, resolve_all
+from lminf.eval.methods import Method, Patched, Vanilla, resolve_all
 from lminf.eval.runs import RunStore, conditions
 from lminf.generation import cache_kwarg
+from lminf.strategies.infllm import InfLLM
+from lminf.strategies.longheads import LongHeads
+from lminf.strategies.sirllm import SirLLM
+from lminf.strategies.windowed import WindowedStrategy
 
 GROCERIES = [
     "apples", "bananas", "carrots", "onions", "potatoes", "tomatoes", "lettuce", "spinach", "broccoli", "garlic",
@@ -237,6 +242,31 @@ def rps_cell(model, tokenizer, method: Method, dominant: str, rounds: int, seed:
         "seconds": round(time.perf_counter() - start, 2),
         **conditions(),
     }
+
+
+def within(method: Method, tokens: int) -> Method:
+    """`method` with a cache of `tokens`, so that methods compare at one size: its first tokens
+    (at most tokens / 8) and a window of the rest (sirllm: half scored, half recent; longheads:
+    `tokens` read in chunks of tokens / 8). What a method reads beyond that (top-k picks,
+    InfLLM's memory blocks, of tokens / 8 each) it keeps. Vanilla keeps everything: the control."""
+    if isinstance(method, Vanilla):
+        return method
+    strategy = getattr(method, "strategy", None)
+    if not isinstance(method, Patched) or strategy is None:
+        raise NotImplementedError(f"{method.name} runs one prompt, not a dialogue of turns on a cache.")
+    if isinstance(strategy, LongHeads):
+        sized = dataclasses.replace(strategy, chunk_tokens=tokens // 8, attention_length=tokens, select_from=tokens)
+    elif isinstance(strategy, SirLLM):
+        strategy = dataclasses.replace(strategy, n_global=min(strategy.n_global, tokens // 8))
+        room = tokens - strategy.n_global
+        sized = dataclasses.replace(strategy, n_scored=room - room // 2, n_local=room // 2)
+    elif isinstance(strategy, WindowedStrategy):
+        n_global = min(strategy.n_global, tokens // 8)
+        blocks = {"block_size": min(strategy.block_size, tokens // 8)} if isinstance(strategy, InfLLM) else {}
+        sized = dataclasses.replace(strategy, n_global=n_global, n_local=tokens - n_global, **blocks)
+    else:
+        raise NotImplementedError(f"{method.name}: no rule to size it to a {tokens}-token cache.")
+    return dataclasses.replace(method, strategy=sized)
 
 
 def run_dialogue(

@@ -7,6 +7,8 @@ training length T (default 2T and 4T):
 - passkey/L: passkey accuracy (lminf.eval.retrieval.Passkey) over a few depths, in percent;
 - ruler/TASK/L: RULER scores (lminf.eval.ruler), x100, for the tasks the default model
   solves at all inside its training length (RULER_TASKS);
+- dialogue/C: key recall (%) of SirLLM's synthetic Grocery Shopping dialogues
+  (lminf.eval.dialogue) with every method sized to a C-token cache (dialogue.within);
 - cost/L: what one prefill of L random tokens and a few decoding steps cost
   (lminf.eval.bench.measure_cell, in its own process): device KV, host KV, prefill
   tokens/s, decode ms/token.
@@ -36,6 +38,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lminf.eval.bench import _in_child, measure_cell
+from lminf.eval.dialogue import grocery_cell, within
 from lminf.eval.methods import Method, Vanilla, resolve_all
 from lminf.eval.retrieval import Passkey, build_prompt
 from lminf.eval.ruler import TASKS, Sources, check_room, check_tasks, render
@@ -61,13 +64,18 @@ class Plan:
     ruler_tasks: tuple[str, ...] = RULER_TASKS
     depths: tuple[float, ...] = DEPTHS
     samples: int = 1  # prompts per (passkey depth) and per RULER task
+    dialogue_cache: int = 128  # the cache every method is sized to in the dialogue cell
+    episodes: int = 12  # grocery episodes in the dialogue cell (0: no dialogue cell)
+    distractors: int = 10  # distractor turns per episode: about 440 tokens, 3.4x a 128-token cache
     seed: int = 0
     vanilla_up_to: int = 16384  # the longest cell vanilla runs (quadratic attention, a cache without bound)
     bench: dict = field(default_factory=dict)  # measure_cell's settings: dtype, device, chunk, decode_tokens, threads, weights
     isolate: bool = True  # cost cells in their own process (their peak memory their own)
 
     def identity(self) -> dict:
-        return {"depths": list(self.depths), "samples": self.samples, "seed": self.seed, "bench": self.bench}
+        dialogue = {"cache": self.dialogue_cache, "episodes": self.episodes, "distractors": self.distractors}
+        return {"depths": list(self.depths), "samples": self.samples, "seed": self.seed, "bench": self.bench,
+                "dialogue": dialogue}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,8 @@ def columns(plan: Plan) -> list[Column]:
     cols = [Column(f"nll/{n}", "nll", f"NLL {short(n)}", "low") for n in plan.lengths]
     cols += [Column(f"passkey/{n}", "passkey", f"passkey % {short(n)}", "high") for n in plan.lengths]
     cols += [Column(f"ruler/{t}/{n}", "ruler", f"{t} {short(n)}", "high") for n in plan.ruler_lengths for t in plan.ruler_tasks]
+    if plan.episodes:
+        cols.append(Column(f"dialogue/{plan.dialogue_cache}", "recall", f"dialogue % ({plan.dialogue_cache} cache)", "high"))
     for n in plan.cost_lengths:
         cols += [
             Column(f"cost/{n}", "device_kv_mib", f"KV MiB {short(n)}", "low"),
@@ -147,6 +157,8 @@ def run_leaderboard(
         for task in plan.ruler_tasks:
             score = lambda m, t=task, n=n: ruler_score(model, tokenizer, m, t, n, plan, sources, stop)  # noqa: E731
             work.append((f"ruler/{task}/{n}", n, score))
+    if plan.episodes:  # a few hundred tokens: vanilla runs it too
+        work.append((f"dialogue/{plan.dialogue_cache}", 0, lambda m: dialogue_cell(model, tokenizer, m, plan)))
     for n in plan.cost_lengths:
         work.append((f"cost/{n}", n, lambda m, n=n: cost_cell(context, model_path, m, n, plan)))
     cells = [(m, key, n, fn) for m in methods for key, n, fn in work]
@@ -201,6 +213,15 @@ def ruler_score(model, tokenizer, method: Method, task: str, length: int, plan: 
     keep = ("sample", "prompt_tokens", "expected", "output", "score")
     mean = 100.0 * statistics.mean(p["score"] for p in prompts)
     return {"values": {"ruler": mean}, "prompts": [{k: p[k] for k in keep} for p in prompts]}
+
+
+def dialogue_cell(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, method: Method, plan: Plan) -> dict:
+    """Grocery key recall (%) over plan.episodes episodes, `method` sized to plan.dialogue_cache tokens."""
+    sized = within(method, plan.dialogue_cache)  # NotImplementedError (n/a) for a method without turns
+    played = [grocery_cell(model, tokenizer, sized, e, plan.distractors, plan.seed) for e in range(plan.episodes)]
+    keep = ("episode", "key", "picked", "key_correct", "distractors_correct", "tokens")
+    recall = 100.0 * statistics.mean(e["key_correct"] for e in played)
+    return {"values": {"recall": recall}, "settings": sized.settings(), "episodes": [{k: e[k] for k in keep} for e in played]}
 
 
 def cost_cell(context, model_path: str | None, method: Method, length: int, plan: Plan) -> dict:
@@ -260,12 +281,13 @@ class Rule:
 
     purpose: str
     metric: str
-    cell_kind: str  # "nll", "passkey", "cost"
+    cell_kind: str  # "nll", "passkey", "dialogue", "cost"
 
 
 RULES = (
     Rule("recall far past the training length", "passkey", "passkey"),
     Rule("the best prediction of long text", "nll", "nll"),
+    Rule("remembering an early turn of a dialogue", "recall", "dialogue"),
     Rule("the cheapest decoding at long context", "decode_ms", "cost"),
     Rule("the fastest prefill of a long prompt", "prefill_tok_s", "cost"),
     Rule("the least device memory", "device_kv_mib", "cost"),
