@@ -11,6 +11,7 @@ requests while they run), prefix caching on and off, requests preempted and resu
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -204,7 +205,6 @@ BAD_CASES = [
     "n_local 0",
     "no rotary positions (GPT-2)",
     "unsupported family (Falcon)",
-    "sliding layers (Gemma 3)",
     "infllm",
     "sirllm",
     "longheads",
@@ -212,23 +212,17 @@ BAD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", BAD_CASES)
-def test_bad_settings_fail_at_start(tiny, tmp_path, capfd, case):
+def bad_case(case: str, tiny_config):
+    """(hf config, lminf settings, the cause the engine must say) of a BAD_CASES case."""
     import transformers
 
-    folder, settings, cause = tiny[1], {"n_local": 0}, "n_local must be >= 1"
+    config, settings, cause = tiny_config, {"n_local": 0}, "n_local must be >= 1"
     if case.startswith("no rotary"):
         config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=128, n_head=2, n_layer=2, n_positions=4096)
-        folder, settings, cause = save_tiny(tmp_path, config), {"n_local": 64}, "lminf does not support model type 'gpt2'"
+        settings, cause = {"n_local": 64}, "lminf does not support model type 'gpt2'"
     elif case.startswith("unsupported"):
         config = transformers.FalconConfig(vocab_size=VOCAB, hidden_size=128, num_attention_heads=2, num_hidden_layers=2)
-        folder, settings, cause = save_tiny(tmp_path, config), {"n_local": 64}, "lminf does not support model type 'falcon'"
-    elif case.startswith("sliding"):  # lminf runs those layers through transformers, not yet inside vLLM
-        config = transformers.Gemma3TextConfig(
-            vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=64, sliding_window=32, layer_types=["sliding_attention", "full_attention"],
-        )  # fmt: skip
-        folder, settings, cause = save_tiny(tmp_path, config), {"n_local": 64}, "supports plain rotary full-attention layers only"
+        settings, cause = {"n_local": 64}, "lminf does not support model type 'falcon'"
     elif case in ("infllm", "sirllm"):  # a block memory, scores from the logits: in lminf's cache, not in vLLM's blocks
         settings, cause = {"strategy": case, "n_local": 64}, "runs through lminf.patch, not vLLM yet"
     elif case == "longheads":  # chunk summaries per query head, in lminf's cache
@@ -236,6 +230,40 @@ def test_bad_settings_fail_at_start(tiny, tmp_path, capfd, case):
     elif case == "lminf-original":  # the last query of each call picks: vLLM's chunks would change it
         settings = {"strategy": "lminf-original", "n_local": 64, "top_k_from_layer": 1}  # the tiny model has 2 layers
         cause = "depends on how the input is split into calls"
+    return config, settings, cause
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_settings_are_refused_by_the_engines_check(tiny, case):
+    """What the plugin checks when vLLM builds an attention layer (LminfCPUAttentionImpl): the
+    strategy (strategy_from_config), then the model's rotary frequencies."""
+    from types import SimpleNamespace
+
+    from lminf.vllm import CONFIG_KEY
+    from lminf.vllm.backend import rotary_inv_freq, strategy_from_config
+
+    config, settings, cause = bad_case(case, tiny[0].config)
+    engine = SimpleNamespace(additional_config={CONFIG_KEY: settings}, model_config=SimpleNamespace(hf_config=config))
+    with pytest.raises(ValueError, match=re.escape(cause)):
+        strategy_from_config(engine)
+        rotary_inv_freq(config)
+
+
+@pytest.mark.parametrize("case", ["longheads", "sliding layers (Gemma 3)"])
+def test_bad_settings_fail_at_engine_start(tiny, tmp_path, capfd, case):
+    """At engine start, with the cause in the engine's log: a refused strategy (the check above,
+    as vLLM calls it) and a model with sliding layers (refused where vLLM builds a layer)."""
+    import transformers
+
+    if case.startswith("sliding"):  # lminf runs those layers through transformers, not yet inside vLLM
+        config = transformers.Gemma3TextConfig(
+            vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=64, sliding_window=32, layer_types=["sliding_attention", "full_attention"],
+        )  # fmt: skip
+        folder, settings, cause = save_tiny(tmp_path, config), {"n_local": 64}, "supports plain rotary full-attention layers only"
+    else:
+        _, settings, cause = bad_case(case, tiny[0].config)
+        folder = tiny[1]
     with pytest.raises(RuntimeError, match="Engine core initialization failed"):
         make_llm(folder, settings, 64)
     seen = capfd.readouterr()
