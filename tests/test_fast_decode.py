@@ -300,6 +300,17 @@ def four_bit(model):
 def test_four_bit_layers_through_the_cpp_stack_equal_the_forward(family, prompt):
     # Wide enough that q, k, v (and gate, up) join at the int4 kernel's tile edge, as the default model's do.
     sizes = dict(hidden_size=128, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    # At two threads, as the suite runs on its 2-core CI: on one thread (pytest -n 2) the joined
+    # llama layers round differently from the separate ones (up to 3.9e-3 in a logit).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check_four_bit_stack(family, prompt, sizes)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_four_bit_stack(family: str, prompt: int, sizes: dict) -> None:
     model = lminf.patch(four_bit(perturbed(tiny_model(family, **sizes))), "lminf", n_global=3, n_local=8)
     ids = tokens(30, seed=6)
     cache = lminf.make_cache(model)
