@@ -102,6 +102,19 @@ class ScoredLayer(DynamicLayer):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("the sirllm cache cannot be cropped (assisted decoding is not supported).")
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.positions is not None:
+            self.positions = self.positions[indices]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:  # beam search: rows copied from others
+        self.batch_select_indices(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.positions is not None:
+            self.positions = self.positions.repeat_interleave(repeats, 0)
+
 
 class TurnCache(LambdaCache):
     """A `Cache` of ScoredLayers (and the model's own sliding layers, if any) that shares
@@ -116,6 +129,19 @@ class TurnCache(LambdaCache):
 
     def stored(self) -> int:
         return self.scored[0].stored()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.scores, self.last_logprobs = (None if t is None else t[indices] for t in (self.scores, self.last_logprobs))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:  # beam search: rows copied from others
+        self.batch_select_indices(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self.scores, self.last_logprobs = (
+            None if t is None else t.repeat_interleave(repeats, 0) for t in (self.scores, self.last_logprobs)
+        )
 
     def pieces(self, m: int) -> list[int]:
         """How a call of m tokens is fed: whole where it fits after eviction, else in pieces of

@@ -273,6 +273,19 @@ class ChunkMemory(LambdaLayer):
             self.summaries = new if self.summaries is None else torch.cat((self.summaries, new), 2)
         self.queries = queries[..., (finished - done) * w :, :]
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.summaries, self.queries = (None if t is None else t[indices] for t in (self.summaries, self.queries))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:  # beam search: rows copied from others
+        self.batch_select_indices(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self.summaries, self.queries = (
+            None if t is None else t.repeat_interleave(repeats, 0) for t in (self.summaries, self.queries)
+        )
+
     def nbytes(self) -> int:
         extra = [t for t in (self.summaries, self.queries) if t is not None]
         return super().nbytes() + sum(t.numel() * t.element_size() for t in extra)

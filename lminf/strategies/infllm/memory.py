@@ -222,6 +222,17 @@ class BlockMemoryLayer(DynamicLayer):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a block-memory cache cannot be cropped (assisted decoding is not supported).")
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.keys is not None and not torch.equal(indices.cpu(), torch.arange(self.keys.shape[0])):
+            raise NotImplementedError("infllm's block memory cannot reorder its batch (beam search); use greedy or sampling.")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.keys is not None and repeats != 1:
+            raise NotImplementedError("infllm's block memory cannot repeat its batch (beam search); use greedy or sampling.")
+
 
 def _grown(old: torch.Tensor, new: torch.Tensor, size: int) -> torch.Tensor:
     room = new.new_empty((*new.shape[:-2], size, new.shape[-1]))
