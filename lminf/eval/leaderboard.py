@@ -14,8 +14,8 @@ training length T (default 2T and 4T):
   tokens/s, decode ms/token.
 
 A method that has no value for a cell (xl3m has no per-token NLL and no cache, the
-recomputed window no cache, vanilla at any cell longer than --vanilla-up-to) gets "n/a" with the reason in
-the JSON, never a number. One resumable JSON (lminf.eval.runs: a finished cell is not
+recomputed window no cache, neither a dialogue of turns; vanilla is not run in a cell longer
+than --vanilla-up-to) gets "n/a" with the reason in the JSON, never a number. One resumable JSON (lminf.eval.runs: a finished cell is not
 rerun), a heatmap (each column normalised, the raw value written in each cell), a markdown
 table and a "which to use when" paragraph generated from the numbers by `RULES`.
 """
