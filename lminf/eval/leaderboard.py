@@ -261,7 +261,7 @@ def report_columns(report: dict) -> list[Column]:
 def shown(x: float | None, metric: str) -> str:
     if x is None:
         return "n/a"
-    if metric in ("passkey", "ruler", "prefill_tok_s"):
+    if metric in ("passkey", "ruler", "recall", "prefill_tok_s"):
         return f"{x:.0f}"
     return f"{x:.2f}" if metric in ("nll", "decode_ms") else f"{x:.1f}"
 
