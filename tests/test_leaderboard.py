@@ -107,6 +107,18 @@ def test_a_finished_cell_is_not_rerun(board, monkeypatch):
         run_leaderboard(**{**run, "plan": replace(run["plan"], seed=1)}, model_path=folder, progress=False)
 
 
+def test_a_run_of_other_methods_adds_their_rows(board, tmp_path):
+    """The slow rows run later into the same file: the earlier rows and cells stay, in ROWS' order."""
+    _, run, folder = board
+    out = tmp_path / "leaderboard.json"
+    out.write_text(run["out_json"].read_text())
+    before = json.loads(out.read_text())["results"]
+    again = run_leaderboard(**{**run, "methods": [Patched("lminf")], "out_json": out}, model_path=folder, progress=False)
+    assert again["rows"] == ["vanilla", "window", "sinks", "lminf", "xl3m"]
+    assert all(again["results"][key] == cell for key, cell in before.items())
+    assert "values" in again["results"]["lminf/nll/512"]
+
+
 def test_the_table_plot_and_json_are_written(board):
     report, run, _ = board
     text, md, png = write_outputs(report, run["out_json"])

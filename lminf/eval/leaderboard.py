@@ -15,8 +15,9 @@ training length T (default 2T and 4T):
 
 A method that has no value for a cell (xl3m has no per-token NLL and no cache, the
 recomputed window no cache, neither a dialogue of turns; vanilla is not run in a cell longer
-than --vanilla-up-to) gets "n/a" with the reason in the JSON, never a number. One resumable JSON (lminf.eval.runs: a finished cell is not
-rerun), a heatmap (each column normalised, the raw value written in each cell), a markdown
+than --vanilla-up-to) gets "n/a" with the reason in the JSON, never a number. One resumable
+JSON (lminf.eval.runs: a finished cell is not rerun; a run of other methods adds their rows),
+a heatmap (each column normalised, the raw value written in each cell), a markdown
 table and a "which to use when" paragraph generated from the numbers by `RULES`.
 """
 
@@ -146,7 +147,10 @@ def run_leaderboard(
     store.report["columns"] = [c.__dict__ for c in columns(plan)]
     store.report["nll_tokens"] = "mean NLL of the tokens at positions L/2 .. L-1 of the text's first L tokens"
     store.record_methods(methods)
-    store.report["rows"] = [m.name for m in methods]
+    # A run of other methods on the same file adds rows (e.g. the slow longheads rows last), in ROWS' order.
+    rows = list(dict.fromkeys([*store.report.get("rows", []), *(m.name for m in methods)]))
+    order = ROWS.split(",")
+    store.report["rows"] = sorted(rows, key=lambda name: order.index(name) if name in order else len(order))
     stop = {i for i in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)) if isinstance(i, int)}
     context = multiprocessing.get_context("spawn")
     work: list[tuple[str, int, Callable[[Method], dict]]] = []  # (cell, its length, compute)
