@@ -318,6 +318,10 @@ def advice(report: dict) -> str:
         if not candidates:
             continue
         column = max(candidates, key=lambda c: int(c.cell.rsplit("/", 1)[1]))
+        waiting = [m for m in report["rows"] if f"{m}/{column.cell}" not in report["results"]]
+        if waiting:  # a partial run names no winner
+            sentences.append(f"For {rule.purpose}, not every method has run yet ({column.label}: {', '.join(waiting)}).")
+            continue
         found = winners(report, column)
         if found is None:
             sentences.append(f"For {rule.purpose}, no method stands out ({column.label}).")
