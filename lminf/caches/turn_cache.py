@@ -25,16 +25,18 @@ from transformers import Cache
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 from lminf.caches.lambda_cache import LambdaCache
+from lminf.caches.rows import RowState
 from lminf.layout import Layout
 
 if TYPE_CHECKING:
     from lminf.strategies.sirllm import SirLLM
 
 
-class ScoredLayer(DynamicLayer):
+class ScoredLayer(RowState, DynamicLayer):
     """Keys and values of one layer, (B, Hkv, n, D), and their true positions (B, n)."""
 
     is_croppable = False
+    row_state = ("positions",)
 
     def __init__(self, settings: SirLLM):
         super().__init__()
@@ -102,23 +104,12 @@ class ScoredLayer(DynamicLayer):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("the sirllm cache cannot be cropped (assisted decoding is not supported).")
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        if self.positions is not None:
-            self.positions = self.positions[indices]
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:  # beam search: rows copied from others
-        self.batch_select_indices(beam_idx)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        if self.positions is not None:
-            self.positions = self.positions.repeat_interleave(repeats, 0)
-
-
-class TurnCache(LambdaCache):
+class TurnCache(RowState, LambdaCache):
     """A `Cache` of ScoredLayers (and the model's own sliding layers, if any) that shares
     one score per kept token between its layers and evicts at turns. `lminf.make_cache` builds it."""
+
+    row_state = ("scores", "last_logprobs")
 
     def __init__(self, layers: list[CacheLayerMixin]):
         super().__init__(layers)
@@ -129,19 +120,6 @@ class TurnCache(LambdaCache):
 
     def stored(self) -> int:
         return self.scored[0].stored()
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self.scores, self.last_logprobs = (None if t is None else t[indices] for t in (self.scores, self.last_logprobs))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:  # beam search: rows copied from others
-        self.batch_select_indices(beam_idx)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        self.scores, self.last_logprobs = (
-            None if t is None else t.repeat_interleave(repeats, 0) for t in (self.scores, self.last_logprobs)
-        )
 
     def pieces(self, m: int) -> list[int]:
         """How a call of m tokens is fed: whole where it fits after eviction, else in pieces of

@@ -34,6 +34,7 @@ import torch
 from transformers import PretrainedConfig
 
 from lminf.caches.lambda_cache import LambdaLayer
+from lminf.caches.rows import RowState
 from lminf.families import FAMILIES, training_length
 from lminf.kernels.sdpa import attend, softcapped, use_flash, wide
 from lminf.layout import Layout
@@ -247,10 +248,12 @@ def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCa
     return o.to(q.dtype)
 
 
-class ChunkMemory(LambdaLayer):
+class ChunkMemory(RowState, LambdaLayer):
     """One layer's cache for LongHeads: every key and value (a LambdaLayer that drops nothing),
     the summary key of every finished chunk per query head (B, Hq, chunks, D), and the queries
     of the unfinished chunk, which its summary will need."""
+
+    row_state = ("summaries", "queries")
 
     def __init__(self, chunk_tokens: int):
         super().__init__(n_global=0, n_local=None)
@@ -272,19 +275,6 @@ class ChunkMemory(LambdaLayer):
             new = _summaries(queries[..., : (finished - done) * w, :], k[..., span, :], v[..., span, :], done * w, w, call)
             self.summaries = new if self.summaries is None else torch.cat((self.summaries, new), 2)
         self.queries = queries[..., (finished - done) * w :, :]
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self.summaries, self.queries = (None if t is None else t[indices] for t in (self.summaries, self.queries))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:  # beam search: rows copied from others
-        self.batch_select_indices(beam_idx)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        self.summaries, self.queries = (
-            None if t is None else t.repeat_interleave(repeats, 0) for t in (self.summaries, self.queries)
-        )
 
     def nbytes(self) -> int:
         extra = [t for t in (self.summaries, self.queries) if t is not None]
