@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from lminf.cli import main
+from lminf.eval.runs import merge_runs
 
 
 def run(methods: dict, results: dict) -> dict:
@@ -45,3 +46,17 @@ def test_merge_refuses_runs_of_different_settings_or_method_settings(tmp_path, c
     c = write(tmp_path / "c.json", run({"lminf": {"n_local": 16}}, {}))
     assert main(["eval", "merge", a, c, "--out", str(tmp_path / "x.json")]) == 2
     assert "both hold method lminf, with different contents" in capsys.readouterr().err
+
+
+def test_merge_joins_pieces_started_with_other_methods_and_lists_each_start(tmp_path):
+    """Leaderboard pieces: each worker's command line, commit and rows differ; all are kept."""
+    a = run({"window": {}}, {"window/64": {"nll": 1.0}}) | {"script": "lminf eval leaderboard --methods window",
+                                                           "commit": "c1", "rows": ["vanilla", "window"]}  # fmt: skip
+    b = run({"infllm": {}}, {"infllm/64": {"nll": 2.0}}) | {"script": "lminf eval leaderboard --methods infllm",
+                                                           "commit": "c2", "rows": ["infllm"]}  # fmt: skip
+    paths = [write(tmp_path / "a.json", a), write(tmp_path / "b.json", b)]
+    out = tmp_path / "joined.json"
+    joined = merge_runs(paths, out)
+    assert joined["rows"] == ["vanilla", "window", "infllm"]
+    assert joined["pieces"] == [{"script": a["script"], "commit": "c1"}, {"script": b["script"], "commit": "c2"}]
+    assert merge_runs([out, *paths], out) == joined  # merging again as the workers go on adds nothing

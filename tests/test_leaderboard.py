@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lminf.cli import main
 from lminf.eval import cli as eval_cli
 from lminf.eval import leaderboard
 from lminf.eval.leaderboard import Column, advice, columns, default_plan, plot_leaderboard, run_leaderboard, write_outputs
@@ -133,6 +134,27 @@ def test_the_table_plot_and_json_are_written(board):
     assert "xl3m nll/256: xl3m picks segments" in text and "For the least device memory" in text
     saved = json.loads(run["out_json"].read_text())
     assert saved["plan"]["lengths"] == [256, 512] and saved["training_length"] == 128 and saved["columns"]
+
+
+def test_pieces_run_by_two_workers_merge_into_one_reported_table(board, tmp_path):
+    """Two workers run other methods into their own files; the merged file is the table the report shows."""
+    _, run, folder = board
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps(json.loads(run["out_json"].read_text()) | {"script": "lminf eval leaderboard --methods A"}))
+    b = tmp_path / "b.json"
+    piece = {**run, "methods": [Patched("lminf")], "out_json": b}
+    run_leaderboard(**piece, model_path=folder, meta={"script": "lminf eval leaderboard --methods B"}, progress=False)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    assert main(["eval", "merge", str(a), str(b), "--out", str(runs / "leaderboard.json")]) == 0
+    joined = json.loads((runs / "leaderboard.json").read_text())
+    assert joined["rows"] == ["vanilla", "window", "sinks", "xl3m", "lminf"]
+    out = main(["eval", "report", "--runs", str(runs), "--out", str(tmp_path / "results.md")])
+    text = (tmp_path / "results.md").read_text()
+    assert out == 0 and "## Leaderboard: which strategy to pick" in text and (tmp_path / "results" / "leaderboard.png").exists()
+    nll = joined["results"]["lminf/nll/512"]["values"]["nll"]
+    assert f"| lminf | {joined['results']['lminf/nll/256']['values']['nll']:.2f} | {nll:.2f} |" in text
+    assert "`lminf eval leaderboard --methods A`" in text and "`lminf eval leaderboard --methods B`" in text
 
 
 def test_provenance_names_this_commit():

@@ -368,14 +368,19 @@ def plot_leaderboard(report: dict, out_png: Path):
     return save(fig, out_png)
 
 
-def write_outputs(report: dict, out_json: Path) -> tuple[str, Path, Path]:
-    """The markdown (table, n/a reasons, paragraph) beside the JSON, and the heatmap: -> (markdown, md path, png path)."""
+def summary(report: dict) -> str:
+    """Markdown: the table, what the NLL cells average, the "which to use when" paragraph, the n/a reasons."""
     table, paragraph = leaderboard_table(report), advice(report)
     cells = [(m, c) for m in report["rows"] for c in report_columns(report)]
     missing = sorted({f"- {m} {c.cell}: {reason(report, m, c)}" for m, c in cells if value(report, m, c) is None})
-    text = "\n\n".join(
+    return "\n\n".join(
         [table, f"NLL: {report['nll_tokens']}.", paragraph, *(["n/a cells:\n" + "\n".join(missing)] if missing else [])]
     )
+
+
+def write_outputs(report: dict, out_json: Path) -> tuple[str, Path, Path]:
+    """The markdown (summary) beside the JSON, and the heatmap: -> (markdown, md path, png path)."""
+    text = summary(report)
     md, png = out_json.with_suffix(".md"), out_json.with_suffix(".png")
     md.write_text(text + "\n")
     plot_leaderboard(report, png)

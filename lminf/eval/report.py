@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 from statistics import mean
 
+from lminf.eval import leaderboard
 from lminf.eval.methods import Window, strategy_of
 from lminf.eval.plots import plot_grid, plot_ppl, plot_ruler, plot_stream
 from lminf.eval.retrieval import accuracy
@@ -22,9 +23,10 @@ from lminf.eval.ruler import scores
 from lminf.eval.tables import grid_table, method_settings, ppl_table, ruler_table, settings_line, stream_table
 from lminf.strategies import LMInfinite
 
-KINDS = ("ppl", "stream", "passkey", "needle", "ruler")
+KINDS = ("ppl", "stream", "passkey", "needle", "ruler", "leaderboard")
 GRIDS = ("passkey", "needle")
 PLOTS = {"ppl": plot_ppl, "stream": plot_stream, "passkey": plot_grid, "needle": plot_grid, "ruler": plot_ruler}
+PLOTS["leaderboard"] = leaderboard.plot_leaderboard
 OURS = LMInfinite.name  # the strategy the report is about: each of its methods is held against every other method
 
 
@@ -59,6 +61,8 @@ def write_report(runs: Path, out: Path) -> Path:
         lines += _grid_section(found[name], assets.name, name)
     for name in (n for n in found if n.split("-")[0] == "ruler"):
         lines += _ruler_section(found[name], assets.name, name)
+    for name in (n for n in found if n.split("-")[0] == "leaderboard"):
+        lines += _leaderboard_section(found[name], assets.name, name)
     lines += _losses(found)
     out.write_text("\n".join(lines) + "\n")
     return out
@@ -215,6 +219,15 @@ def _ruler_section(report: dict, assets: str, name: str) -> list[str]:
     for method, cells in table.items():
         misses = [f"{task} at {n:,}" for (task, n), v in cells.items() if v < 50]
         lines.append(f"- {method}: " + (", ".join(misses) or "none"))
+    return lines
+
+
+def _leaderboard_section(report: dict, assets: str, name: str) -> list[str]:
+    lines = _header(_titled("Leaderboard: which strategy to pick", name, "leaderboard"), report, f"{assets}/{name}.png")
+    lines.append(leaderboard.summary(report))
+    pieces = report.get("pieces") or [{k: report[k] for k in ("script", "commit") if k in report}]
+    started = [f"`{p.get('script')}`" + (f" at {p['commit'][:7]}" if p.get("commit") else "") for p in pieces]
+    lines += ["", "Run as: " + "; ".join(started) + "."]
     return lines
 
 

@@ -70,28 +70,49 @@ class RunStore:
         tmp.replace(self.path)
 
 
+# How one piece of a run was started (e.g. the leaderboard's command line and commit): pieces of
+# one run may differ in them; the merged run lists each piece's under "pieces".
+INVOCATION = ("script", "commit")
+# Lists that name what a piece ran (the leaderboard's rows): the merged run holds their union, in order.
+UNION = ("rows",)
+
+
+def pieces(run: dict) -> list[dict]:
+    """The invocations a run was made of: those it lists (a merged run), and its own (the last to write it)."""
+    listed, own = list(run.get("pieces") or []), {key: run[key] for key in INVOCATION if key in run}
+    return listed + [own] if own and own not in listed else listed
+
+
 def merge_runs(paths: Sequence[Path], out: Path, about: str | None = None) -> dict:
     """Join runs of one evaluation that were split across processes (e.g. two 1-thread workers
     on a 2-core machine) into `out`: their methods and cells side by side. Nothing is lost or
     silently picked: the runs must agree on every field but their methods and cells, a method
     on its settings, and a cell two runs both hold on its whole content. The runs' "machine"
     may differ (a run resumed on another host): every cell records its own, the first run's is
-    kept. `out` may be one of `paths` (merging again as workers go on); another existing file
-    is refused. `about` is a line saying how the run was made, kept and shown in the report."""
+    kept; so may their INVOCATION fields (listed under "pieces") and UNION lists (joined). `out`
+    may be one of `paths` (merging again as workers go on); another existing file is refused.
+    `about` is a line saying how the run was made, kept and shown in the report."""
     if len(paths) < 2:
         raise ValueError("merge needs at least two runs.")
     runs = {Path(p): json.loads(Path(p).read_text()) for p in paths}
     (first, merged), *rest = runs.items()
     merged = {**merged, "methods": dict(merged.get("methods") or {}), "results": dict(merged.get("results") or {})}
+    merged["pieces"] = pieces(merged)
     for path, run in rest:
-        fields = (set(merged) | set(run)) - {"methods", "results", "about", "machine"}
+        fields = (set(merged) | set(run)) - {"methods", "results", "about", "machine", "pieces", *INVOCATION, *UNION}
         differ = sorted(f for f in fields if merged.get(f) != run.get(f))
         if differ:
             raise ValueError(f"{path} and {first} are not runs of one evaluation: they differ in {', '.join(differ)}.")
+        merged["pieces"] += [p for p in pieces(run) if p not in merged["pieces"]]
+        for key in UNION:
+            if key in merged or key in run:
+                merged[key] = list(dict.fromkeys([*merged.get(key, []), *run.get(key, [])]))
         for kind, things in (("method", "methods"), ("cell", "results")):
             for key, value in (run.get(things) or {}).items():
                 if merged[things].setdefault(key, value) != value:
                     raise ValueError(f"{path} and {first} both hold {kind} {key}, with different contents.")
+    if not merged["pieces"]:
+        del merged["pieces"]
     if about:
         merged["about"] = about
     if Path(out).exists() and Path(out).resolve() not in {p.resolve() for p in runs}:
