@@ -1,5 +1,5 @@
 """SirLLM against StreamingLLM (`sinks`) at one cache size on the synthetic dialogues of
-lminf.eval.dialogue (Grocery Shopping key recall, Rock-Paper-Scissors), on the default model.
+lminf.eval.dialogue (Grocery Shopping key recall, Rock-Paper-Scissors), on a built-in model.
 
     PYTHONPATH=. python benchmarks/sirllm_dialogues.py --cache 256 --episodes 20 --rounds 150 \
         --out docs/measurements/sirllm-dialogues.json
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lminf.default_model import load_default, model_name
+from lminf.default_model import BUILT_IN, load_model, model_name
 from lminf.eval.dialogue import THROWS, dialogue_table, run_dialogue
 from lminf.eval.methods import Patched
 from lminf.eval.runs import machine
@@ -45,16 +45,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=150, help="Rock-Paper-Scissors rounds per player (default 150)")
     parser.add_argument("--tasks", default="grocery,rps", help="grocery, rps or both (default), e.g. one per process")
     parser.add_argument("--methods", default=None, help="comma list of sinks, sirllm, sirllm-released (default all)")
+    parser.add_argument("--model", default=None, help=f"one of {', '.join(BUILT_IN)} or a local folder (default: default model)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("docs/measurements/sirllm-dialogues.json"))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_default()
+    model, tokenizer = load_model(args.model)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = {
-        "model": model_name(None),
+        "model": model_name(args.model),
         "machine": machine(),
         "cache": args.cache,
         "script": "benchmarks/sirllm_dialogues.py",
