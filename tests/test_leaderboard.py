@@ -108,6 +108,25 @@ def test_a_finished_cell_is_not_rerun(board, monkeypatch):
         run_leaderboard(**{**run, "plan": replace(run["plan"], seed=1)}, model_path=folder, progress=False)
 
 
+def test_cells_picks_the_kinds_run_now_and_remeasure_runs_finished_ones_again(board, tmp_path, monkeypatch):
+    _, run, folder = board
+    out = tmp_path / "leaderboard.json"
+    calls = []
+    real = leaderboard.cost_cell
+    monkeypatch.setattr(leaderboard, "cost_cell", lambda *a, **k: calls.append(a[2].name) or real(*a, **k))
+    first = run_leaderboard(**{**run, "out_json": out}, model_path=folder, progress=False, kinds=("cost",))
+    assert {cell["cell"].split("/")[0] for cell in first["results"].values()} == {"cost"}
+    asked = ["vanilla", "vanilla", "window", "window", "sinks", "sinks", "xl3m", "xl3m"]  # at 256 and 512 tokens
+    assert calls == asked  # window and xl3m are asked and answer n/a (no cache)
+    before = json.loads(out.read_text())["results"]
+    calls.clear()
+    again = run_leaderboard(**{**run, "out_json": out}, model_path=folder, progress=False, kinds=("cost",), remeasure=("cost",))
+    assert calls == asked and again["results"].keys() == before.keys()
+    assert again["results"]["sinks/cost/256"]["finished"] >= before["sinks/cost/256"]["finished"]
+    with pytest.raises(ValueError, match="unknown cell kind"):
+        run_leaderboard(**{**run, "out_json": out}, model_path=folder, progress=False, kinds=("costs",))
+
+
 def test_a_run_of_other_methods_adds_their_rows(board, tmp_path):
     """The slow rows run later into the same file: the earlier rows and cells stay, in ROWS' order."""
     _, run, folder = board

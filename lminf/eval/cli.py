@@ -141,6 +141,9 @@ def _add_leaderboard(evaluate: argparse._SubParsersAction) -> None:
     board.add_argument("--decode-tokens", type=int, default=16, help="decoding steps per cost cell, the median reported")
     board.add_argument("--chunk-size", type=int, default=2048, help="prompt tokens per prefill step in the cost cells")
     board.add_argument("--out", type=Path, default=Path("runs/leaderboard.json"), help="JSON (resumed); .md and .png beside it")
+    kinds = ",".join(leaderboard.KINDS)
+    board.add_argument("--cells", default=kinds, help=f"kinds of cells to run now, a comma list of {kinds} (default: all)")
+    board.add_argument("--remeasure", default="", help="kinds of cells measured again though finished (e.g. cost, machine idle)")
     add_model_args(board, top_k=5, vanilla=False, strategy=False)
     add_procedure_args(board)
     board.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -345,7 +348,10 @@ def eval_leaderboard(args: argparse.Namespace) -> int:
     sources = Sources.load(text, name) if plan.ruler_tasks else None
     meta = {**_meta(args, model), **leaderboard.provenance(), "document": path.stem}
     ids = ids.to(args.device)
-    report = leaderboard.run_leaderboard(model, tokenizer, methods, plan, ids, sources, args.out, args.model, meta)
+    kinds, again = (tuple(k.strip() for k in text.split(",") if k.strip()) for text in (args.cells, args.remeasure))
+    report = leaderboard.run_leaderboard(
+        model, tokenizer, methods, plan, ids, sources, args.out, args.model, meta, kinds=kinds, remeasure=again
+    )
     text, md, png = leaderboard.write_outputs(report, args.out)
     print(text)
     print(f"wrote {args.out}, {md} and {png}", file=sys.stderr)

@@ -30,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +53,7 @@ RULER_TASKS = ("niah_single_1", "niah_multivalue", "cwe", "fwe")
 MULTIPLES = (2, 4)
 COST_LENGTHS = (16384, 32768)
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+KINDS = ("nll", "passkey", "ruler", "dialogue", "cost")  # in the order a run measures them, method by method
 
 
 @dataclass(frozen=True)
@@ -127,10 +128,17 @@ def run_leaderboard(
     model_path: str | None = None,
     meta: dict | None = None,
     progress: bool = True,
+    kinds: Collection[str] = KINDS,
+    remeasure: Collection[str] = (),
 ) -> dict:
     """Every (method, cell) not already in `out_json`; the JSON is rewritten after each.
     text_ids: (1, n) tokens of the NLL text, n >= max(plan.lengths). sources: RULER's (None
-    when plan.ruler_tasks is empty). model_path: what the cost cells load (lminf.default_model.load_model)."""
+    when plan.ruler_tasks is empty). model_path: what the cost cells load (lminf.default_model.load_model).
+    kinds: the kinds of cells run now (the others wait for a later run); remeasure: kinds whose
+    finished cells are measured again (e.g. "cost" on a machine with nothing else running)."""
+    unknown = sorted((set(kinds) | set(remeasure)) - set(KINDS))
+    if unknown:
+        raise ValueError(f"unknown cell kind(s) {', '.join(unknown)}; choose from {', '.join(KINDS)}.")
     if plan.ruler_tasks:
         check_tasks(list(plan.ruler_tasks))
     for task, n in ((t, n) for t in plan.ruler_tasks for n in plan.ruler_lengths):  # too short fails now, not hours in
@@ -165,11 +173,12 @@ def run_leaderboard(
         work.append((f"dialogue/{plan.dialogue_cache}", 0, lambda m: dialogue_cell(model, tokenizer, m, plan)))
     for n in plan.cost_lengths:
         work.append((f"cost/{n}", n, lambda m, n=n: cost_cell(context, model_path, m, n, plan)))
-    cells = [(m, key, n, fn) for m in methods for key, n, fn in work]
+    cells = [(m, key, n, fn) for m in methods for key, n, fn in work if kind(key) in kinds]
     bar = tqdm(cells, desc="leaderboard", unit="cell", disable=not progress)
+    again = {f"{m.name}/{key}" for m, key, _, _ in cells if kind(key) in remeasure}
     for method, key, n, compute in bar:
         name = f"{method.name}/{key}"
-        if name in store.results and not store.results[name].get("error"):
+        if name in store.results and not store.results[name].get("error") and name not in again:
             continue  # finished in an earlier run
         bar.set_postfix_str(name)
         if isinstance(method, Vanilla) and n > plan.vanilla_up_to:
@@ -179,6 +188,11 @@ def run_leaderboard(
             cell = measured(compute, method)
         store.put(name, {"method": method.name, "cell": key, **cell, **conditions()})
     return store.report
+
+
+def kind(cell: str) -> str:
+    """A cell's kind: "nll/16384" -> "nll"."""
+    return cell.split("/", 1)[0]
 
 
 def measured(compute: Callable[[Method], dict], method: Method) -> dict:
