@@ -1,12 +1,14 @@
-"""Command line: `lminf generate`, `chat`, `serve`; `lminf data` and `lminf eval` live in lminf.eval_cli."""
+"""Command line: `lminf generate`, `chat`, `serve`, `lm-eval`; `lminf data`, `eval` and `bench` live in lminf.eval.cli."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,7 +18,7 @@ from transformers import DynamicCache, TextStreamer
 import lminf
 from lminf.arguments import add_model_args, add_procedure_args, dtype_for, load, procedure_from, strategy_from
 from lminf.eval import cli as eval_cli
-from lminf.extras import SERVE, MissingExtra, require
+from lminf.extras import LM_EVAL, SERVE, MissingExtra, require
 from lminf.generation import cache_kwarg
 from lminf.memory import peak_mib
 from lminf.procedures import PROCEDURES
@@ -70,20 +72,47 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--vllm-args", default="", help='vllm engine: more options for its server, e.g. "--max-num-seqs 64"')
     add_model_args(serve, auto_weights=True)
 
+    # Listed for --help only: main() hands every argument after it to the harness.
+    commands.add_parser("lm-eval", add_help=False, help="EleutherAI's lm-evaluation-harness, model type lminf registered")
+
     path = commands.add_parser("model-path", help="print a built-in model's local folder (converted on first use), e.g. for vLLM")
     path.add_argument("name", nargs="?", default=lminf.default_model.DEFAULT_MODEL, choices=sorted(lminf.default_model.BUILT_IN))
     eval_cli.add_commands(commands)
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"]:  # every argument after it is the harness's, --help included
+        return _errors_as_exit_code(lambda: lm_eval(argv[1:]))
     args = parser.parse_args(argv)
     # transformers warns when a generation passes max_position_embeddings: that is the point here.
     transformers.logging.set_verbosity_error()
+    if args.command in eval_cli.COMMANDS:
+        return _errors_as_exit_code(lambda: eval_cli.run(args))
+    command = {"generate": generate, "chat": chat_loop, "serve": serve_http, "model-path": model_path}[args.command]
+    return _errors_as_exit_code(lambda: command(args))
+
+
+def _errors_as_exit_code(run: Callable[[], int]) -> int:
+    """run(), a refused input or setting printed as one line and exit code 2."""
     try:
-        if args.command in eval_cli.COMMANDS:
-            return eval_cli.run(args)
-        return {"generate": generate, "chat": chat_loop, "serve": serve_http, "model-path": model_path}[args.command](args)
+        return run()
     except (ValueError, RuntimeError, OSError, MissingExtra) as error:
         print(f"lminf: error: {error}", file=sys.stderr)
         return 2
+
+
+def lm_eval(harness_args: list[str]) -> int:
+    """The harness's command line, after lminf.eval.harness registered the model type `lminf`."""
+    require("lm_eval", LM_EVAL, "lm-eval")
+    harness = importlib.import_module("lminf.eval.harness")
+    argv = sys.argv
+    sys.argv = ["lminf lm-eval", *harness_args]
+    try:
+        harness.cli()
+    except SystemExit as done:  # the harness exits when it is done or refuses its arguments
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
+    finally:
+        sys.argv = argv
+    return 0
 
 
 def generate(args: argparse.Namespace) -> int:

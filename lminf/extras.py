@@ -8,6 +8,7 @@ from types import ModuleType
 SERVE = "lminf serve needs FastAPI and uvicorn"
 PLOTS = "lminf's evaluations and benchmark draw their plots with matplotlib"
 RULER = "lminf eval ruler needs wonderwords (RULER's word lists)"
+LM_EVAL = "lminf lm-eval needs EleutherAI's lm-evaluation-harness"
 RDATA = "reading Jane Austen's novels out of R's data files needs rdata"
 
 
