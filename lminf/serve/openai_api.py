@@ -19,14 +19,15 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Literal
+from importlib.metadata import version
+from typing import Annotated, Literal
 
 from lminf.extras import SERVE, MissingExtra, hint
 
 try:
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
-    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+    from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema
 except ImportError as error:
     raise MissingExtra(hint(SERVE, "serve")) from error
 
@@ -37,22 +38,43 @@ from lminf.serve.session import Sampling
 MAX_TOKENS_LIMIT = 32768
 
 
+# Strict: a value of another JSON type is refused (`"seed": false`, `"stream": 1`, `"max_tokens": "5"`), as
+# the document says; an integer is still a number (`"temperature": 1`).
+STRICT = ConfigDict(extra="ignore", strict=True)  # unknown fields are ignored, known ones are typed
+
+
+def _whole(value):
+    """JSON Schema counts 1.0 as an integer: a float with no fraction becomes one; others stay, to be refused."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def integer(low: int, high: int):
+    """An integer field in [low, high]; its JSON schema written out (pydantic cannot say it through the validator)."""
+    bounds = {"type": "integer", "minimum": low, "maximum": high}
+    return Annotated[int, BeforeValidator(_whole), Field(ge=low, le=high), WithJsonSchema(bounds)]
+
+
+Tokens = integer(1, MAX_TOKENS_LIMIT)
+Seed = integer(-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
 class Message(BaseModel):
+    model_config = STRICT
     role: Literal["system", "user", "assistant"]
     content: str
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown fields are ignored, known ones are typed
+    model_config = STRICT
     model: str
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)  # the newer name
-    stop: str | list[str] | None = Field(None, max_length=4)
+    max_tokens: Tokens | None = None
+    max_completion_tokens: Tokens | None = None  # the newer name
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None  # up to 4 stop strings, each of any length
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stream: bool = False
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
-    n: int = Field(1, ge=1, le=1)
+    seed: Seed | None = None
+    n: integer(1, 1) = 1
 
 
 class ChatRequest(_Common):
@@ -61,6 +83,75 @@ class ChatRequest(_Common):
 
 class CompletionRequest(_Common):
     prompt: str = Field(min_length=1)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error body: every refused request gets one."""
+
+    error: ErrorDetail
+
+
+ERRORS = {
+    400: "the body is not JSON, or a field is missing, mistyped or out of range (`param` names it)",
+    401: "the API key is missing or wrong (when the server has one)",
+    404: "the model named is not this server's",
+    413: "the body is larger than --max-body-bytes",
+    500: "generation failed",
+}
+FIELD_NAMES = {name for model in (ChatRequest, CompletionRequest, Message) for name in model.model_fields}
+# The bodies the two POST routes read (they parse the raw request themselves: its size first, then
+# well-formed text, then the schema), documented under components/schemas for generated clients.
+BODIES = {"ChatRequest": ChatRequest, "CompletionRequest": CompletionRequest}
+
+
+def _documented(body: str) -> dict:
+    """A POST route's OpenAPI: its JSON request body, its reply (one JSON object, or server-sent
+    events with `stream: true`) and its OpenAI-style errors."""
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    event = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}  # a JSON chunk, or [DONE]
+    reply = {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": event}}
+    responses = {"200": {"description": "the reply; with stream: true, its chunks as server-sent events", "content": reply}}
+    responses |= {str(code): {"description": why, "content": error} for code, why in ERRORS.items()}
+    schema = {"$ref": f"#/components/schemas/{body}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}, "responses": responses}
+
+
+def _openapi_with_bodies(app: FastAPI, model_name: str):
+    """app.openapi, with the request bodies' schemas (and the ones they refer to) in components,
+    and this server's model as the example of their `model` field."""
+    plain = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            document = plain()
+            components = document.setdefault("components", {}).setdefault("schemas", {})
+            for name, model in {**BODIES, "ErrorBody": ErrorBody}.items():
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(schema.pop("$defs", {}))
+                schema["properties"] = {key: _nullable(field) for key, field in schema["properties"].items()}
+                components[name] = schema
+            for name in BODIES:
+                components[name]["properties"]["model"]["examples"] = [model_name]
+        return app.openapi_schema
+
+    return openapi
+
+
+def _nullable(field: dict) -> dict:
+    """pydantic's `anyOf: [{type: integer, minimum: 1}, {type: null}]` as `type: [integer, null], minimum: 1`:
+    one schema, its bounds on the number (fuzzers read the anyOf form's bounds as applying to null too)."""
+    options = field.get("anyOf", [])
+    if len(options) == 2 and options[1] == {"type": "null"} and isinstance(options[0].get("type"), str):
+        rest = {key: value for key, value in field.items() if key != "anyOf"}
+        return {**options[0], **rest, "type": [options[0]["type"], "null"]}
+    return field
 
 
 class ApiError(Exception):
@@ -74,7 +165,9 @@ def _error_response(e: ApiError) -> JSONResponse:
 
 
 def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int = 8 * 2**20) -> FastAPI:
-    app = FastAPI(title="lminf", docs_url=None, redoc_url=None)
+    # /openapi.json documents every route; no docs pages (they load scripts from a CDN, and this runs offline)
+    app = FastAPI(title="lminf", version=version("lminf"), docs_url=None, redoc_url=None)
+    app.openapi = _openapi_with_bodies(app, engine.model_name)
     app.middleware("http")(_guard(api_key, max_body_bytes))
     app.add_exception_handler(ApiError, _api_error)
 
@@ -90,13 +183,13 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
     async def models():
         return {"object": "list", "data": [{"id": engine.model_name, "object": "model", "created": 0, "owned_by": "lminf"}]}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_documented("ChatRequest"))
     async def chat_completions(request: Request):
         body = await _parse(request, ChatRequest, max_body_bytes)
         prompt, n_global = engine.chat_prompt([m.model_dump() for m in body.messages])
         return await _respond(engine, body, prompt, n_global, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_documented("CompletionRequest"))
     async def completions(request: Request):
         body = await _parse(request, CompletionRequest, max_body_bytes)
         return await _respond(engine, body, body.prompt, engine.n_global, chat=False)
@@ -230,8 +323,11 @@ async def _parse(request: Request, schema: type[BaseModel], max_body_bytes: int)
     try:
         return schema.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        errors = e.errors()
+        # A value of one of a union's types that breaks that type's rule (5 stop strings) says more than
+        # "not a string"; the union's members are left out of the field's path (stop, not stop.list[str]).
+        first = next((x for x in errors if not x["type"].endswith("_type")), errors[0])
+        param = ".".join(str(p) for p in first["loc"] if isinstance(p, int) or p in FIELD_NAMES) or None
         raise ApiError(400, f"Invalid request: {param}: {first['msg']}.", param=param) from None
 
 
