@@ -71,15 +71,15 @@ def setup(default_tokenizer, tmp_path_factory):
     tokenizer.save_pretrained(folder)
     tasks = tmp_path_factory.mktemp("tasks")
     write_tasks(tasks)
-    hf = responses(evaluate("hf", f"pretrained={folder},dtype=float32", tasks))
-    return folder, tasks, hf
+    manager = TaskManager(include_path=str(tasks))  # indexes every task of the harness: 10 s, once
+    hf = responses(evaluate("hf", f"pretrained={folder},dtype=float32", manager))
+    return folder, tasks, hf, manager
 
 
-def evaluate(model: str, model_args: str, tasks) -> dict:
+def evaluate(model: str, model_args: str, manager: TaskManager) -> dict:
     return simple_evaluate(
-        model=model, model_args=model_args, tasks=TASKS, task_manager=TaskManager(include_path=str(tasks)),
-        log_samples=True, device="cpu", batch_size=1,
-    )  # fmt: skip
+        model=model, model_args=model_args, tasks=TASKS, task_manager=manager, log_samples=True, device="cpu", batch_size=1
+    )
 
 
 def responses(run: dict) -> dict:
@@ -89,8 +89,8 @@ def responses(run: dict) -> dict:
 
 @pytest.mark.parametrize("strategy", ["lminf", "sinks", "sirllm", "vanilla"])
 def test_inside_the_window_every_request_equals_hf(setup, strategy):
-    folder, tasks, hf = setup
-    ours = responses(evaluate("lminf", f"pretrained={folder},strategy={strategy}", tasks))
+    folder, _, hf, manager = setup
+    ours = responses(evaluate("lminf", f"pretrained={folder},strategy={strategy}", manager))
     for (ll, greedy), (ll_hf, greedy_hf) in zip(ours["lminf_choice"], hf["lminf_choice"], strict=True):
         assert ll == pytest.approx(ll_hf, abs=1e-4) and greedy == greedy_hf
     for ll, ll_hf in zip(ours["lminf_rolling"], hf["lminf_rolling"], strict=True):
@@ -100,7 +100,7 @@ def test_inside_the_window_every_request_equals_hf(setup, strategy):
 
 
 def test_the_command_runs_a_task_end_to_end(setup, tmp_path):
-    folder, tasks, _ = setup
+    folder, tasks, _, _ = setup
     args = ["--model", "lminf", "--model_args", f"pretrained={folder},strategy=lminf,n_local=128,n_global=4"]
     code = main(
         ["lm-eval", "run", *args, "--tasks", "lminf_choice", "--include_path", str(tasks), "--output_path", str(tmp_path)]
@@ -111,7 +111,7 @@ def test_the_command_runs_a_task_end_to_end(setup, tmp_path):
 
 
 def test_bad_settings_are_refused_with_the_reason(setup):
-    folder, _, _ = setup
+    folder, _, _, _ = setup
     with pytest.raises(ValueError, match="unknown strategy|not a registered|choose from"):
         LminfLM(pretrained=str(folder), strategy="nope")
     with pytest.raises(ValueError, match="vanilla takes no settings"):
@@ -129,7 +129,7 @@ def test_generation_stops_at_the_first_stop_string_as_hf_does(setup):
 
     from lm_eval.models.huggingface import HFLM
 
-    folder, _, _ = setup
+    folder, _, _, _ = setup
     ours, hf = LminfLM(pretrained=str(folder)), HFLM(pretrained=str(folder), dtype="float32", device="cpu", batch_size=1)
     context = "Count: 1, 2, 3,"
     free = ours.greedy_until(context, {"until": [], "max_gen_toks": 8})
