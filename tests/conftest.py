@@ -36,3 +36,11 @@ def default_tokenizer():
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def family(request) -> str:
     return request.param
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    """Each phase's report on the test (item.rep_call...): a fixture's teardown can see the test failed."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

@@ -3,7 +3,8 @@
     lminf serve --host 127.0.0.1 --port 8000 [--api-key KEY]
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both with `stream: true` as
-server-sent events), GET /v1/models, GET /health, GET /stats.
+server-sent events), GET /v1/models, GET /health, GET /stats, GET /openapi.json, and GET / (a chat
+page, lminf/serve/chat.html: no external assets).
 
 This module holds the request schemas, the OpenAI-style errors and the FastAPI app; the
 serving `Engine` (lminf.serve.engine) runs the requests. A request whose prompt extends an
@@ -20,13 +21,14 @@ import time
 import uuid
 from dataclasses import dataclass
 from importlib.metadata import version
+from importlib.resources import files
 from typing import Annotated, Literal
 
 from lminf.extras import SERVE, MissingExtra, hint
 
 try:
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema
 except ImportError as error:
     raise MissingExtra(hint(SERVE, "serve")) from error
@@ -171,6 +173,10 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
     app.middleware("http")(_guard(api_key, max_body_bytes))
     app.add_exception_handler(ApiError, _api_error)
 
+    @app.get("/", include_in_schema=False)
+    async def chat_page():
+        return HTMLResponse(files("lminf.serve").joinpath("chat.html").read_text(encoding="utf-8"))
+
     @app.get("/health")
     async def health():
         return {"status": "ok"}
@@ -201,7 +207,8 @@ def _guard(api_key: str | None, max_body_bytes: int):
     """Middleware: the API key (when one is set), then the declared body size."""
 
     async def guard(request: Request, call_next):
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+        page = request.method == "GET" and request.url.path == "/"  # the page holds no data; its requests carry the key
+        if api_key is not None and not page and request.headers.get("authorization") != f"Bearer {api_key}":
             return _error_response(ApiError(401, "Invalid or missing API key.", "authentication_error", code="invalid_api_key"))
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_body_bytes:
