@@ -38,6 +38,7 @@ from lminf.serve.scheduler import Job
 from lminf.serve.session import Sampling
 
 MAX_TOKENS_LIMIT = 32768
+DISCONNECT_POLL_S = 0.25  # how often a plain (not streamed) request checks that its client is still there
 
 
 # Strict: a value of another JSON type is refused (`"seed": false`, `"stream": 1`, `"max_tokens": "5"`), as
@@ -170,7 +171,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
     # /openapi.json documents every route; no docs pages (they load scripts from a CDN, and this runs offline)
     app = FastAPI(title="lminf", version=version("lminf"), docs_url=None, redoc_url=None)
     app.openapi = _openapi_with_bodies(app, engine.model_name)
-    app.middleware("http")(_guard(api_key, max_body_bytes))
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     app.add_exception_handler(ApiError, _api_error)
 
     @app.get("/", include_in_schema=False)
@@ -193,29 +194,36 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
     async def chat_completions(request: Request):
         body = await _parse(request, ChatRequest, max_body_bytes)
         prompt, n_global = engine.chat_prompt([m.model_dump() for m in body.messages])
-        return await _respond(engine, body, prompt, n_global, chat=True)
+        return await _respond(engine, body, prompt, n_global, chat=True, request=request)
 
     @app.post("/v1/completions", openapi_extra=_documented("CompletionRequest"))
     async def completions(request: Request):
         body = await _parse(request, CompletionRequest, max_body_bytes)
-        return await _respond(engine, body, body.prompt, engine.n_global, chat=False)
+        return await _respond(engine, body, body.prompt, engine.n_global, chat=False, request=request)
 
     return app
 
 
-def _guard(api_key: str | None, max_body_bytes: int):
-    """Middleware: the API key (when one is set), then the declared body size."""
+class _Guard:
+    """ASGI middleware: the API key (when one is set), then the declared body size. Plain ASGI, not
+    Starlette's BaseHTTPMiddleware, which hides a client's disconnect from the routes (a request
+    whose client left would run on)."""
 
-    async def guard(request: Request, call_next):
-        page = request.method == "GET" and request.url.path == "/"  # the page holds no data; its requests carry the key
-        if api_key is not None and not page and request.headers.get("authorization") != f"Bearer {api_key}":
-            return _error_response(ApiError(401, "Invalid or missing API key.", "authentication_error", code="invalid_api_key"))
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body_bytes:
-            return _error_response(ApiError(413, f"Request body larger than {max_body_bytes} bytes."))
-        return await call_next(request)
+    def __init__(self, app, api_key: str | None, max_body_bytes: int) -> None:
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
 
-    return guard
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            page = scope["method"] == "GET" and scope["path"] == "/"  # the page holds no data; its requests carry the key
+            if self.api_key is not None and not page and headers.get(b"authorization") != f"Bearer {self.api_key}".encode():
+                error = ApiError(401, "Invalid or missing API key.", "authentication_error", code="invalid_api_key")
+                return await _error_response(error)(scope, receive, send)
+            length = headers.get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.max_body_bytes:
+                error = ApiError(413, f"Request body larger than {self.max_body_bytes} bytes.")
+                return await _error_response(error)(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 async def _api_error(_: Request, e: ApiError) -> JSONResponse:
@@ -243,7 +251,7 @@ class _Reply:
         return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
 
 
-async def _respond(engine: Engine, body: _Common, prompt: str, n_global: int, chat: bool):
+async def _respond(engine: Engine, body: _Common, prompt: str, n_global: int, chat: bool, request: Request):
     """Start the request's job, then answer with the whole reply or stream it."""
     if body.model != engine.model_name:
         raise ApiError(
@@ -261,15 +269,22 @@ async def _respond(engine: Engine, body: _Common, prompt: str, n_global: int, ch
     reply = _Reply(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time()), engine.model_name, chat)
     if body.stream:
         return StreamingResponse(_sse(reply, job, events), media_type="text/event-stream")
-    return await _collect(reply, job, events)
+    return await _collect(reply, job, events, request)
 
 
-async def _collect(reply: _Reply, job: Job, events: asyncio.Queue) -> dict:
-    """The whole reply as one response; a client gone before the end cancels the job."""
+async def _collect(reply: _Reply, job: Job, events: asyncio.Queue, request: Request) -> dict:
+    """The whole reply as one response; a client gone before the end cancels the job (checked every
+    DISCONNECT_POLL_S: the server does not cancel a plain request's handler when its client leaves)."""
     parts = []
     try:
         while True:
-            kind, value = await events.get()
+            try:
+                kind, value = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancelled.set()
+                    raise ApiError(499, "The client closed the request.") from None
+                continue
             if kind == "delta":
                 parts.append(value)
             elif kind == "error":
