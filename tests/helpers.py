@@ -3,8 +3,10 @@ random token ids, the float32 tolerance, decoding one token at a time, and the C
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import time
 
 import torch
 import transformers
@@ -106,3 +108,27 @@ def decoded(model, ids: torch.Tensor, prompt: int, cache=None, n_global=None) ->
 def lminf_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
     """`lminf ARGS` in a subprocess (this tree's lminf), its output captured."""
     return subprocess.run([sys.executable, "-m", "lminf.cli", *args], input=stdin, capture_output=True, text=True, timeout=600)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_process(args: list[str], headers: dict | None = None, seconds: float = 120) -> tuple[subprocess.Popen, str]:
+    """`lminf serve` with `args` (no --port: a free one) in its own process, once /health answers -> (process, base URL)."""
+    import httpx
+
+    port = free_port()
+    command = [sys.executable, "-m", "lminf.cli", "serve", *args, "--port", str(port)]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    base, end = f"http://127.0.0.1:{port}", time.monotonic() + seconds
+    while time.monotonic() < end and proc.poll() is None:
+        try:
+            if httpx.get(f"{base}/health", headers=headers).status_code == 200:
+                return proc, base
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server did not start: {proc.stderr.read()}")

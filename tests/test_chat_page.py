@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import uvicorn
 import lminf
 from lminf.serve.engine import Engine
 from lminf.serve.openai_api import create_app
-from tests.helpers import tiny_model
+from tests.helpers import free_port, tiny_model
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -32,9 +31,7 @@ KEY = "page-key"
 def server(default_tokenizer):
     model = lminf.patch(tiny_model(vocab_size=len(default_tokenizer)), n_global=2, n_local=16)
     app = create_app(Engine(model, default_tokenizer, "tiny", max_sessions=2, default_max_tokens=12), api_key=KEY)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     served = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=served.run, daemon=True)
     thread.start()

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import openai
 import pytest
+
+from tests.helpers import serve_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]  # every test here talks to a server subprocess running the default model
 
@@ -21,28 +19,10 @@ MODEL = "SmolLM2-135M-Instruct"
 N_LOCAL, N_GLOBAL, MAX_SESSIONS = 128, 10, 3
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
-    port = free_port()
-    args = ["serve", "--engine", "transformers", "--port", str(port), "--api-key", KEY]
-    args += ["--n-local", str(N_LOCAL), "--max-sessions", str(MAX_SESSIONS)]
-    proc = subprocess.Popen([sys.executable, "-m", "lminf.cli", *args], stderr=subprocess.PIPE, text=True, env={**os.environ})
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            if httpx.get(f"{base}/health", headers=AUTH).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not start: {proc.stderr.read()}")
+    args = ["--engine", "transformers", "--api-key", KEY, "--n-local", str(N_LOCAL), "--max-sessions", str(MAX_SESSIONS)]
+    proc, base = serve_process(args, headers=AUTH, seconds=240)
     yield base
     proc.terminate()
     proc.wait(timeout=30)

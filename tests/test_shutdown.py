@@ -5,16 +5,13 @@ port, serving a tiny model saved to a folder."""
 from __future__ import annotations
 
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 
-from tests.helpers import tiny_model
+from tests.helpers import serve_process, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -27,21 +24,7 @@ def model_folder(default_tokenizer, tmp_path_factory):
 
 @pytest.fixture
 def server(model_folder):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = ["serve", "--engine", "transformers", "--model", str(model_folder), "--port", str(port), "--n-local", "32"]
-    proc = subprocess.Popen([sys.executable, "-m", "lminf.cli", *args], stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{base}/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not start: {proc.stderr.read()}")
+    proc, base = serve_process(["--engine", "transformers", "--model", str(model_folder), "--n-local", "32"])
     yield proc, base, model_folder.name
     if proc.poll() is None:
         proc.kill()
