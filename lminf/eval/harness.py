@@ -40,6 +40,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @register_model("lminf")
 class LminfLM(TemplateLM):
+    """The harness's model type `lminf`: a built-in or local model run with one registered strategy
+    (model_args as the module says); `max_length`, `tokenizer` and the batch sizes are accepted and unused."""
+
     def __init__(
         self,
         pretrained: str | None = None,
