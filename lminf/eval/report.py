@@ -228,6 +228,9 @@ def _leaderboard_section(report: dict, assets: str, name: str) -> list[str]:
     pieces = report.get("pieces") or [{k: report[k] for k in ("script", "commit") if k in report}]
     started = [f"`{p.get('script')}`" + (f" at {p['commit'][:7]}" if p.get("commit") else "") for p in pieces]
     lines += ["", "Run as: " + "; ".join(started) + "."]
+    machines = sorted({cell["machine"] for cell in report["results"].values() if cell.get("machine")})
+    if len(machines) > 1:  # a run resumed on other hosts: the header's machine is only the first
+        lines += ["", "Cells measured on: " + "; ".join(machines) + " (each cell records its own, and the load then)."]
     return lines
 
 
