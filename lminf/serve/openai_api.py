@@ -138,23 +138,12 @@ def _openapi_with_bodies(app: FastAPI, model_name: str):
             for name, model in {**BODIES, "ErrorBody": ErrorBody}.items():
                 schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(schema.pop("$defs", {}))
-                schema["properties"] = {key: _nullable(field) for key, field in schema["properties"].items()}
                 components[name] = schema
             for name in BODIES:
                 components[name]["properties"]["model"]["examples"] = [model_name]
         return app.openapi_schema
 
     return openapi
-
-
-def _nullable(field: dict) -> dict:
-    """pydantic's `anyOf: [{type: integer, minimum: 1}, {type: null}]` as `type: [integer, null], minimum: 1`:
-    one schema, its bounds on the number (fuzzers read the anyOf form's bounds as applying to null too)."""
-    options = field.get("anyOf", [])
-    if len(options) == 2 and options[1] == {"type": "null"} and isinstance(options[0].get("type"), str):
-        rest = {key: value for key, value in field.items() if key != "anyOf"}
-        return {**options[0], **rest, "type": [options[0]["type"], "null"]}
-    return field
 
 
 class ApiError(Exception):
